@@ -1,0 +1,3 @@
+"""AutoLoRa robust fine-tuning in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Validation of a run's config before anything expensive starts (SPEC.md's ranges, known names).
+
+`validate(config)` raises `errors.ConfigError` with a one-paragraph message naming the key, the value and
+the fix. Unknown keys (typos) cannot reach it: configs/default.py locks the config, so a misspelt key
+fails where it is set (run.py reports it the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from autolora_jax import models, steps
+from autolora_jax.errors import ConfigError
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def _choice(name: str, value, choices: Iterable) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ConfigError(f'config.{name}={value!r} is not supported: choose one of {choices} '
+                      f'(e.g. --config.{name}={choices[0]}).')
+
+
+def _positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(f'config.{name} must be a positive integer, got {value!r}.')
+
+
+def _in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
+  ok = isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
+  if not ok:
+    bracket = '(' if low_open else '['
+    raise ConfigError(f'config.{name} must lie in {bracket}{low}, {high}], got {value!r}.')
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first problem found in `config`."""
+  _choice('method', config.method, steps.METHODS)
+  m = config.model
+  _choice('model.arch', m.arch, models.ARCHITECTURES)
+  _choice('model.stem', m.stem, models.STEMS)
+  _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
+  _choice('model.conv_impl', m.conv_impl, models.CONV_IMPLS)
+  _choice('model.dtype', m.dtype, DTYPES)
+  _positive_int('model.width', m.width)
+  _positive_int('model.input_size', m.input_size)
+  if config.method == 'autolora':
+    if not isinstance(m.lora_rank, int) or m.lora_rank <= 0:
+      raise ConfigError(f'config.model.lora_rank must be a positive integer for AutoLoRa (the natural '
+                        f'branch lives in the LoRa parameters), got {m.lora_rank!r}; the paper uses 8.')
+  if (m.mean is None) != (m.std is None) or (m.mean is not None and (len(m.mean) != 3 or len(m.std) != 3
+                                                                     or min(m.std) <= 0)):
+    raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
+                      f'std > 0, got mean={m.mean!r}, std={m.std!r}.')
+  a = config.attack
+  _in_range('attack.eps', a.eps, 0.0, 1.0)
+  _in_range('attack.step_size', a.step_size, 0.0, 1.0)
+  _positive_int('attack.train_steps', a.train_steps)
+  _positive_int('attack.eval_steps', a.eval_steps)
+  _in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
+  if config.dataset.val_fraction >= 1.0:
+    raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
+  _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
+  _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
+  _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
+  s = config.auto_lr
+  _in_range('auto_lr.lr0', s.lr0, 0.0, 10.0)
+  _in_range('auto_lr.rho', s.rho, 0.0, 1.0)
+  _positive_int('auto_lr.window', s.window)
+  _positive_int('auto_lr.max_epochs', s.max_epochs)
+  _in_range('auto_lr.min_lr', s.min_lr, 0.0, 10.0, low_open=False)
+  _in_range('auto_scalars.l2_max', config.auto_scalars.l2_max, 0.0, 1e6, low_open=False)
+  _positive_int('batch_size', config.batch_size)
+  _positive_int('eval_batch_size', config.eval_batch_size)
+  if not isinstance(config.pretrain.epochs, int) or config.pretrain.epochs < 0:
+    raise ConfigError(f'config.pretrain.epochs must be an integer >= 0, got {config.pretrain.epochs!r}.')
+  if config.pretrain.epochs > 0:
+    if config.pretrained:
+      raise ConfigError(f'config.pretrained={config.pretrained!r} and config.pretrain.epochs='
+                        f'{config.pretrain.epochs} both give the FE: set one of them (pretrain.epochs=0 to '
+                        'load the checkpoint, or pretrained= to pre-train in process).')
+    if not config.pretrain.dataset.name:
+      raise ConfigError('config.pretrain.epochs > 0 needs config.pretrain.dataset.name, the data set the '
+                        'in-process PGD-AT pre-training uses.')
+    _positive_int('pretrain.batch_size', config.pretrain.batch_size)
+    _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+
+
+def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:
+  """A global batch must split evenly over all devices (of all processes)."""
+  if batch_size % device_count:
+    lower = batch_size - batch_size % device_count
+    raise ConfigError(
+        f'config.{name}={batch_size} does not divide over the {device_count} devices of this run: each '
+        f'device must get the same number of examples. Use a multiple of {device_count}, e.g. '
+        f'--config.{name}={max(lower, device_count)}.')

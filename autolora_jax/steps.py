@@ -1,0 +1,176 @@
+"""The pure per-device steps: train state, optimizer, AutoLoRa train step and evaluation step.
+
+Each step is a pure function meant for `jax.pmap(..., axis_name='batch')`:
+
+    train_step(state, batch, rng) -> (state, metrics)
+    eval_step(state, batch) -> summed counts
+
+Gradients, BatchNorm statistics and metrics are reduced over the mapped axis, so any number of devices
+computes what one device computes on the whole global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax import lax
+
+from autolora_jax import attacks, losses, models
+
+AXIS = 'batch'
+METHODS = ('autolora', 'vanilla_rft', 'pgd_at')
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics and the loss scalars that the host sets each epoch.
+
+  The learning rate lives in the optimizer state (`optax.inject_hyperparams`); see `set_learning_rate`.
+  """
+  batch_stats: Any = None
+  l1: jax.Array = None
+  l2: jax.Array = None
+
+
+def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """SGD with momentum and PyTorch's coupled weight decay (wd * param added to the gradient)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+
+
+def make_optimizer(learning_rate: float, momentum: float, weight_decay: float):
+  """`sgd` with the learning rate as an injected hyper-parameter that the host can set between steps."""
+  return optax.inject_hyperparams(sgd, static_args=('momentum', 'weight_decay'))(
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+
+
+def create_train_state(model, variables, tx, l1: float = 0.0, l2: float = 0.0) -> TrainState:
+  """A TrainState around `variables` = {'params', 'batch_stats'} (unreplicated)."""
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables['batch_stats'], l1=jnp.float32(l1), l2=jnp.float32(l2))
+
+
+def get_learning_rate(state: TrainState) -> float:
+  """The learning rate of the next step (works on a replicated state too)."""
+  return float(jnp.ravel(state.opt_state.hyperparams['learning_rate'])[0])
+
+
+def set_learning_rate(state: TrainState, lr: float) -> TrainState:
+  """Sets the injected learning rate; keeps a replicated state's leading device axis."""
+  hp = dict(state.opt_state.hyperparams)
+  hp['learning_rate'] = jnp.full_like(hp['learning_rate'], lr)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def set_loss_scalars(state: TrainState, l1: float, l2: float) -> TrainState:
+  """Sets l1 and l2; keeps a replicated state's leading device axis."""
+  return state.replace(l1=jnp.full_like(state.l1, l1), l2=jnp.full_like(state.l2, l2))
+
+
+def route_natural(params):
+  """The parameters as the natural forward sees them: FE (conv + BN scale/bias) held constant."""
+  groups = models.param_groups(params)
+  return jax.tree_util.tree_map(lambda g, p: lax.stop_gradient(p) if g == 'fe' else p, groups, params)
+
+
+def example_keys(rng, index):
+  """One PRNG key per example from the step key and the example's position in the global batch."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
+
+def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: float, steps: int,
+                    kl_denominator: Optional[int] = None, axis_name: Optional[str] = AXIS) -> Callable:
+  """Builds the per-device train step `(state, batch, rng) -> (state, metrics)`.
+
+  Methods (SPEC.md):
+    'autolora': z_nat = natural (LoRa) branch on x with the FE held constant, z_adv = adversarial branch on
+      x_adv; loss l1 * CE(z_nat) + (1 - l1) * CE(z_adv) + l2 * KL(p_nat || p_adv).
+    'vanilla_rft': the same loss with z_nat from the FE itself (adversarial branch on x, no routing).
+    'pgd_at': CE(z_adv) alone (l1 = l2 = 0); no natural forward at all.
+  x_adv is PGD (random start, a key per example) on the adversarial branch in evaluation mode. Both
+  training forwards run BatchNorm in training mode, the natural one first, as the reference does.
+
+  Args:
+    model: a `models.ResNet`.
+    eps, step_size, steps: the training attack.
+    kl_denominator: divide the KL sum by this instead of the batch size.
+    axis_name: the pmap axis to reduce over; None for an unmapped (single-device, jit) step.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  train_model = model.clone(bn_axis_name=axis_name)
+
+  def pmean(x):
+    return lax.pmean(x, axis_name) if axis_name else x
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
+    x, y = batch['image'], batch['label']
+    eval_vars = {'params': state.params, 'batch_stats': state.batch_stats}
+    x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch='adv', train=False), x, y, eps=eps,
+                        step_size=step_size, steps=steps, key=example_keys(rng, batch['index']))
+    x_adv = lax.stop_gradient(x_adv)
+
+    def loss_fn(params):
+      stats = state.batch_stats
+      if method == 'pgd_at':
+        nat_logits = None
+      else:
+        nat_branch, nat_params = ('nat', route_natural(params)) if method == 'autolora' else ('adv', params)
+        nat_logits, upd = train_model.apply({'params': nat_params, 'batch_stats': stats}, x,
+                                            branch=nat_branch, train=True, mutable=['batch_stats'])
+        stats = upd['batch_stats']
+      adv_logits, upd = train_model.apply({'params': params, 'batch_stats': stats}, x_adv, branch='adv',
+                                          train=True, mutable=['batch_stats'])
+      if method == 'pgd_at':
+        loss = losses.cross_entropy(adv_logits, y)
+        parts = {'ce_adv': loss}
+      else:
+        loss, parts = losses.autolora_loss(nat_logits, adv_logits, y, state.l1, state.l2, kl_denominator)
+      return loss, (parts, upd['batch_stats'], nat_logits, adv_logits)
+
+    (loss, (parts, batch_stats, nat_logits, adv_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = pmean(grads)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {'loss': loss, **parts, 'adv_acc': jnp.mean(jnp.argmax(adv_logits, -1) == y)}
+    if nat_logits is not None:
+      metrics['nat_acc'] = jnp.mean(jnp.argmax(nat_logits, -1) == y)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return new_state, pmean(metrics)
+
+  return train_step
+
+
+def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: bool = True,
+                   axis_name: Optional[str] = AXIS) -> Callable:
+  """Builds `eval_step(state, batch) -> counts`: correct-prediction counts summed over the batch and devices.
+
+  Counts (masked): 'count' (real examples), 'clean_adv' and 'clean_nat' (clean accuracy of each branch)
+  and, with attack=True, 'pgd' (PGD robust accuracy of the adversarial branch, no random start). Everything
+  runs in evaluation mode.
+  """
+
+  def psum(x):
+    return lax.psum(x, axis_name) if axis_name else x
+
+  def eval_step(state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    x, y, mask = batch['image'], batch['label'], batch['mask']
+
+    def logits_fn(branch):
+      return lambda z: model.apply(variables, z, branch=branch, train=False)
+
+    def correct(logits):
+      return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
+
+    counts = {'count': jnp.sum(mask), 'clean_adv': correct(logits_fn('adv')(x)),
+              'clean_nat': correct(logits_fn('nat')(x))}
+    if attack:
+      x_adv = attacks.pgd(logits_fn('adv'), x, y, eps=eps, step_size=step_size, steps=steps)
+      counts['pgd'] = correct(logits_fn('adv')(x_adv))
+    return psum(counts)
+
+  return eval_step

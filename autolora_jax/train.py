@@ -1,0 +1,242 @@
+"""AutoLoRa robust fine-tuning: `train_and_evaluate(config, workdir)`, the one training loop.
+
+Per epoch: train (pmapped step over all local devices), validate (clean accuracy of both branches, PGD-10
+robust accuracy of the adversarial branch), update the automatic learning rate and loss scalars, keep the
+best checkpoint, reload it when the schedule says so, save the latest state, log. At the end: test
+accuracy (clean and PGD-10) of the best and of the final checkpoint into results.json.
+
+Starting it again on the same workdir resumes after the last completed epoch and ends with the same
+result as an uninterrupted run (the data order and every random draw are functions of seed, epoch, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, models, pretrain, reporting,
+                          schedule, steps)
+from autolora_jax.errors import ConfigError, DataError, WorkdirError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir if needed and checks that it can be written; returns its absolute path."""
+  if not workdir:
+    raise WorkdirError('No workdir given: pass --workdir=DIR, the folder for checkpoints, logs and results.')
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'The workdir {path} cannot be written ({e.strerror or e}): choose a folder you can '
+                       'write to with --workdir=DIR, or fix its permissions.') from None
+  return path
+
+
+def build_schedule(config) -> schedule.AutoLR:
+  s = config.auto_lr
+  return schedule.auto_lr(lr0=s.lr0, window=s.window, rho=s.rho, max_epochs=s.max_epochs, min_lr=s.min_lr)
+
+
+class Run:
+  """Everything one fine-tuning run holds: data, model, compiled steps, checkpoints, writers."""
+
+  def __init__(self, config, workdir: str):
+    config_checks.validate(config)
+    n_devices = jax.device_count()
+    config_checks.check_batch_divides('batch_size', config.batch_size, n_devices)
+    config_checks.check_batch_divides('eval_batch_size', config.eval_batch_size, n_devices)
+    self.config = config
+    self.is_chief = jax.process_index() == 0
+    self.workdir = prepare_workdir(workdir)
+    self.progress = bool(config.progress) and self.is_chief
+    self.data = input_pipeline.create_dataset(config.dataset, seed=config.seed,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
+    if self.steps_per_epoch < 1:
+      raise DataError(f'The training split of {config.dataset.name} has {self.data.num_examples("train")} '
+                      f'examples, fewer than one batch of config.batch_size={config.batch_size}: lower the '
+                      'batch size.')
+    if self.data.num_examples('validation') < 1:
+      raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no validation '
+                        'example: the schedule and the loss scalars need one. Raise it.')
+    self.model = models.create_model(config.model, self.data.num_classes)
+    self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, config.optim.weight_decay)
+    self.schedule = build_schedule(config)
+    self.ckpts = checkpoints.Checkpoints(self.workdir)
+    a = config.attack
+    self.p_train_step = loop.pmap_train_step(steps.make_train_step(
+        self.model, method=config.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps))
+    self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps))
+    self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False))
+    self.log = reporting.MetricsLog(self.workdir)
+    self.tb = reporting.TensorBoard(self.workdir, enabled=config.tensorboard and self.is_chief)
+
+  # -- state -------------------------------------------------------------------------------------------
+
+  def template(self) -> steps.TrainState:
+    """An unreplicated TrainState with fresh variables (the shape Orbax restores into)."""
+    variables = pretrain.init_variables(self.model, self.config.model.input_size, self.config.seed)
+    return steps.create_train_state(self.model, variables, self.tx)
+
+  def initial_state(self) -> steps.TrainState:
+    """Fresh fine-tuning variables with the pre-trained FE transplanted in (if the config gives one)."""
+    state = self.template()
+    fe = pretrain.feature_extractor(self.config, self.workdir, progress=self.progress)
+    if fe is not None:
+      variables, report = pretrain.transplant(fe, {'params': state.params, 'batch_stats': state.batch_stats})
+      log.info('Pre-trained FE: %d arrays copied; not used: %s', report['copied'], report['unused'])
+      state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+    return state
+
+  def evaluate(self, state, split: str, attack: bool = True, desc: Optional[str] = None) -> dict:
+    """Accuracies (fractions) of a replicated state on a split: clean_adv, clean_nat and, with attack, pgd."""
+    gb = self.config.eval_batch_size
+    return loop.evaluate(self.p_eval_step if attack else self.p_eval_clean, state,
+                         self.data.eval_batches(split, gb), total=self.data.num_examples(split),
+                         global_batch=gb, progress=self.progress, desc=desc or split)
+
+  def save_best(self, state, epoch: int, val: dict) -> None:
+    variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
+    self.ckpts.save('best', epoch, variables, {'epoch': epoch, 'val': val})
+
+  def restore_best(self, state):
+    """Replaces params and BN statistics of a replicated state by the best checkpoint's (the optimizer
+    state stays); returns (state, best metadata)."""
+    template = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
+    variables, meta = self.ckpts.restore('best', template)
+    variables = loop.replicate(variables)
+    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
+
+  # -- the loop ----------------------------------------------------------------------------------------
+
+  def write_epoch(self, record: dict) -> None:
+    if not self.is_chief:
+      return
+    self.log.append(record)
+    self.tb.scalars(record['epoch'], {k: v for k, v in record.items() if k != 'epoch'})
+    reporting.plot_curves(self.log.read(), os.path.join(self.workdir, reporting.CURVES_FILE))
+
+  def train(self):
+    """Trains until the schedule stops; returns the replicated final state."""
+    config = self.config
+    restored = self.ckpts.restore('latest', self.template())
+    if restored is None:
+      state = loop.replicate(self.initial_state())
+      sched_state = self.schedule.init()
+      val = self.evaluate(state, 'validation', attack=False, desc='initial validation')
+      l1, l2 = schedule.auto_scalars(val['clean_nat'], config.auto_scalars.l2_max)
+      epoch, done = 0, False
+      if self.is_chief:
+        self.log.truncate(-1)
+        self.write_epoch({'epoch': 0, 'lr': sched_state.lr, 'l1': l1, 'l2': l2,
+                          'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat']})
+    else:
+      host_state, meta = restored
+      state = loop.replicate(host_state)
+      sched_state = schedule.AutoLRState.from_dict(meta['scheduler'])
+      epoch, done, (l1, l2) = meta['epoch'], meta['done'], (meta['l1'], meta['l2'])
+      if self.is_chief:
+        self.log.truncate(epoch)
+      log.info('Resuming after epoch %d from %s', epoch, self.ckpts.managers['latest'].directory)
+    state = steps.set_loss_scalars(steps.set_learning_rate(state, sched_state.lr), l1, l2)
+
+    while not done:
+      epoch += 1
+      lr = sched_state.lr
+      state, train_metrics, timing = loop.train_epoch(
+          self.p_train_step, state, self.data.train_batches(epoch, config.batch_size), seed=config.seed,
+          epoch=epoch, steps=self.steps_per_epoch, global_batch=config.batch_size, progress=self.progress,
+          desc=f'epoch {epoch}')
+      val = self.evaluate(state, 'validation', desc=f'validation {epoch}')
+      sched_state, decision = self.schedule.update(sched_state, epoch, val['pgd'])
+      if decision.new_best:
+        self.save_best(state, epoch, val)
+      nat_acc = val['clean_nat']
+      if decision.reload_best:
+        state, best_meta = self.restore_best(state)
+        nat_acc = best_meta['val']['clean_nat']  # the reloaded model's own validation accuracy
+      record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
+                **{f'train_{k}': v for k, v in train_metrics.items()},
+                'train_seconds': timing['seconds'], 'images_per_second': timing['images_per_second'],
+                'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'], 'val_pgd10': val['pgd'],
+                'new_best': decision.new_best, 'best_epoch': sched_state.best_epoch,
+                'reload_best': decision.reload_best, 'condition': decision.condition,
+                'next_lr': decision.lr, 'stop': decision.stop}
+      l1, l2 = schedule.auto_scalars(nat_acc, config.auto_scalars.l2_max)
+      state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), l1, l2)
+      done = decision.stop
+      step = epoch * self.steps_per_epoch
+      self.ckpts.save('latest', step, checkpoints.host_copy(state, True),
+                      {'epoch': epoch, 'done': done, 'scheduler': sched_state.to_dict(), 'l1': l1, 'l2': l2,
+                       'seed': config.seed})
+      self.write_epoch(record)
+      log.info(
+          'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
+          'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
+          timing['images_per_second'], val['clean_adv'], val['clean_nat'], val['pgd'],
+          ' (best)' if decision.new_best else '',
+          f' -> lr {decision.lr:.2e}, best of epoch {sched_state.best_epoch} reloaded (condition '
+          f'{decision.condition})' if decision.reload_best else '')
+    return state
+
+  def test(self, final_state) -> dict:
+    """Test accuracies of the best and the final checkpoint; writes results.json (process 0)."""
+    results = {'method': self.config.method, 'dataset': self.config.dataset.name,
+               'num_test': self.data.num_examples('test')}
+    final_meta = self.ckpts.restore_meta('latest')
+    for name in ('best', 'final'):
+      if name == 'best':
+        state, meta = self.restore_best(final_state)
+        epoch = meta['epoch']
+      else:
+        state, epoch = final_state, final_meta['epoch']
+      acc = self.evaluate(state, 'test', desc=f'test ({name})')
+      results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
+                                                'clean_nat_branch': acc['clean_nat']}}
+    if self.is_chief:
+      path = reporting.write_results(self.workdir, results)
+      print('\nTest accuracy (' + self.config.dataset.name + f', {results["num_test"]} examples):')
+      print(reporting.results_table(results))
+      print(f'Written to {path}')
+    return results
+
+  def close(self) -> None:
+    self.ckpts.close()
+    self.tb.close()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs AutoLoRa robust fine-tuning as `config` describes, in (or resuming from) `workdir`.
+
+  Returns the results dict written to workdir/results.json.
+  """
+  start = time.time()
+  run = Run(config, workdir)
+  try:
+    if run.is_chief:
+      with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2) + '\n')
+    final_state = run.train()
+    results = run.test(final_state)
+    results['wall_seconds'] = time.time() - start
+    if run.is_chief:
+      reporting.write_results(run.workdir, results)
+    return results
+  finally:
+    run.close()

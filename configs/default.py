@@ -1,0 +1,84 @@
+"""The paper's settings (SPEC.md): AutoLoRa robust fine-tuning of an ImageNet-pre-trained ResNet-18.
+
+Dataset configs start from this one and change only what differs.
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.method = 'autolora'  # 'autolora' | 'vanilla_rft' | 'pgd_at'
+  config.seed = 0
+
+  # Data. The validation split is a seeded `val_fraction` of the training split.
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'cifar10'
+  config.dataset.data_dir = ''  # '' = the library's default (TFDS: ~/tensorflow_datasets)
+  config.dataset.val_fraction = 0.05
+  config.dataset.split_seed = 0
+  config.dataset.test_fraction = 0.0  # only for data sets without a test split (digits)
+  config.dataset.classes = ()  # a subset of the classes, relabelled in order; () = all
+
+  # Model: torchvision ResNet with a LoRa branch on every block convolution and projection shortcut.
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = 'resnet18'  # 'resnet18' | 'resnet50'
+  config.model.width = 64  # channels of the first stage
+  config.model.lora_rank = 8
+  config.model.lora_alpha = 1.0
+  config.model.lora_placement = 'all'  # 'all' | 'last_block'
+  config.model.input_size = 224  # inputs are resized (nearest) to this inside the model
+  config.model.stem = 'imagenet'  # 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1)
+  config.model.mean = IMAGENET_MEAN
+  config.model.std = IMAGENET_STD
+  config.model.conv_impl = 'auto'  # 'auto' (im2col on CPU, native elsewhere) | 'native' | 'im2col'
+  config.model.dtype = 'float32'
+
+  # The pre-trained feature extractor: '' = random initialisation.
+  config.pretrained = ''
+  # Optional in-process PGD-AT pre-training of the FE before fine-tuning (the offline demo uses it).
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.epochs = 0  # 0 = none
+  config.pretrain.learning_rate = 0.1
+  config.pretrain.batch_size = 128
+  config.pretrain.dataset = ml_collections.ConfigDict()
+  config.pretrain.dataset.name = ''
+  config.pretrain.dataset.data_dir = ''
+  config.pretrain.dataset.val_fraction = 0.0
+  config.pretrain.dataset.split_seed = 0
+  config.pretrain.dataset.test_fraction = 0.0
+  config.pretrain.dataset.classes = ()
+
+  # PGD, L-infinity, in [0, 1] pixel space: random start in training, none in evaluation.
+  config.attack = ml_collections.ConfigDict()
+  config.attack.eps = 8 / 255
+  config.attack.step_size = 2 / 255
+  config.attack.train_steps = 10
+  config.attack.eval_steps = 10
+
+  # SGD with momentum and coupled weight decay; the learning rate comes from the schedule.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4
+
+  # Automatic learning rate (validation robust accuracy) and loss scalars (natural-branch accuracy).
+  config.auto_lr = ml_collections.ConfigDict()
+  config.auto_lr.lr0 = 0.01
+  config.auto_lr.window = 4
+  config.auto_lr.rho = 0.75
+  config.auto_lr.max_epochs = 60
+  config.auto_lr.min_lr = 1e-5
+  config.auto_scalars = ml_collections.ConfigDict()
+  config.auto_scalars.l2_max = 6.0
+
+  config.batch_size = 128  # global, over all devices and processes
+  config.eval_batch_size = 256
+
+  # Output.
+  config.progress = True  # progress bars
+  config.tensorboard = True
+  config.lock()  # a misspelt key is an error, not a silently ignored new key
+  return config

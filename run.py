@@ -1,0 +1,52 @@
+"""Runs AutoLoRa robust fine-tuning: flags in, `train_and_evaluate(config, workdir)` out.
+
+    python run.py --config=configs/demo.py --workdir=/tmp/demo
+    python run.py --config=configs/cub200.py --config.model.arch=resnet50 --workdir=/tmp/cub
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (data, TensorBoard) only for errors
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns a bad config file or --config.x=... override into a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}\nPass --config=configs/NAME.py and --workdir=DIR; see README.md.')
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    detail = e.args[0] if e.args else str(e)
+    _fail(f'bad --config override or config file: {detail}. Every key a run reads is defined in '
+          'configs/default.py; check the spelling and type against it.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
+  from autolora_jax import train  # pylint: disable=g-import-not-at-top
+  from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # libraries: warnings only
+  std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except InputError as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
