@@ -13,15 +13,18 @@ For every (arch, resolution, batch) in the comma-separated flags and every part 
 
 Ours and the reference run in one process and alternate repetitions, so that both see the same machine
 load; the reported images per second are medians over `--reps` repetitions after one warm-up call.
-Inputs are `resolution` x `resolution` images; the model resizes them to `--input_size` (default: the
-resolution, i.e. no resize) inside itself, as the authors' model does.
+`--threads=N` pins the process (both implementations) to N cores: where other processes oversubscribe
+the cores, the reference's OpenMP threads lose far more time waiting for each other than ours do, and one
+core gives the steadier comparison. Inputs are `resolution` x `resolution` images; the model resizes them
+to `--input_size` (default: the resolution, i.e. no resize) inside itself, as the authors' model does.
 
-Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s, ratio
-(ours / torch), compile time, the peak memory of one call (the rise of the process's resident set while it
-runs, sampled every 5 ms; on GPUs the devices' own peak counters), the model FLOPs per image and the
-achieved FLOP/s. FLOPs count the convolutions and the head (2 per multiply-add) of one forward pass, F,
-and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step; natural and
-adversarial pass: forward + input and weight gradients) and a validation image (2 * pgd_steps + 3) * F.
+Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s,
+ratio (ours / torch), the process CPU seconds per image, compile time, the peak memory of one call (the
+rise of the process's resident set while it runs, sampled every 5 ms; on GPUs the devices' own peak
+counters), the model FLOPs per image and the achieved FLOP/s. FLOPs count the convolutions and the head
+(2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD:
+forward + input gradient per step; natural and adversarial pass: forward + input and weight gradients)
+and a validation image (2 * pgd_steps + 3) * F.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ flags.DEFINE_bool('torch_channels_last', False, 'Run the reference in channels_l
                   "(the authors' code does not).")
 flags.DEFINE_string('aa_version', 'standard', 'AutoAttack version for the autoattack part.')
 flags.DEFINE_integer('aa_images', 0, 'Images for the autoattack part; 0 = the batch size.')
+flags.DEFINE_integer('threads', 0, 'Pin the process to this many cores (both implementations use them); '
+                     '0 = all. On a shared, loaded machine 1 gives the steadier comparison.')
 flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of the machine, for the utilisation column; 0 = none.')
 flags.DEFINE_string('json', '', 'Write the results here as JSON.')
 flags.DEFINE_integer('seed', 0, 'Seed of the inputs and the initial weights.')
@@ -286,12 +291,14 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
   for name, call in impls.items():  # warm-up, with its memory
     case[f'{name}_peak_bytes'] = _measure_memory(call, name)['peak_bytes']
   times = {name: [] for name in impls}
+  cpu = {name: [] for name in impls}
   for rep in range(FLAGS.reps):
     order = list(impls) if rep % 2 == 0 else list(impls)[::-1]
     for name in order:
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       impls[name]()
       times[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
   flops = None
   if part == 'train':
     flops = (2 * FLAGS.pgd_steps + 6) * info['flops_per_forward']
@@ -302,6 +309,7 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
     med = statistics.median(ts)
     case[f'{name}_times_s'] = [round(t, 4) for t in ts]
     case[f'{name}_img_per_s'] = images / med
+    case[f'{name}_cpu_s_per_image'] = statistics.median(cpu[name]) / images
     if flops:
       case[f'{name}_flop_per_s'] = flops * images / med
       if FLAGS.peak_flops:
@@ -347,6 +355,10 @@ def main(argv):
     print('torch is not installed: timing ours only (pip install torch to compare with the reference).')
   elif FLAGS.torch == 'off':
     print('--torch=off: timing ours only.')
+  if FLAGS.threads:
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:FLAGS.threads]))  # before jax starts
+    if torch is not None:
+      torch.set_num_threads(FLAGS.threads)
   load_before = _loadavg()
   print(f'jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), '
         f'torch {torch.__version__ if torch else "absent"}, {os.cpu_count()} CPUs, load {load_before}',
@@ -378,7 +390,7 @@ def main(argv):
                     'process_maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         'settings': {'conv_impl': FLAGS.conv_impl, 'dtype': FLAGS.dtype, 'reps': FLAGS.reps,
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
-                     'torch_channels_last': FLAGS.torch_channels_last},
+                     'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads},
         'cases': cases,
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
