@@ -19,16 +19,19 @@ core gives the steadier comparison. Inputs are `resolution` x `resolution` image
 to `--input_size` (default: the resolution, i.e. no resize) inside itself, as the authors' model does.
 
 Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s,
-ratio (ours / torch), the process CPU seconds per image, compile time, the peak memory of one call (the
-rise of the process's resident set while it runs, sampled every 5 ms; on GPUs the devices' own peak
-counters), the model FLOPs per image and the achieved FLOP/s. FLOPs count the convolutions and the head
-(2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD:
-forward + input gradient per step; natural and adversarial pass: forward + input and weight gradients)
-and a validation image (2 * pgd_steps + 3) * F.
+ratio (ours / torch), compile time, the peak memory of one call (the rise of the bytes malloc has handed
+out while it runs, sampled every 5 ms; on GPUs the devices' own peak counters), the model FLOPs per image
+and the achieved FLOP/s. FLOPs count the convolutions and the head (2 per multiply-add) of one forward
+pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step;
+natural and adversarial pass: forward + input and weight gradients) and a validation image
+(2 * pgd_steps + 3) * F.
+
+The process runs with host.retain_freed_memory() (as run.py does; --noretain_freed_memory to compare).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -48,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autolora_jax import models, steps  # noqa: E402
+from autolora_jax import host, models, steps  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -79,6 +82,8 @@ flags.DEFINE_string('aa_version', 'standard', 'AutoAttack version for the autoat
 flags.DEFINE_integer('aa_images', 0, 'Images for the autoattack part; 0 = the batch size.')
 flags.DEFINE_integer('threads', 0, 'Pin the process to this many cores (both implementations use them); '
                      '0 = all. On a shared, loaded machine 1 gives the steadier comparison.')
+flags.DEFINE_bool('retain_freed_memory', True, 'host.retain_freed_memory() for the whole process (both '
+                  'implementations), as run.py does.')
 flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of the machine, for the utilisation column; 0 = none.')
 flags.DEFINE_string('json', '', 'Write the results here as JSON.')
 flags.DEFINE_integer('seed', 0, 'Seed of the inputs and the initial weights.')
@@ -90,16 +95,42 @@ EPS, STEP_SIZE = 8 / 255, 2 / 255
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------------------
 
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in
+              ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks',
+               'keepcost')]
+
+
+def _heap_in_use_fn() -> Optional[Callable[[], int]]:
+  """Bytes malloc has handed out and not taken back (glibc's mallinfo2, all arenas); None elsewhere."""
+  try:
+    fn = ctypes.CDLL(None).mallinfo2
+  except (OSError, AttributeError):
+    return None
+  fn.restype = _MallInfo2
+
+  def in_use():
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
+
+  return in_use
+
+
 def _rss_bytes() -> int:
   with open('/proc/self/statm') as f:
     return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-class PeakRSS:
-  """The rise of the resident set over its value at entry, sampled every 5 ms (CPU only, Linux)."""
+class PeakMemory:
+  """The rise of the process's allocated memory over its value at entry, sampled every 5 ms.
+
+  Counts the bytes malloc has handed out (glibc), so that memory freed earlier and kept for reuse
+  (host.retain_freed_memory) does not hide an allocation; the resident set elsewhere.
+  """
 
   def __enter__(self):
-    self.base = self.peak = _rss_bytes()
+    self._read = _heap_in_use_fn() or _rss_bytes
+    self.base = self.peak = self._read()
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample, daemon=True)
     self._thread.start()
@@ -107,12 +138,12 @@ class PeakRSS:
 
   def _sample(self):
     while not self._stop.wait(0.005):
-      self.peak = max(self.peak, _rss_bytes())
+      self.peak = max(self.peak, self._read())
 
   def __exit__(self, *exc):
     self._stop.set()
     self._thread.join()
-    self.peak = max(self.peak, _rss_bytes())
+    self.peak = max(self.peak, self._read())
     self.rise = self.peak - self.base
 
 
@@ -256,9 +287,9 @@ def _measure_memory(call: Callable, which: str) -> Dict[str, int]:
     torch.cuda.reset_peak_memory_stats()
     call()
     return {'peak_bytes': int(torch.cuda.max_memory_allocated())}
-  with PeakRSS() as rss:
+  with PeakMemory() as mem:
     call()
-  return {'peak_bytes': int(rss.rise)}
+  return {'peak_bytes': int(mem.rise)}
 
 
 def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
@@ -291,14 +322,12 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
   for name, call in impls.items():  # warm-up, with its memory
     case[f'{name}_peak_bytes'] = _measure_memory(call, name)['peak_bytes']
   times = {name: [] for name in impls}
-  cpu = {name: [] for name in impls}
   for rep in range(FLAGS.reps):
     order = list(impls) if rep % 2 == 0 else list(impls)[::-1]
     for name in order:
-      c0, t0 = time.process_time(), time.perf_counter()
+      t0 = time.perf_counter()
       impls[name]()
       times[name].append(time.perf_counter() - t0)
-      cpu[name].append(time.process_time() - c0)
   flops = None
   if part == 'train':
     flops = (2 * FLAGS.pgd_steps + 6) * info['flops_per_forward']
@@ -309,7 +338,6 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
     med = statistics.median(ts)
     case[f'{name}_times_s'] = [round(t, 4) for t in ts]
     case[f'{name}_img_per_s'] = images / med
-    case[f'{name}_cpu_s_per_image'] = statistics.median(cpu[name]) / images
     if flops:
       case[f'{name}_flop_per_s'] = flops * images / med
       if FLAGS.peak_flops:
@@ -359,6 +387,7 @@ def main(argv):
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:FLAGS.threads]))  # before jax starts
     if torch is not None:
       torch.set_num_threads(FLAGS.threads)
+  malloc_tuned = host.retain_freed_memory() if FLAGS.retain_freed_memory else False
   load_before = _loadavg()
   print(f'jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), '
         f'torch {torch.__version__ if torch else "absent"}, {os.cpu_count()} CPUs, load {load_before}',
@@ -390,7 +419,8 @@ def main(argv):
                     'process_maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         'settings': {'conv_impl': FLAGS.conv_impl, 'dtype': FLAGS.dtype, 'reps': FLAGS.reps,
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
-                     'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads},
+                     'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads,
+                     'retain_freed_memory': malloc_tuned},
         'cases': cases,
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
