@@ -30,7 +30,7 @@ def retain_freed_memory() -> bool:
   try:
     libc = ctypes.CDLL(None)
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1 and ok  # -1: SIZE_MAX, never trim
   except (OSError, AttributeError):
     return False
   return ok

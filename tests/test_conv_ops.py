@@ -1,0 +1,136 @@
+"""The fast CPU convolution and pooling give XLA's results: values, input and kernel gradients, ties.
+
+Tolerances, relative to the largest entry: float32 results that differ only in the order of their sums
+agree to 2e-5 for single layers (observed <= 2e-7) and to 1e-4 through a whole network (observed
+<= 2.2e-5, in BatchNorm scale gradients, which divide by small batch variances).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autolora_jax import conv_ops, models
+
+# (input side, C_in, C_out, kernel, stride, padding): every convolution shape of the ResNets, odd sides too.
+CONVS = [(10, 3, 8, 7, 2, 3), (9, 3, 8, 7, 2, 3), (8, 4, 6, 3, 1, 1), (8, 4, 6, 3, 2, 1), (7, 4, 6, 3, 2, 1),
+         (8, 4, 6, 1, 2, 0), (5, 4, 6, 1, 1, 0), (2, 4, 6, 3, 1, 1), (1, 4, 6, 3, 1, 1)]
+
+
+def _rel(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(a)), 1e-12))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _convs_and_grads(impl, inputs):
+  """(output, input grad, kernel grad) of every CONVS shape, in one compiled program."""
+  results = []
+  for (x, w), (_, _, _, _, stride, padding) in zip(inputs, CONVS):
+    y, vjp = jax.vjp(lambda x, w: models.conv2d(x, w, stride, padding, impl), x, w)
+    g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    results.append((y,) + vjp(g))
+  return results
+
+
+@pytest.mark.parametrize('impl', ['explicit', 'im2col'])
+def test_conv_matches_native(impl):
+  inputs = [(jax.random.normal(jax.random.PRNGKey(0), (2, h, h, c_in)),
+             jax.random.normal(jax.random.PRNGKey(1), (k, k, c_in, c_out)))
+            for h, c_in, c_out, k, _, _ in CONVS]
+  for shape, ref, got in zip(CONVS, _convs_and_grads('native', inputs), _convs_and_grads(impl, inputs)):
+    for name, a, b in zip(('output', 'input grad', 'kernel grad'), ref, got):
+      assert a.shape == b.shape, (shape, name)
+      assert _rel(a, b) < 2e-5, (shape, name, _rel(a, b))
+
+
+def test_scatter_taps_is_the_transpose_of_tap_views():
+  # <tap_views(x), t> == <x, scatter_taps(t)> for every stride/kernel pairing, odd sizes included.
+  for k, s, side in [(3, 2, 9), (7, 2, 12), (3, 1, 6), (2, 3, 8), (1, 2, 5)]:
+    out = (side - k) // s + 1
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, side, side, 2))
+    taps = [jax.random.normal(jax.random.PRNGKey(i + 1), (1, out, out, 2)) for i in range(k * k)]
+
+    @jax.jit
+    def products(x, taps, k=k, s=s, side=side, out=out):
+      lhs = sum(jnp.vdot(v, t) for v, t in zip(conv_ops.tap_views(x, k, s, (out, out)), taps))
+      return lhs, jnp.vdot(x, conv_ops.scatter_taps(taps, k, s, (side, side)))
+
+    lhs, rhs = products(x, taps)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def _pool_ref(x):
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize('side', [8, 9, 16])
+def test_max_pool_matches_reduce_window(side):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 3))
+  y_ref, vjp_ref = jax.vjp(_pool_ref, x)
+  y, vjp = jax.vjp(lambda x: conv_ops.max_pool(x, 3, 2, 1), x)
+  g = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+  np.testing.assert_array_equal(y, y_ref)
+  assert _rel(vjp_ref(g)[0], vjp(g)[0]) < 2e-6
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window():
+  # Integer inputs in {0, 1} (as after a ReLU): most windows hold several equal maxima.
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 9, 9, 2)), jnp.float32)
+  g = jnp.ones((2, 5, 5, 2))
+  dx = jax.vjp(lambda x: conv_ops.max_pool(x, 3, 2, 1), x)[1](g)[0]
+  np.testing.assert_array_equal(dx, jax.vjp(_pool_ref, x)[1](g)[0])
+  # The top-left window of an all-equal image sends its gradient to pixel (0, 0) alone.
+  flat = jax.vjp(lambda x: conv_ops.max_pool(x, 3, 2, 1), jnp.zeros((1, 4, 4, 1)))[1](jnp.ones((1, 2, 2, 1)))[0]
+  np.testing.assert_array_equal(flat[0, :, :, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_resolve_conv_impl_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE, 3) == 'im2col'
+  assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE + 1, 3) == 'explicit'
+  assert models.resolve_conv_impl('auto', 56, 1) == 'im2col'
+  assert models.resolve_conv_impl('native', 2, 3) == 'native'
+  with pytest.raises(ValueError, match='conv_impl'):
+    models.resolve_conv_impl('fast', 8, 3)
+
+
+def _network_outputs(impl):
+  """Logits of both branches, input gradient (as PGD) and train-mode parameter gradients of a tiny ResNet."""
+  model = models.resnet18(5, width=8, input_size=32, conv_impl=impl)  # 16, 8 (explicit) ... 1 (im2col)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  y = jnp.arange(4) % 5
+  variables = model.init(jax.random.PRNGKey(1), x[:1])
+  params = jax.tree_util.tree_map_with_path(  # non-zero LoRa B, so that the branches differ
+      lambda p, v: v + 0.1 if 'lora_B' in jax.tree_util.keystr(p) else v, variables['params'])
+  variables = {'params': params, 'batch_stats': variables['batch_stats']}
+
+  def ce(logits):
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+
+  def train_loss(p, branch):
+    logits, _ = model.apply({'params': p, 'batch_stats': variables['batch_stats']}, x, branch=branch,
+                            train=True, mutable=['batch_stats'])
+    return ce(logits)
+
+  @jax.jit
+  def outputs(variables):
+    out = {b: model.apply(variables, x, branch=b) for b in ('adv', 'nat')}
+    out['input_grad'] = jax.grad(lambda z: ce(model.apply(variables, z)))(x)
+    for branch in ('adv', 'nat'):
+      out[f'grads_{branch}'] = jax.grad(train_loss)(variables['params'], branch)
+    return out
+
+  return outputs(variables)
+
+
+def test_network_gives_the_same_results_with_auto_and_native_convs():
+  # 'auto' on CPU: explicit gradients at 16 x 16 and 8 x 8, im2col below, conv_ops.max_pool.
+  ref = _network_outputs('native')
+  for impl in ('auto',):
+    got = _network_outputs(impl)
+    for key in ref:
+      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[key]), jax.tree_util.tree_leaves(got[key])):
+        assert _rel(a, b) < 1e-4, (impl, key, jax.tree_util.keystr(path), _rel(a, b))
