@@ -181,11 +181,12 @@ class Run:
       l1, l2 = schedule.auto_scalars(nat_acc, config.auto_scalars.l2_max)
       state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), l1, l2)
       done = decision.stop
-      step = epoch * self.steps_per_epoch
-      self.ckpts.save('latest', step, checkpoints.host_copy(state, True),
+      # The log line first, then the checkpoint: a run that dies between the two resumes from the previous
+      # checkpoint, drops this line and writes it again.
+      self.write_epoch(record)
+      self.ckpts.save('latest', epoch * self.steps_per_epoch, checkpoints.host_copy(state, True),
                       {'epoch': epoch, 'done': done, 'scheduler': sched_state.to_dict(), 'l1': l1, 'l2': l2,
                        'seed': config.seed})
-      self.write_epoch(record)
       log.info(
           'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
           'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
