@@ -101,7 +101,6 @@ def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.nd
     n_done += 1
 
   stopped_at = None
-  step = start_step
   try:
     for step, batch in enumerate(device_batches(batches), start=start_step):
       state, metrics = p_train_step(state, batch, step_rng(seed, epoch, step))

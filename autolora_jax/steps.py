@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax

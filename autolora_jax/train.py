@@ -11,15 +11,12 @@ result as an uninterrupted run (the data order and every random draw are functio
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Optional
 
 import jax
-import numpy as np
-from flax import jax_utils
 
 from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, models, pretrain, reporting,
                           schedule, steps)
