@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import models, steps
+from autolora_jax import methods, models, steps
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -85,6 +85,7 @@ def validate(config) -> None:
                         'in-process PGD-AT pre-training uses.')
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+  methods.validate(config)  # reference_compat and the baselines' config.fixed
 
 
 def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:

@@ -1,9 +1,11 @@
-"""AutoLoRa robust fine-tuning: `train_and_evaluate(config, workdir)`, the one training loop.
+"""Robust fine-tuning: `train_and_evaluate(config, workdir)`, the one training loop of every method
+(AutoLoRa, vanilla RFT, PGD-AT: `config.method`, see methods.py).
 
 Per epoch: train (pmapped step over all local devices), validate (clean accuracy of both branches, PGD-10
-robust accuracy of the adversarial branch), update the automatic learning rate and loss scalars, keep the
-best checkpoint, reload it when the schedule says so, save the latest state, log. At the end: test
-accuracy (clean and PGD-10) of the best and of the final checkpoint into results.json.
+robust accuracy of the adversarial branch), let the method's epoch policy (lr_policy.py: the automatic
+learning rate and loss scalars, or fixed ones) set the next epoch's lr and scalars, keep the best
+checkpoint, reload it when the policy says so, save the latest state, log. At the end: test accuracy
+(clean and PGD-10) of the best and of the final checkpoint into results.json.
 
 Starting it again on the same workdir resumes after the last completed epoch and ends with the same
 result as an uninterrupted run (the data order and every random draw are functions of seed, epoch, step).
@@ -18,8 +20,8 @@ from typing import Optional
 
 import jax
 
-from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, models, pretrain, reporting,
-                          schedule, steps)
+from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, lr_policy, methods, pretrain,
+                          reporting, schedule, steps)
 from autolora_jax.errors import ConfigError, DataError, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def build_schedule(config) -> schedule.AutoLR:
-  s = config.auto_lr
-  return schedule.auto_lr(lr0=s.lr0, window=s.window, rho=s.rho, max_epochs=s.max_epochs, min_lr=s.min_lr)
+  """The automatic learning rate of `config.auto_lr` (the run itself uses `lr_policy.create(config)`)."""
+  return lr_policy.auto_lr_schedule(config)
 
 
 class Run:
@@ -70,13 +72,15 @@ class Run:
     if self.data.num_examples('validation') < 1:
       raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no validation '
                         'example: the schedule and the loss scalars need one. Raise it.')
-    self.model = models.create_model(config.model, self.data.num_classes)
+    self.model = methods.create_model(config, self.data.num_classes)  # no LoRa for the baselines
     self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, config.optim.weight_decay)
-    self.schedule = build_schedule(config)
+    self.policy = lr_policy.create(config)  # lr, scalars, best checkpoint and stop, per method
     self.ckpts = checkpoints.Checkpoints(self.workdir)
-    a = config.attack
+    self.attack = a = methods.attack_settings(config)  # reference_compat: eps 0.0314
+    self.kl_denominator = methods.kl_denominator(config, n_devices)
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
-        self.model, method=config.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps))
+        self.model, method=config.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps,
+        kl_denominator=self.kl_denominator))
     self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
         self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps))
     self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(
@@ -108,6 +112,19 @@ class Run:
                          self.data.eval_batches(split, gb), total=self.data.num_examples(split),
                          global_batch=gb, progress=self.progress, desc=desc or split)
 
+  def measure(self, state, epoch: int, attack: bool = True, desc: str = 'validation') -> dict:
+    """The validation accuracies the policy decides on; with `policy.needs_train_accuracy` (reference_compat,
+    item 2) also 'train_split_clean_nat': the natural branch on the augmented training split."""
+    val = self.evaluate(state, 'validation', attack=attack, desc=desc)
+    if self.policy.needs_train_accuracy:
+      c = self.config
+      gb = methods.train_split_batch_size(self.data.num_examples('train'), c.eval_batch_size, c.batch_size)
+      acc = loop.evaluate(self.p_eval_clean, state, methods.train_split_batches(self.data, epoch, gb),
+                          total=self.data.steps_per_epoch(gb) * gb, global_batch=gb, progress=self.progress,
+                          desc=f'{desc}: training split')
+      val['train_split_clean_nat'] = acc['clean_nat']
+    return val
+
   def save_best(self, state, epoch: int, val: dict) -> None:
     variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
     self.ckpts.save('best', epoch, variables, {'epoch': epoch, 'val': val})
@@ -135,68 +152,66 @@ class Run:
     restored = self.ckpts.restore('latest', self.template())
     if restored is None:
       state = loop.replicate(self.initial_state())
-      sched_state = self.schedule.init()
-      val = self.evaluate(state, 'validation', attack=False, desc='initial validation')
-      l1, l2 = schedule.auto_scalars(val['clean_nat'], config.auto_scalars.l2_max)
+      val = self.measure(state, 0, attack=False, desc='initial validation')
+      pstate, _ = self.policy.start(val)
       epoch, done = 0, False
       if self.is_chief:
         self.log.truncate(-1)
-        self.write_epoch({'epoch': 0, 'lr': sched_state.lr, 'l1': l1, 'l2': l2,
-                          'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat']})
+        self.write_epoch({'epoch': 0, 'lr': pstate.lr, 'l1': pstate.l1, 'l2': pstate.l2,
+                          'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'],
+                          **{k: val[k] for k in ('train_split_clean_nat',) if k in val}})
     else:
       host_state, meta = restored
       state = loop.replicate(host_state)
-      sched_state = schedule.AutoLRState.from_dict(meta['scheduler'])
-      epoch, done, (l1, l2) = meta['epoch'], meta['done'], (meta['l1'], meta['l2'])
+      pstate = lr_policy.PolicyState.from_dict(meta['policy'])
+      epoch, done = meta['epoch'], meta['done']
       if self.is_chief:
         self.log.truncate(epoch)
       log.info('Resuming after epoch %d from %s', epoch, self.ckpts.managers['latest'].directory)
-    state = steps.set_loss_scalars(steps.set_learning_rate(state, sched_state.lr), l1, l2)
+    state = steps.set_loss_scalars(steps.set_learning_rate(state, pstate.lr), pstate.l1, pstate.l2)
 
     while not done:
       epoch += 1
-      lr = sched_state.lr
+      lr, l1, l2 = pstate.lr, pstate.l1, pstate.l2
       state, train_metrics, timing = loop.train_epoch(
           self.p_train_step, state, self.data.train_batches(epoch, config.batch_size), seed=config.seed,
           epoch=epoch, steps=self.steps_per_epoch, global_batch=config.batch_size, progress=self.progress,
           desc=f'epoch {epoch}')
-      val = self.evaluate(state, 'validation', desc=f'validation {epoch}')
-      sched_state, decision = self.schedule.update(sched_state, epoch, val['pgd'])
+      val = self.measure(state, epoch, desc=f'validation {epoch}')
+      pstate, decision = self.policy.update(pstate, epoch, val)
       if decision.new_best:
         self.save_best(state, epoch, val)
-      nat_acc = val['clean_nat']
       if decision.reload_best:
-        state, best_meta = self.restore_best(state)
-        nat_acc = best_meta['val']['clean_nat']  # the reloaded model's own validation accuracy
+        state, _ = self.restore_best(state)
       record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
                 **{f'train_{k}': v for k, v in train_metrics.items()},
                 'train_seconds': timing['seconds'], 'images_per_second': timing['images_per_second'],
                 'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'], 'val_pgd10': val['pgd'],
-                'new_best': decision.new_best, 'best_epoch': sched_state.best_epoch,
+                **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
+                'new_best': decision.new_best, 'best_epoch': decision.best_epoch,
                 'reload_best': decision.reload_best, 'condition': decision.condition,
                 'next_lr': decision.lr, 'stop': decision.stop}
-      l1, l2 = schedule.auto_scalars(nat_acc, config.auto_scalars.l2_max)
-      state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), l1, l2)
+      state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), decision.l1, decision.l2)
       done = decision.stop
       # The log line first, then the checkpoint: a run that dies between the two resumes from the previous
       # checkpoint, drops this line and writes it again.
       self.write_epoch(record)
       self.ckpts.save('latest', epoch * self.steps_per_epoch, checkpoints.host_copy(state, True),
-                      {'epoch': epoch, 'done': done, 'scheduler': sched_state.to_dict(), 'l1': l1, 'l2': l2,
-                       'seed': config.seed})
+                      {'epoch': epoch, 'done': done, 'policy': pstate.to_dict(), 'l1': pstate.l1,
+                       'l2': pstate.l2, 'seed': config.seed})
       log.info(
           'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
           'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
           timing['images_per_second'], val['clean_adv'], val['clean_nat'], val['pgd'],
           ' (best)' if decision.new_best else '',
-          f' -> lr {decision.lr:.2e}, best of epoch {sched_state.best_epoch} reloaded (condition '
+          f' -> lr {decision.lr:.2e}, best of epoch {decision.best_epoch} reloaded (condition '
           f'{decision.condition})' if decision.reload_best else '')
     return state
 
   def test(self, final_state) -> dict:
     """Test accuracies of the best and the final checkpoint; writes results.json (process 0)."""
-    results = {'method': self.config.method, 'dataset': self.config.dataset.name,
-               'num_test': self.data.num_examples('test')}
+    results = {'method': self.config.method, 'reference_compat': self.config.reference_compat,
+               'dataset': self.config.dataset.name, 'num_test': self.data.num_examples('test')}
     final_meta = self.ckpts.restore_meta('latest')
     for name in ('best', 'final'):
       if name == 'best':
@@ -220,7 +235,7 @@ class Run:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs AutoLoRa robust fine-tuning as `config` describes, in (or resuming from) `workdir`.
+  """Runs robust fine-tuning (config.method) as `config` describes, in (or resuming from) `workdir`.
 
   Returns the results dict written to workdir/results.json.
   """
