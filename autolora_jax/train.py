@@ -44,11 +44,6 @@ def prepare_workdir(workdir: str) -> str:
   return path
 
 
-def build_schedule(config) -> schedule.AutoLR:
-  """The automatic learning rate of `config.auto_lr` (the run itself uses `lr_policy.create(config)`)."""
-  return lr_policy.auto_lr_schedule(config)
-
-
 class Run:
   """Everything one fine-tuning run holds: data, model, compiled steps, checkpoints, writers."""
 
