@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 
 from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, lr_policy, methods, pretrain,
-                          reporting, schedule, steps)
+                          reporting, steps)
 from autolora_jax.errors import ConfigError, DataError, WorkdirError
 
 log = logging.getLogger(__name__)
