@@ -58,7 +58,8 @@ class Run:
     self.progress = bool(config.progress) and self.is_chief
     self.data = input_pipeline.create_dataset(config.dataset, seed=config.seed,
                                               process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+                                              process_count=jax.process_count(),
+                                              reference_compat=config.reference_compat)
     self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
     if self.steps_per_epoch < 1:
       raise DataError(f'The training split of {config.dataset.name} has {self.data.num_examples("train")} '
@@ -67,6 +68,9 @@ class Run:
     if self.data.num_examples('validation') < 1:
       raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no validation '
                         'example: the schedule and the loss scalars need one. Raise it.')
+    # Read before the model is built: a bad checkpoint fails early, and its input normalisation becomes
+    # config.model.mean/std.
+    self.pretrained = pretrain.load_pretrained(config)
     self.model = methods.create_model(config, self.data.num_classes)  # no LoRa for the baselines
     self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, config.optim.weight_decay)
     self.policy = lr_policy.create(config)  # lr, scalars, best checkpoint and stop, per method
@@ -93,7 +97,9 @@ class Run:
   def initial_state(self) -> steps.TrainState:
     """Fresh fine-tuning variables with the pre-trained FE transplanted in (if the config gives one)."""
     state = self.template()
-    fe = pretrain.feature_extractor(self.config, self.workdir, progress=self.progress)
+    fe = pretrain.feature_extractor(self.config, self.workdir, progress=self.progress,
+                                    pretrained=self.pretrained)
+    self.pretrained = None  # copied into the state below; free the host copy
     if fe is not None:
       variables, report = pretrain.transplant(fe, {'params': state.params, 'batch_stats': state.batch_stats})
       log.info('Pre-trained FE: %d arrays copied; not used: %s', report['copied'], report['unused'])
@@ -226,6 +232,8 @@ class Run:
 
   def close(self) -> None:
     self.ckpts.close()
+    if hasattr(self.data, 'close'):
+      self.data.close()  # the decoding threads of the image data sets
     self.tb.close()
 
 

@@ -9,12 +9,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def robust_imagenet_fe(config):
+  """config.pretrained of the paper's runs: the converted robust ImageNet FE of the configured architecture,
+  pretrained/<arch>_linf_eps4.0 (see README.md). A reference: --config.model.arch=resnet50 follows it."""
+  return 'pretrained/' + config.model.get_ref('arch') + '_linf_eps4.0'
+
+
 def get_config():
   config = ml_collections.ConfigDict()
   config.method = 'autolora'  # 'autolora' | 'vanilla_rft' | 'pgd_at' (see autolora_jax/methods.py)
   # True: the authors' public code where it differs from the paper (SPEC.md, README "Reference
   # compatibility"): LoRa in the last block of each stage, scalars from the training split, its scheduler
-  # condition 2, eps 0.0314, KL over the configured batch.
+  # condition 2, eps 0.0314, KL over the configured batch, DTD/Caltech-256 validation = test, the 57-way
+  # DTD head and Caltech-256's 150-per-class running index.
   config.reference_compat = False
   config.seed = 0
 
@@ -22,6 +29,8 @@ def get_config():
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10'
   config.dataset.data_dir = ''  # '' = the library's default (TFDS: ~/tensorflow_datasets)
+  config.dataset.download = False  # let TFDS download and prepare a missing data set
+  config.dataset.train_per_class = 60  # Caltech-256: training images per class, the rest test
   config.dataset.val_fraction = 0.05
   config.dataset.split_seed = 0
   config.dataset.test_fraction = 0.0  # only for data sets without a test split (digits)
@@ -41,7 +50,9 @@ def get_config():
   config.model.conv_impl = 'auto'  # 'auto' (im2col on CPU, native elsewhere) | 'native' | 'im2col'
   config.model.dtype = 'float32'
 
-  # The pre-trained feature extractor: '' = random initialisation.
+  # The pre-trained feature extractor: '' = random initialisation; a folder written by
+  # `python -m autolora_jax.convert`, or a PyTorch .ckpt/.pt/.pth file converted on the fly. Its input
+  # normalisation replaces model.mean/std (see pretrain.load_pretrained).
   config.pretrained = ''
   # Optional in-process PGD-AT pre-training of the FE before fine-tuning (the offline demo uses it).
   config.pretrain = ml_collections.ConfigDict()
@@ -51,6 +62,8 @@ def get_config():
   config.pretrain.dataset = ml_collections.ConfigDict()
   config.pretrain.dataset.name = ''
   config.pretrain.dataset.data_dir = ''
+  config.pretrain.dataset.download = False
+  config.pretrain.dataset.train_per_class = 60
   config.pretrain.dataset.val_fraction = 0.0
   config.pretrain.dataset.split_seed = 0
   config.pretrain.dataset.test_fraction = 0.0
