@@ -62,6 +62,7 @@ def validate(config) -> None:
   if config.dataset.val_fraction >= 1.0:
     raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
   _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
+  _positive_int('dataset.train_per_class', config.dataset.train_per_class)
   _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
   _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
   s = config.auto_lr

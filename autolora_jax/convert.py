@@ -96,8 +96,8 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarr
   (the default) the file is read with torch.load(weights_only=True), which runs no code from the file.
   """
   if not os.path.exists(path):
-    raise CheckpointError(f'The checkpoint {path} does not exist. Download it (see README.md, "Pre-trained '
-                          'robust backbones") and pass its path, or leave config.pretrained empty for a random '
+    raise CheckpointError(f'The checkpoint {path} does not exist. Download it (see README.md, "Getting the robust '
+                          'ImageNet checkpoints") and pass its path, or leave config.pretrained empty for a random '
                           'initialisation.')
   if os.path.isdir(path):
     raise CheckpointError(f'{path} is a folder, not a PyTorch checkpoint file.')
@@ -540,6 +540,9 @@ def main(argv) -> None:
     normalization = (_parse_floats(f.mean, 'mean'), _parse_floats(f.std, 'std'))
   else:
     normalization = f.normalization
+  if os.path.exists(os.path.expanduser(f.dst)) and not f.overwrite:  # before the (slow) conversion
+    raise CheckpointError(f'{os.path.abspath(os.path.expanduser(f.dst))} exists already: choose another --dst '
+                          'or pass --overwrite.')
   variables, meta = convert_file(f.src, f.arch, normalization=normalization, allow_pickle=f.allow_pickle)
   directory = save(f.dst, variables, meta, overwrite=f.overwrite)
   n = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables))

@@ -239,12 +239,16 @@ def test_cli_writes_orbax_that_config_pretrained_loads(tmp_path):
     np.testing.assert_allclose(config.model.mean, CIFAR_MEAN, atol=1e-7)
     np.testing.assert_allclose(config.model.std, CIFAR_STD, atol=1e-7)
     fe = pretrain.feature_extractor(config, str(tmp_path), pretrained=(variables, meta))
-    target = pretrain.init_variables(models.create_model(config.model, 5, conv_impl='native'), 32, seed=0)
+    shapes = jax.eval_shape(lambda: models.create_model(config.model, 5).init(
+        jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32)))
+    target = jax.tree_util.tree_map(lambda s: np.full(s.shape, 7.0, s.dtype), shapes)  # fresh: all 7
     merged, report = pretrain.transplant(fe, target)
     assert report['unused'] == ['params/head/bias', 'params/head/kernel']  # the old 10-way head
     np.testing.assert_array_equal(merged['params']['layer3_0']['conv1']['kernel'],
                                   on_the_fly['params']['layer3_0']['conv1']['kernel'])
     assert merged['params']['head']['kernel'].shape == (512 // 8, 5)
+    assert np.all(merged['params']['head']['kernel'] == 7.0)  # the new head and LoRa stay as initialised
+    assert np.all(merged['params']['layer4_1']['conv2']['lora_A'] == 7.0)
 
   # The wrong architecture for the folder, and an existing --dst, are clear errors.
   config = default.get_config()

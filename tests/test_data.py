@@ -274,7 +274,7 @@ def test_unprepared_tfds_data_set_is_a_clear_error(tmp_path):
     input_pipeline.create_dataset(config.dataset, seed=0)
   msg = str(e.value)
   assert 'caltech_birds2011' in msg and str(tmp_path / 'tfds') in msg
-  assert f'tfds build caltech_birds2011 --data_dir={tmp_path / "tfds"}' in msg and 'download=True' in msg
+  assert sources.prepare_command('caltech_birds2011', str(tmp_path / 'tfds')) in msg and 'download=True' in msg
 
 
 def test_manual_download_instructions_are_included():
@@ -292,6 +292,16 @@ def test_missing_caltech256_folder_is_a_clear_error(tmp_path):
     input_pipeline.create_dataset(config.dataset, seed=0)
   msg = str(e.value)
   assert str(tmp_path) in msg and sources.CALTECH256_URL in msg and '256_ObjectCategories' in msg
+
+
+def test_class_subset_is_relabelled(caltech_dir):
+  data = make(caltech256, data_dir=caltech_dir, train_per_class=2, classes=(4, 1))
+  assert data.num_classes == 2
+  keys = list(data.keys('train')) + list(data.keys('validation')) + list(data.keys('test'))
+  assert {k.split('/')[0] for k in keys} == {'002.class2', '005.class5'}
+  for split in ('train', 'validation', 'test'):
+    for key, label in zip(data.keys(split), data.splits[split].labels):
+      assert label == (0 if key.startswith('005.') else 1)
 
 
 def test_unknown_data_set_is_a_clear_error():

@@ -69,6 +69,12 @@ def default_data_dir() -> str:
 # TFDS
 # ----------------------------------------------------------------------------------------------------------
 
+def prepare_command(name: str, data_dir: str) -> str:
+  """A shell command that downloads and prepares a TFDS data set (TFDS's `tfds build` CLI needs extras)."""
+  return (f'python -c "import tensorflow_datasets as tfds; '
+          f'tfds.builder(\'{name}\', data_dir=\'{data_dir}\').download_and_prepare()"')
+
+
 def _not_prepared(name: str, data_dir: str, builder, cause: str = '') -> DataError:
   manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) if builder is not None else None
   manual_text = (f' TFDS cannot download {name} by itself: {" ".join(str(manual).split())} Put the files in '
@@ -76,7 +82,7 @@ def _not_prepared(name: str, data_dir: str, builder, cause: str = '') -> DataErr
   return DataError(
       f'The data set {name} (TFDS) is not prepared in {data_dir} (config.dataset.data_dir; empty means TFDS\'s '
       f'default).{" " + cause if cause else ""} Prepare it once on a machine with internet access: '
-      f'`tfds build {name} --data_dir={data_dir}` (or pass --config.dataset.download=True to let the run '
+      f'`{prepare_command(name, data_dir)}` (or pass --config.dataset.download=True to let the run '
       f'download it), then pass --config.dataset.data_dir={data_dir} (copy the folder over if the run happens '
       f'elsewhere).{manual_text} See README.md, "Preparing the data sets".')
 
@@ -137,7 +143,7 @@ def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Spl
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Reading the data set {name} from {data_dir} failed ({type(e).__name__}: {str(e)[:300]}). '
                     f'The prepared files may be damaged: delete {os.path.join(data_dir, name)} and prepare it '
-                    f'again with `tfds build {name} --data_dir={data_dir}`.') from None
+                    f'again with `{prepare_command(name, data_dir)}`.') from None
   num_classes = int(builder.info.features['label'].num_classes)
   pool = Split.concat(splits[:-1])
   return pool, splits[-1], num_classes
