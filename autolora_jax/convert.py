@@ -266,7 +266,9 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
     CheckpointError naming the first missing keys and mismatched shapes when the weights do not fit `arch`.
   """
   model_arch, stem = _check_arch(arch)
-  conv1 = weights['conv1.weight']
+  conv1 = weights.get('conv1.weight')
+  if conv1 is None or conv1.ndim != 4:
+    raise CheckpointError(f'{source} has no ResNet stem convolution conv1.weight.')
   head = weights.get('fc.weight', weights.get('linear.weight'))
   if head is None or head.ndim != 2:
     raise CheckpointError(f'{source} has no classifier weight (fc.weight or linear.weight); the conversion '

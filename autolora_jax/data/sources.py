@@ -129,7 +129,7 @@ def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Spl
 
   try:
     splits = read_all()
-  except AssertionError as e:  # TFDS: "Dataset X: could not find data in DIR"
+  except AssertionError:  # TFDS: "Dataset X: could not find data in DIR"
     if not download:
       raise _not_prepared(name, data_dir, builder) from None
     log.info('Downloading and preparing %s into %s', name, data_dir)
@@ -139,7 +139,6 @@ def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Spl
     except Exception as e2:  # pylint: disable=broad-except
       raise _not_prepared(name, data_dir, builder, f'Downloading it failed ({type(e2).__name__}: '
                                                    f'{str(e2)[:300]}).') from None
-    del e
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Reading the data set {name} from {data_dir} failed ({type(e).__name__}: {str(e)[:300]}). '
                     f'The prepared files may be damaged: delete {os.path.join(data_dir, name)} and prepare it '
