@@ -5,8 +5,9 @@ robust accuracy of the adversarial branch), update the automatic learning rate a
 best checkpoint, reload it when the schedule says so, save the latest state, log. At the end: test
 accuracy (clean and PGD-10) of the best and of the final checkpoint into results.json.
 
-Starting it again on the same workdir resumes after the last completed epoch and ends with the same
-result as an uninterrupted run (the data order and every random draw are functions of seed, epoch, step).
+Starting it again on the same workdir resumes after the last completed epoch, or at the step where a
+SIGTERM/SIGINT stopped it, and ends with the same result as an uninterrupted run (the data order and every
+random draw are functions of seed, epoch, step).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, models, pretrain, reporting,
-                          schedule, steps)
-from autolora_jax.errors import ConfigError, DataError, WorkdirError
+from autolora_jax import (checkpoints, config_checks, distributed, input_pipeline, loop, models, preemption,
+                          pretrain, reporting, schedule, steps)
+from autolora_jax import workdir as workdirs
+from autolora_jax.errors import ConfigError, DataError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,7 @@ def prepare_workdir(workdir: str) -> str:
   if not workdir:
     raise WorkdirError('No workdir given: pass --workdir=DIR, the folder for checkpoints, logs and results.')
   path = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f'.write_test_{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f'The workdir {path} cannot be written ({e.strerror or e}): choose a folder you can '
-                       'write to with --workdir=DIR, or fix its permissions.') from None
+  workdirs.check_writable(path)
   return path
 
 
@@ -55,9 +49,7 @@ class Run:
 
   def __init__(self, config, workdir: str):
     config_checks.validate(config)
-    n_devices = jax.device_count()
-    config_checks.check_batch_divides('batch_size', config.batch_size, n_devices)
-    config_checks.check_batch_divides('eval_batch_size', config.eval_batch_size, n_devices)
+    config_checks.check_devices(config, jax.device_count(), jax.process_count())
     self.config = config
     self.is_chief = jax.process_index() == 0
     self.workdir = prepare_workdir(workdir)
@@ -86,13 +78,16 @@ class Run:
         self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False))
     self.log = reporting.MetricsLog(self.workdir)
     self.tb = reporting.TensorBoard(self.workdir, enabled=config.tensorboard and self.is_chief)
+    self.guard = preemption.Guard()  # train_and_evaluate enters it: SIGTERM/SIGINT stop after a step
 
   # -- state -------------------------------------------------------------------------------------------
 
   def template(self) -> steps.TrainState:
-    """An unreplicated TrainState with fresh variables (the shape Orbax restores into)."""
-    variables = pretrain.init_variables(self.model, self.config.model.input_size, self.config.seed)
-    return steps.create_train_state(self.model, variables, self.tx)
+    """An unreplicated TrainState with fresh variables (the shape Orbax restores into); made once."""
+    if getattr(self, '_template', None) is None:  # initialising compiles a program: do it once per run
+      variables = pretrain.init_variables(self.model, self.config.model.input_size, self.config.seed)
+      self._template = steps.create_train_state(self.model, variables, self.tx)
+    return self._template
 
   def initial_state(self) -> steps.TrainState:
     """Fresh fine-tuning variables with the pre-trained FE transplanted in (if the config gives one)."""
@@ -123,6 +118,14 @@ class Run:
     variables = loop.replicate(variables)
     return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
 
+  def compile_ahead(self, state) -> None:
+    """Multi-process: compiles the train and eval steps on every process before any of them runs."""
+    train_batch = loop.shard(next(self.data.train_batches(1, self.config.batch_size)))
+    eval_batch = loop.shard(next(self.data.eval_batches('validation', self.config.eval_batch_size)))
+    distributed.compile_ahead([(self.p_train_step, (state, train_batch, loop.step_rng(0, 1, 0))),
+                               (self.p_eval_step, (state, eval_batch)),
+                               (self.p_eval_clean, (state, eval_batch))])
+
   # -- the loop ----------------------------------------------------------------------------------------
 
   def write_epoch(self, record: dict) -> None:
@@ -138,10 +141,11 @@ class Run:
     restored = self.ckpts.restore('latest', self.template())
     if restored is None:
       state = loop.replicate(self.initial_state())
+      self.compile_ahead(state)
       sched_state = self.schedule.init()
       val = self.evaluate(state, 'validation', attack=False, desc='initial validation')
       l1, l2 = schedule.auto_scalars(val['clean_nat'], config.auto_scalars.l2_max)
-      epoch, done = 0, False
+      epoch, done, position = 0, False, None
       if self.is_chief:
         self.log.truncate(-1)
         self.write_epoch({'epoch': 0, 'lr': sched_state.lr, 'l1': l1, 'l2': l2,
@@ -149,20 +153,38 @@ class Run:
     else:
       host_state, meta = restored
       state = loop.replicate(host_state)
+      self.compile_ahead(state)
       sched_state = schedule.AutoLRState.from_dict(meta['scheduler'])
       epoch, done, (l1, l2) = meta['epoch'], meta['done'], (meta['l1'], meta['l2'])
+      position = meta.get('position')  # where a preempted epoch stopped
       if self.is_chief:
         self.log.truncate(epoch)
-      log.info('Resuming after epoch %d from %s', epoch, self.ckpts.managers['latest'].directory)
+      log.info('Resuming after epoch %d%s from %s', epoch, f', step {position["step"]} of epoch '
+               f'{position["epoch"]}' if position else '', self.ckpts.managers['latest'].directory)
     state = steps.set_loss_scalars(steps.set_learning_rate(state, sched_state.lr), l1, l2)
+    spe = self.steps_per_epoch
+
+    def latest_meta(epoch, done, position=None):
+      meta = {'epoch': epoch, 'done': done, 'scheduler': sched_state.to_dict(), 'l1': l1, 'l2': l2,
+              'seed': config.seed}
+      return {**meta, 'position': position} if position else meta
 
     while not done:
       epoch += 1
       lr = sched_state.lr
+      start_step, carry = (position['step'], position['carry']) if position else (0, None)
+      position = None
       state, train_metrics, timing = loop.train_epoch(
-          self.p_train_step, state, self.data.train_batches(epoch, config.batch_size), seed=config.seed,
-          epoch=epoch, steps=self.steps_per_epoch, global_batch=config.batch_size, progress=self.progress,
-          desc=f'epoch {epoch}')
+          self.p_train_step, state, self.data.train_batches(epoch, config.batch_size, start_step),
+          seed=config.seed, epoch=epoch, steps=spe, global_batch=config.batch_size, progress=self.progress,
+          desc=f'epoch {epoch}', start_step=start_step, carry=carry,
+          on_step=lambda _, step, e=epoch: self.guard.should_stop(preemption.position_id(e, step + 1, spe)))
+      if timing['stopped_at'] is not None:  # preempted: save the position inside the epoch, then stop
+        stopped = timing['stopped_at']
+        position = {'epoch': epoch, 'step': stopped, 'carry': timing['carry']}
+        self.ckpts.save('latest', (epoch - 1) * spe + stopped, checkpoints.host_copy(state, True),
+                        latest_meta(epoch - 1, False, position))
+        raise self.preempted(epoch, stopped)
       val = self.evaluate(state, 'validation', desc=f'validation {epoch}')
       sched_state, decision = self.schedule.update(sched_state, epoch, val['pgd'])
       if decision.new_best:
@@ -181,10 +203,7 @@ class Run:
       l1, l2 = schedule.auto_scalars(nat_acc, config.auto_scalars.l2_max)
       state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), l1, l2)
       done = decision.stop
-      step = epoch * self.steps_per_epoch
-      self.ckpts.save('latest', step, checkpoints.host_copy(state, True),
-                      {'epoch': epoch, 'done': done, 'scheduler': sched_state.to_dict(), 'l1': l1, 'l2': l2,
-                       'seed': config.seed})
+      self.ckpts.save('latest', epoch * spe, checkpoints.host_copy(state, True), latest_meta(epoch, done))
       self.write_epoch(record)
       log.info(
           'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
@@ -193,7 +212,20 @@ class Run:
           ' (best)' if decision.new_best else '',
           f' -> lr {decision.lr:.2e}, best of epoch {sched_state.best_epoch} reloaded (condition '
           f'{decision.condition})' if decision.reload_best else '')
+      if not done and self.guard.should_stop(preemption.position_id(epoch, spe + 1, spe)):
+        raise self.preempted(epoch + 1, 0)
     return state
+
+  def preempted(self, epoch: int, step: int) -> preemption.Preempted:
+    """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved."""
+    ckpt = (epoch - 1) * self.steps_per_epoch + step
+    where = (f'before epoch {epoch}' if step == 0 else
+             f'after step {step} of {self.steps_per_epoch} of epoch {epoch}')
+    return preemption.Preempted(
+        f'Stopped by {self.guard.signal_name or "request"} {where}; the state is saved in '
+        f'{os.path.join(self.ckpts.managers["latest"].directory, str(ckpt))}. Run the same command again '
+        f'(same config and --workdir={self.workdir}) to resume from there: the run then ends as an '
+        'uninterrupted one would.', epoch=epoch, step=step, checkpoint_step=ckpt)
 
   def test(self, final_state) -> dict:
     """Test accuracies of the best and the final checkpoint; writes results.json (process 0)."""
@@ -221,22 +253,36 @@ class Run:
     self.tb.close()
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   """Runs AutoLoRa robust fine-tuning as `config` describes, in (or resuming from) `workdir`.
+
+  A multi-process run initialises jax.distributed first (autolora_jax.distributed). A workdir holding a run
+  of another config is refused unless `overwrite` (which moves that run to workdir/replaced/<time>/); bad
+  input found at start-up leaves the workdir as it was (autolora_jax.workdir). SIGTERM/SIGINT stop after the
+  current step with a checkpoint and raise preemption.Preempted (autolora_jax.preemption).
 
   Returns the results dict written to workdir/results.json.
   """
   start = time.time()
-  run = Run(config, workdir)
+  config_checks.validate(config)
+  distributed.initialize(config)
+  claimed = workdirs.claim(workdir, config, overwrite=overwrite)
+  run = None
   try:
-    if run.is_chief:
-      with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2) + '\n')
-    final_state = run.train()
+    run = Run(config, claimed.path)
+    with run.guard:
+      final_state = run.train()
     results = run.test(final_state)
     results['wall_seconds'] = time.time() - start
     if run.is_chief:
       reporting.write_results(run.workdir, results)
     return results
+  except InputError:
+    if run is not None:
+      run.close()
+      run = None
+    claimed.rollback()  # bad input found at start-up: leave the workdir as it was
+    raise
   finally:
-    run.close()
+    if run is not None:
+      run.close()
