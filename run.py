@@ -6,6 +6,7 @@
 
 import logging as std_logging
 import os
+import shlex
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (data, TensorBoard) only for errors
@@ -15,12 +16,14 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'If the workdir holds a run of a different config, move '
+                               'it to WORKDIR/replaced/<time>/ and start afresh (default: refuse).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def parse_flags(argv):
@@ -38,14 +41,20 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import loop, preemption, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except InputError as e:
     _fail(str(e))
+  except loop.NonFiniteLossError as e:
+    _fail(str(e), status=1)
+  except preemption.Preempted as e:
+    command = shlex.join(['python'] + [a for a in sys.argv if not a.startswith('--overwrite')])
+    print(f'{e}\nTo resume: {command}', file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -7,8 +7,9 @@ learning rate and loss scalars, or fixed ones) set the next epoch's lr and scala
 checkpoint, reload it when the policy says so, save the latest state, log. At the end: test accuracy
 (clean and PGD-10) of the best and of the final checkpoint into results.json.
 
-Starting it again on the same workdir resumes after the last completed epoch and ends with the same
-result as an uninterrupted run (the data order and every random draw are functions of seed, epoch, step).
+Starting it again on the same workdir resumes after the last completed epoch, or at the step where a
+SIGTERM/SIGINT stopped it, and ends with the same result as an uninterrupted run (the data order and every
+random draw are functions of seed, epoch, step).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Optional
 
 import jax
 
-from autolora_jax import (checkpoints, config_checks, input_pipeline, loop, lr_policy, methods, pretrain,
-                          reporting, steps)
-from autolora_jax.errors import ConfigError, DataError, WorkdirError
+from autolora_jax import (checkpoints, config_checks, distributed, input_pipeline, loop, lr_policy, methods,
+                          preemption, pretrain, reporting, steps)
+from autolora_jax import workdir as workdirs
+from autolora_jax.errors import ConfigError, DataError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,7 @@ def prepare_workdir(workdir: str) -> str:
   if not workdir:
     raise WorkdirError('No workdir given: pass --workdir=DIR, the folder for checkpoints, logs and results.')
   path = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f'.write_test_{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f'The workdir {path} cannot be written ({e.strerror or e}): choose a folder you can '
-                       'write to with --workdir=DIR, or fix its permissions.') from None
+  workdirs.check_writable(path)
   return path
 
 
@@ -49,9 +43,7 @@ class Run:
 
   def __init__(self, config, workdir: str):
     config_checks.validate(config)
-    n_devices = jax.device_count()
-    config_checks.check_batch_divides('batch_size', config.batch_size, n_devices)
-    config_checks.check_batch_divides('eval_batch_size', config.eval_batch_size, n_devices)
+    config_checks.check_devices(config, jax.device_count(), jax.process_count())
     self.config = config
     self.is_chief = jax.process_index() == 0
     self.workdir = prepare_workdir(workdir)
@@ -76,7 +68,7 @@ class Run:
     self.policy = lr_policy.create(config)  # lr, scalars, best checkpoint and stop, per method
     self.ckpts = checkpoints.Checkpoints(self.workdir)
     self.attack = a = methods.attack_settings(config)  # reference_compat: eps 0.0314
-    self.kl_denominator = methods.kl_denominator(config, n_devices)
+    self.kl_denominator = methods.kl_denominator(config, jax.device_count())
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
         self.model, method=config.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps,
         kl_denominator=self.kl_denominator))
@@ -86,13 +78,16 @@ class Run:
         self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False))
     self.log = reporting.MetricsLog(self.workdir)
     self.tb = reporting.TensorBoard(self.workdir, enabled=config.tensorboard and self.is_chief)
+    self.guard = preemption.Guard()  # train_and_evaluate enters it: SIGTERM/SIGINT stop after a step
 
   # -- state -------------------------------------------------------------------------------------------
 
   def template(self) -> steps.TrainState:
-    """An unreplicated TrainState with fresh variables (the shape Orbax restores into)."""
-    variables = pretrain.init_variables(self.model, self.config.model.input_size, self.config.seed)
-    return steps.create_train_state(self.model, variables, self.tx)
+    """An unreplicated TrainState with fresh variables (the shape Orbax restores into); made once."""
+    if getattr(self, '_template', None) is None:  # initialising compiles a program: do it once per run
+      variables = pretrain.init_variables(self.model, self.config.model.input_size, self.config.seed)
+      self._template = steps.create_train_state(self.model, variables, self.tx)
+    return self._template
 
   def initial_state(self) -> steps.TrainState:
     """Fresh fine-tuning variables with the pre-trained FE transplanted in (if the config gives one)."""
@@ -138,6 +133,16 @@ class Run:
     variables = loop.replicate(variables)
     return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
 
+  def compile_ahead(self, state) -> None:
+    """Multi-process: compiles the train and eval steps on every process before any of them runs."""
+    if jax.process_count() == 1:
+      return
+    train_batch = loop.shard(next(self.data.train_batches(1, self.config.batch_size)))
+    eval_batch = loop.shard(next(self.data.eval_batches('validation', self.config.eval_batch_size)))
+    distributed.compile_ahead([(self.p_train_step, (state, train_batch, loop.step_rng(0, 1, 0))),
+                               (self.p_eval_step, (state, eval_batch)),
+                               (self.p_eval_clean, (state, eval_batch))])
+
   # -- the loop ----------------------------------------------------------------------------------------
 
   def write_epoch(self, record: dict) -> None:
@@ -153,9 +158,10 @@ class Run:
     restored = self.ckpts.restore('latest', self.template())
     if restored is None:
       state = loop.replicate(self.initial_state())
+      self.compile_ahead(state)
       val = self.measure(state, 0, attack=False, desc='initial validation')
       pstate, _ = self.policy.start(val)
-      epoch, done = 0, False
+      epoch, done, position = 0, False, None
       if self.is_chief:
         self.log.truncate(-1)
         self.write_epoch({'epoch': 0, 'lr': pstate.lr, 'l1': pstate.l1, 'l2': pstate.l2,
@@ -164,20 +170,38 @@ class Run:
     else:
       host_state, meta = restored
       state = loop.replicate(host_state)
+      self.compile_ahead(state)
       pstate = lr_policy.PolicyState.from_dict(meta['policy'])
       epoch, done = meta['epoch'], meta['done']
+      position = meta.get('position')  # where a preempted epoch stopped
       if self.is_chief:
         self.log.truncate(epoch)
-      log.info('Resuming after epoch %d from %s', epoch, self.ckpts.managers['latest'].directory)
+      log.info('Resuming after epoch %d%s from %s', epoch, f', step {position["step"]} of epoch '
+               f'{position["epoch"]}' if position else '', self.ckpts.managers['latest'].directory)
     state = steps.set_loss_scalars(steps.set_learning_rate(state, pstate.lr), pstate.l1, pstate.l2)
+    spe = self.steps_per_epoch
+
+    def latest_meta(epoch, done, position=None):
+      meta = {'epoch': epoch, 'done': done, 'policy': pstate.to_dict(), 'l1': pstate.l1, 'l2': pstate.l2,
+              'seed': config.seed}
+      return {**meta, 'position': position} if position else meta
 
     while not done:
       epoch += 1
       lr, l1, l2 = pstate.lr, pstate.l1, pstate.l2
+      start_step, carry = (position['step'], position['carry']) if position else (0, None)
+      position = None
       state, train_metrics, timing = loop.train_epoch(
-          self.p_train_step, state, self.data.train_batches(epoch, config.batch_size), seed=config.seed,
-          epoch=epoch, steps=self.steps_per_epoch, global_batch=config.batch_size, progress=self.progress,
-          desc=f'epoch {epoch}')
+          self.p_train_step, state, self.data.train_batches(epoch, config.batch_size, start_step),
+          seed=config.seed, epoch=epoch, steps=spe, global_batch=config.batch_size, progress=self.progress,
+          desc=f'epoch {epoch}', start_step=start_step, carry=carry,
+          on_step=lambda _, step, e=epoch: self.guard.should_stop(preemption.position_id(e, step + 1, spe)))
+      if timing['stopped_at'] is not None:  # preempted: save the position inside the epoch, then stop
+        stopped = timing['stopped_at']
+        position = {'epoch': epoch, 'step': stopped, 'carry': timing['carry']}
+        self.ckpts.save('latest', (epoch - 1) * spe + stopped, checkpoints.host_copy(state, True),
+                        latest_meta(epoch - 1, False, position))
+        raise self.preempted(epoch, stopped)
       val = self.measure(state, epoch, desc=f'validation {epoch}')
       pstate, decision = self.policy.update(pstate, epoch, val)
       if decision.new_best:
@@ -197,9 +221,7 @@ class Run:
       # The log line first, then the checkpoint: a run that dies between the two resumes from the previous
       # checkpoint, drops this line and writes it again.
       self.write_epoch(record)
-      self.ckpts.save('latest', epoch * self.steps_per_epoch, checkpoints.host_copy(state, True),
-                      {'epoch': epoch, 'done': done, 'policy': pstate.to_dict(), 'l1': pstate.l1,
-                       'l2': pstate.l2, 'seed': config.seed})
+      self.ckpts.save('latest', epoch * spe, checkpoints.host_copy(state, True), latest_meta(epoch, done))
       log.info(
           'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
           'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
@@ -207,7 +229,20 @@ class Run:
           ' (best)' if decision.new_best else '',
           f' -> lr {decision.lr:.2e}, best of epoch {decision.best_epoch} reloaded (condition '
           f'{decision.condition})' if decision.reload_best else '')
+      if not done and self.guard.should_stop(preemption.position_id(epoch, spe + 1, spe)):
+        raise self.preempted(epoch + 1, 0)
     return state
+
+  def preempted(self, epoch: int, step: int) -> preemption.Preempted:
+    """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved."""
+    ckpt = (epoch - 1) * self.steps_per_epoch + step
+    where = (f'before epoch {epoch}' if step == 0 else
+             f'after step {step} of {self.steps_per_epoch} of epoch {epoch}')
+    return preemption.Preempted(
+        f'Stopped by {self.guard.signal_name or "request"} {where}; the state is saved in '
+        f'{os.path.join(self.ckpts.managers["latest"].directory, str(ckpt))}. Run the same command again '
+        f'(same config and --workdir={self.workdir}) to resume from there: the run then ends as an '
+        'uninterrupted one would.', epoch=epoch, step=step, checkpoint_step=ckpt)
 
   def test(self, final_state) -> dict:
     """Test accuracies of the best and the final checkpoint; writes results.json (process 0)."""
@@ -237,22 +272,36 @@ class Run:
     self.tb.close()
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   """Runs robust fine-tuning (config.method) as `config` describes, in (or resuming from) `workdir`.
+
+  A multi-process run initialises jax.distributed first (autolora_jax.distributed). A workdir holding a run
+  of another config is refused unless `overwrite` (which moves that run to workdir/replaced/<time>/); bad
+  input found at start-up leaves the workdir as it was (autolora_jax.workdir). SIGTERM/SIGINT stop after the
+  current step with a checkpoint and raise preemption.Preempted (autolora_jax.preemption).
 
   Returns the results dict written to workdir/results.json.
   """
   start = time.time()
-  run = Run(config, workdir)
+  config_checks.validate(config)
+  distributed.initialize(config)
+  claimed = workdirs.claim(workdir, config, overwrite=overwrite)
+  run = None
   try:
-    if run.is_chief:
-      with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2) + '\n')
-    final_state = run.train()
+    run = Run(config, claimed.path)
+    with run.guard:
+      final_state = run.train()
     results = run.test(final_state)
     results['wall_seconds'] = time.time() - start
     if run.is_chief:
       reporting.write_results(run.workdir, results)
     return results
+  except InputError:
+    if run is not None:
+      run.close()
+      run = None
+    claimed.rollback()  # bad input found at start-up: leave the workdir as it was
+    raise
   finally:
-    run.close()
+    if run is not None:
+      run.close()

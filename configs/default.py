@@ -109,5 +109,13 @@ def get_config():
   # Output.
   config.progress = True  # progress bars
   config.tensorboard = True
+
+  # Multi-process (multi-host) runs, see autolora_jax/distributed.py and README.md. Unset values come from
+  # the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a detected cluster.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = 'auto'  # 'auto' | 'always' | 'never': call jax.distributed.initialize()
+  config.distributed.coordinator_address = ''  # 'host:port' of process 0
+  config.distributed.num_processes = 0  # 0 = unset
+  config.distributed.process_id = -1  # -1 = unset
   config.lock()  # a misspelt key is an error, not a silently ignored new key
   return config
