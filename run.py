@@ -1,6 +1,7 @@
 """Runs AutoLoRa robust fine-tuning: flags in, `train_and_evaluate(config, workdir)` out.
 
     python run.py --config=configs/demo.py --workdir=/tmp/demo
+    python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval   # test evaluation only
     python run.py --config=configs/cub200.py --config.model.arch=resnet50 --workdir=/tmp/cub
 """
 
@@ -15,6 +16,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train (or resume) and evaluate; eval: evaluate the best and the latest '
+                          'checkpoint of a finished workdir on the test split (clean, PGD-10, AutoAttack).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -38,12 +42,15 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import evaluation, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == 'eval':
+      evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except InputError as e:
     _fail(str(e))
 
