@@ -1,8 +1,8 @@
 """Test-split evaluation beyond clean and PGD-10: AutoAttack, and the evaluation of a finished workdir.
 
 * `AutoAttackEvaluation`: AutoAttack (config.autoattack: version, the first `num_points` test points,
-  batch size, seed; eps = config.attack.eps) on the adversarial branch (the deployed model) of a checkpoint;
-  `add` writes its accuracy into a results entry beside "clean" and "pgd10".
+  batch size, seed; eps = the run's PGD eps, 0.0314 under reference_compat) on the adversarial branch (the
+  deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and "pgd10".
 * `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
   a workdir written by an earlier training run and evaluates both on the test split (clean, PGD-10, AA)
   into results.json, keeping what the training run wrote there.
@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import autoattack, checkpoints, loop, reporting
+from autolora_jax import autoattack, checkpoints, loop, methods, reporting
 from autolora_jax.errors import CheckpointError, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,14 @@ class AutoAttackEvaluation:
     self.version = c.version
     self.batch_size = int(c.batch_size)
     self.seed = int(c.seed)
-    self.eps = float(config.attack.eps)
+    self.eps = float(methods.effective_eps(config))  # reference_compat: 0.0314, as for PGD
     self.num_test = data.num_examples('test')
     self.num_points = self.num_test if c.num_points == 0 else min(int(c.num_points), self.num_test)
     self.progress = progress
     self._data = data
     self._eval_batch = int(config.eval_batch_size)
     self._points = None
+    self.seconds: Dict[str, float] = {}
     self._apply = adversarial_logits(model)
 
   def points(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -88,8 +89,8 @@ class AutoAttackEvaluation:
 
   def add(self, entry: dict, state, name: str, replicated: bool = True) -> Optional[dict]:
     """Runs AA on a checkpoint's state and writes entry['test']['autoattack'] (robust accuracy, a fraction)
-    and entry['autoattack'] (accuracy after each attack, points broken by each, seconds); returns the
-    latter (None when disabled)."""
+    and entry['autoattack'] (accuracy after each attack, points broken by each); returns the latter (None
+    when disabled). The wall time goes to `summary()`, so that entries of identical runs compare equal."""
     if not self.enabled:
       return None
     variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, replicated)
@@ -102,8 +103,9 @@ class AutoAttackEvaluation:
       summary.update(num_points=int(total), clean=counts[1] / total, robust=counts[2] / total,
                      broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
       summary.pop('accuracy_after')
-    for key in ('version', 'attacks', 'eps', 'seed'):
+    for key in ('version', 'attacks', 'eps', 'seed', 'seconds'):
       summary.pop(key)
+    self.seconds[name] = float(sum(result.seconds.values()))
     entry['test']['autoattack'] = float(counts[2] / total) if total else float('nan')
     entry['autoattack'] = summary
     return summary
@@ -114,7 +116,7 @@ class AutoAttackEvaluation:
       return {}
     return {'autoattack': {'version': self.version, 'attacks': list(autoattack.VERSIONS[self.version]),
                            'eps': self.eps, 'num_points': self.num_points, 'num_test': self.num_test,
-                           'seed': self.seed}}
+                           'seed': self.seed, 'seconds': dict(self.seconds)}}
 
   def describe(self) -> str:
     """One line for under the results table."""
