@@ -1,6 +1,7 @@
 """Runs AutoLoRa robust fine-tuning: flags in, `train_and_evaluate(config, workdir)` out.
 
     python run.py --config=configs/demo.py --workdir=/tmp/demo
+    python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval   # test evaluation only
     python run.py --config=configs/cub200.py --config.model.arch=resnet50 --workdir=/tmp/cub
 """
 
@@ -18,6 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'If the workdir holds a run of a different config, move '
                                'it to WORKDIR/replaced/<time>/ and start afresh (default: refuse).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train (or resume) and evaluate; eval: evaluate the best and the latest '
+                          'checkpoint of a finished workdir on the test split (clean, PGD-10, AutoAttack).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -41,12 +45,15 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import loop, preemption, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import evaluation, loop, preemption, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    if _MODE.value == 'eval':
+      evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except InputError as e:
     _fail(str(e))
   except loop.NonFiniteLossError as e:

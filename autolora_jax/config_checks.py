@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import distributed, methods, models, steps
+from autolora_jax import autoattack, distributed, methods, models, steps
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -90,6 +90,12 @@ def validate(config) -> None:
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   methods.validate(config)  # reference_compat and the baselines' config.fixed
+  aa = config.autoattack
+  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS))
+  _positive_int('autoattack.batch_size', aa.batch_size)
+  if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
+    raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
+                      f'all), got {aa.num_points!r}.')
   distributed.check(config)
 
 

@@ -5,7 +5,7 @@ Per epoch: train (pmapped step over all local devices), validate (clean accuracy
 robust accuracy of the adversarial branch), let the method's epoch policy (lr_policy.py: the automatic
 learning rate and loss scalars, or fixed ones) set the next epoch's lr and scalars, keep the best
 checkpoint, reload it when the policy says so, save the latest state, log. At the end: test accuracy
-(clean and PGD-10) of the best and of the final checkpoint into results.json.
+(clean, PGD-10, AutoAttack) of the best and of the final checkpoint into results.json.
 
 Starting it again on the same workdir resumes after the last completed epoch, or at the step where a
 SIGTERM/SIGINT stopped it, and ends with the same result as an uninterrupted run (the data order and every
@@ -21,8 +21,8 @@ from typing import Optional
 
 import jax
 
-from autolora_jax import (checkpoints, config_checks, distributed, input_pipeline, loop, lr_policy, methods,
-                          preemption, pretrain, reporting, steps)
+from autolora_jax import (checkpoints, config_checks, distributed, evaluation, input_pipeline, loop,
+                          lr_policy, methods, preemption, pretrain, reporting, steps)
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import ConfigError, DataError, InputError, WorkdirError
 
@@ -245,9 +245,11 @@ class Run:
         'uninterrupted one would.', epoch=epoch, step=step, checkpoint_step=ckpt)
 
   def test(self, final_state) -> dict:
-    """Test accuracies of the best and the final checkpoint; writes results.json (process 0)."""
+    """Test accuracies (clean, PGD-10, AutoAttack) of the best and the final checkpoint; writes
+    results.json (process 0)."""
     results = {'method': self.config.method, 'reference_compat': self.config.reference_compat,
                'dataset': self.config.dataset.name, 'num_test': self.data.num_examples('test')}
+    aa = evaluation.AutoAttackEvaluation(self.config, self.model, self.data, progress=self.progress)
     final_meta = self.ckpts.restore_meta('latest')
     for name in ('best', 'final'):
       if name == 'best':
@@ -258,10 +260,13 @@ class Run:
       acc = self.evaluate(state, 'test', desc=f'test ({name})')
       results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
                                                 'clean_nat_branch': acc['clean_nat']}}
+      aa.add(results[name], state, name)
+    results.update(aa.summary())
     if self.is_chief:
       path = reporting.write_results(self.workdir, results)
       print('\nTest accuracy (' + self.config.dataset.name + f', {results["num_test"]} examples):')
       print(reporting.results_table(results))
+      print(aa.describe())
       print(f'Written to {path}')
     return results
 

@@ -106,6 +106,15 @@ def get_config():
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256
 
+  # AutoAttack (L-infinity, eps = attack.eps) on the test split, for the best and the final checkpoint, at
+  # the end of training and with --mode=eval.
+  config.autoattack = ml_collections.ConfigDict()
+  config.autoattack.enabled = True
+  config.autoattack.version = 'standard'  # 'standard' (APGD-CE, APGD-T, FAB-T, Square) | 'fast'
+  config.autoattack.num_points = 0  # the first N test points; 0 = all
+  config.autoattack.batch_size = 250
+  config.autoattack.seed = 0
+
   # Output.
   config.progress = True  # progress bars
   config.tensorboard = True

@@ -29,4 +29,9 @@ def get_config():
   config.fixed.epochs = 12
   config.fixed.boundaries = (6, 9)
   config.batch_size = 64
+
+  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 64 test points.
+  config.autoattack.version = 'fast'
+  config.autoattack.num_points = 64
+  config.autoattack.batch_size = 64
   return config

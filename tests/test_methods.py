@@ -175,6 +175,7 @@ def test_vanilla_rft_runs_through_the_loop(tmp_path):
   config.fixed.update(lr=0.02, l1=0.5, l2=1.0, lr_schedule='piecewise', boundaries=(1,), decay=0.5, epochs=2)
   config.batch_size, config.eval_batch_size = 64, 128
   config.progress, config.tensorboard = False, False
+  config.autoattack.enabled = False  # AutoAttack has its own tests (test_autoattack, test_evaluation)
   results = train.train_and_evaluate(config, str(tmp_path))
 
   with open(tmp_path / 'results.json') as f:

@@ -27,6 +27,8 @@ def tiny_config(**overrides):
   config.eval_batch_size = 256
   config.progress = False
   config.tensorboard = False
+  config.autoattack.num_points = 16  # AutoAttack (the demo's fast version) on a few points: in the loop, cheap
+  config.autoattack.batch_size = 16
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
