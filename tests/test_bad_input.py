@@ -136,7 +136,7 @@ def test_pretrained_checkpoint_of_the_wrong_architecture(tmp_path, monkeypatch):
     pretrain.transplant(_fake_variables('resnet50', 8), target)
   # End to end: the run stops where the FE is transplanted and leaves the workdir as it was.
   wrong = _fake_variables('resnet50', 8)
-  monkeypatch.setattr(pretrain, 'feature_extractor', lambda config, workdir, progress=True: wrong)
+  monkeypatch.setattr(pretrain, 'feature_extractor', lambda *args, **kwargs: wrong)
   expect_refusal(tiny_runs.tiny_config(), [str(tmp_path / 'new' / 'run')], CheckpointError,
                  'The pre-trained FE does not fit the configured model')
 
