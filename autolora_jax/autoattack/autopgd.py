@@ -48,7 +48,7 @@ def checkpoints(n_iter: int) -> List[Tuple[int, int]]:
 
 
 def named_loss(loss: str, y, target=None) -> Callable:
-  """The per-example loss `logits -> (N,)` that APGD maximises: 'ce', 'dlr' or 'dlr-targeted' (with target)."""
+  """The per-example loss `logits -> (N,)` APGD maximises: 'ce', 'dlr' or 'dlr-targeted' (with target)."""
   if loss not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}.')
   if loss == 'ce':
