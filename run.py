@@ -45,10 +45,11 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import evaluation, loop, preemption, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import evaluation, host, loop, preemption, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
+  host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
   try:
     if _MODE.value == 'eval':
       evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)

@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from autolora_jax import conv_ops
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BRANCHES = ('adv', 'nat')
 STEMS = ('imagenet', 'cifar')
 LORA_PLACEMENTS = ('all', 'last_block')
-CONV_IMPLS = ('auto', 'native', 'im2col')
+CONV_IMPLS = ('auto', 'native', 'im2col', 'explicit')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,13 +77,17 @@ def lora_delta(lora_a, lora_b, kernel_shape, scale):
 def conv2d(x, kernel, stride, padding, impl='native'):
   """2-D convolution with explicit symmetric padding, NHWC x HWIO -> NHWC.
 
-  impl='im2col' gathers the k*k shifted strided views and does one matmul: mathematically the same, and
-  several times faster than XLA's native convolution on CPUs for small feature maps.
+  All implementations compute the same function and gradients (up to float rounding):
+  'native' is XLA's convolution; 'im2col' gathers the k*k shifted strided views and does one matmul
+  (several times faster than XLA's native convolution on CPUs for small feature maps); 'explicit' is the
+  native forward with gradients written out (conv_ops.conv_explicit, for CPUs).
   """
   pads = ((padding, padding), (padding, padding))
   if impl == 'native':
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if impl == 'explicit':
+    return conv_ops.conv_explicit(x, kernel, stride, padding)
   kh, kw, c_in, c_out = kernel.shape
   if kh == kw == 1:
     return x[:, ::stride, ::stride, :] @ kernel.reshape(c_in, c_out)
@@ -95,13 +101,37 @@ def conv2d(x, kernel, stride, padding, impl='native'):
   return jnp.concatenate(patches, axis=-1) @ kernel.reshape(kh * kw * c_in, c_out)
 
 
-def resolve_conv_impl(impl):
-  """'auto' picks im2col on CPU backends and the native convolution on GPUs and TPUs."""
+# On CPUs (2-core AMD EPYC machines, benchmarks/step.py and layer timings): XLA's native convolution is as
+# fast as a matmul for outputs of 8 x 8 and more but pathological for the smallest ones (2 x 2 outputs with
+# 512 channels: 600 ms where im2col takes 3 ms), and its input gradients inside a train step can be 20x
+# slower than its forward; so 'auto' uses im2col up to 7 x 7 outputs and for 1 x 1 kernels (a matmul), and
+# the native forward with explicit gradients (conv_ops.conv_explicit) above.
+IM2COL_MAX_SIDE = 7
+
+
+def resolve_conv_impl(impl, out_side: Optional[int] = None, kernel_size: Optional[int] = None):
+  """The implementation `conv2d` uses for a k x k convolution whose output is out_side x out_side.
+
+  'auto' picks the native convolution on GPUs and TPUs; on CPUs im2col for 1 x 1 kernels and outputs of
+  at most IM2COL_MAX_SIDE per side, 'explicit' for larger ones (im2col for all when out_side is None).
+  """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}.')
   if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'native'
+    if jax.default_backend() != 'cpu':
+      return 'native'
+    if out_side is None or out_side <= IM2COL_MAX_SIDE or kernel_size == 1:
+      return 'im2col'
+    return 'explicit'
   return impl
+
+
+def max_pool(x, conv_impl='native'):
+  """PyTorch's MaxPool2d(3, stride 2, padding 1): XLA's reduce-window for conv_impl 'native' (and 'auto'
+  off CPUs), else conv_ops.max_pool (same values and gradients, a much faster gradient on CPUs)."""
+  if conv_impl == 'native' or (conv_impl == 'auto' and jax.default_backend() != 'cpu'):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return conv_ops.max_pool(x, 3, 2, 1)
 
 
 def torch_nearest_resize(x, size):
@@ -146,8 +176,9 @@ class LoRaConv(nn.Module):
       lora_b = self.param('lora_B', nn.initializers.zeros, (self.features * k, self.rank * k))
       if branch == 'nat':
         kernel = kernel + lora_delta(lora_a, lora_b, shape, self.alpha / self.rank)
-    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
-                  self.conv_impl)
+    out_side = (max(x.shape[1], x.shape[2]) + 2 * self.padding - k) // self.strides + 1
+    impl = resolve_conv_impl(self.conv_impl, out_side, k)
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding, impl)
 
 
 class BatchNorm(nn.Module):
@@ -252,7 +283,7 @@ class ResNet(nn.Module):
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
     mean, std: per-channel input normalisation; None for none.
     bn_axis_name: the mapped axis BatchNorm reduces over in training (set by the train step under pmap).
-    conv_impl: 'auto' | 'native' | 'im2col' (see `conv2d`).
+    conv_impl: 'auto' | 'native' | 'im2col' | 'explicit' (see `conv2d` and `resolve_conv_impl`).
     dtype: compute dtype of convolutions and the head (parameters stay float32).
   """
   stage_sizes: Sequence[int]
@@ -275,7 +306,7 @@ class ResNet(nn.Module):
     """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1]."""
     if branch not in BRANCHES:
       raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
-    conv_impl = resolve_conv_impl(self.conv_impl)
+    conv_impl = self.conv_impl  # resolved per layer by LoRaConv (see resolve_conv_impl)
     norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
 
     def plain_conv(features, k, strides, padding, name):
@@ -289,7 +320,7 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = plain_conv(self.width, 7, 2, 3, 'conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool(x, self.conv_impl)
     elif self.stem == 'cifar':
       x = plain_conv(self.width, 3, 1, 1, 'conv1')(x)
       x = nn.relu(norm(name='bn1')(x))

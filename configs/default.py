@@ -47,7 +47,8 @@ def get_config():
   config.model.stem = 'imagenet'  # 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1)
   config.model.mean = IMAGENET_MEAN
   config.model.std = IMAGENET_STD
-  config.model.conv_impl = 'auto'  # 'auto' (im2col on CPU, native elsewhere) | 'native' | 'im2col'
+  config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
+  #   | 'explicit' (see models.resolve_conv_impl)
   config.model.dtype = 'float32'
 
   # The pre-trained feature extractor: '' = random initialisation; a folder written by
