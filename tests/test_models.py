@@ -94,27 +94,41 @@ def test_unknown_branch_is_an_error():
     model.apply(helpers.init(model), jnp.zeros((1, 16, 16, 3)), branch='natural')
 
 
+@pytest.mark.parametrize('impl', ['im2col', 'explicit'])
 @pytest.mark.parametrize('k,stride,padding,size', [(3, 1, 1, 8), (3, 2, 1, 9), (7, 2, 3, 16), (1, 2, 0, 8)])
-def test_im2col_convolution_equals_native(k, stride, padding, size):
+def test_convolution_paths_equal_native(impl, k, stride, padding, size):
   rng = np.random.default_rng(k + stride)
   x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(k, k, 5, 4)).astype(np.float32))
   native = models.conv2d(x, w, stride, padding, 'native')
-  im2col = models.conv2d(x, w, stride, padding, 'im2col')
-  np.testing.assert_allclose(np.asarray(im2col), np.asarray(native), rtol=1e-4, atol=1e-4)
-  g_native = jax.grad(lambda w: jnp.sum(models.conv2d(x, w, stride, padding, 'native') ** 2))(w)
-  g_im2col = jax.grad(lambda w: jnp.sum(models.conv2d(x, w, stride, padding, 'im2col') ** 2))(w)
-  np.testing.assert_allclose(np.asarray(g_im2col), np.asarray(g_native), rtol=1e-3, atol=1e-3)
+  other = models.conv2d(x, w, stride, padding, impl)
+  np.testing.assert_allclose(np.asarray(other), np.asarray(native), rtol=1e-4, atol=1e-4)
+
+  def grads(impl):
+    return jax.grad(lambda x, w: jnp.sum(models.conv2d(x, w, stride, padding, impl) ** 2), (0, 1))(x, w)
+
+  for g_other, g_native in zip(grads(impl), grads('native')):  # input and kernel gradients
+    np.testing.assert_allclose(np.asarray(g_other), np.asarray(g_native), rtol=1e-3, atol=1e-3)
+
+
+def test_max_pool_paths_agree():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 3)).astype(np.float32))
+  for impl in ('im2col', 'explicit'):
+    np.testing.assert_array_equal(np.asarray(models.max_pool(x, impl)), np.asarray(models.max_pool(x, 'native')))
+    g = jax.grad(lambda x: jnp.sum(models.max_pool(x, impl) ** 2))(x)
+    g_native = jax.grad(lambda x: jnp.sum(models.max_pool(x, 'native') ** 2))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_native), rtol=1e-6, atol=1e-6)
 
 
 def test_models_agree_across_conv_impls():
   x = jnp.asarray(helpers.random_batch()['image'])
   native = helpers.tiny_resnet18(conv_impl='native')
   variables = helpers.with_nonzero_lora_b(helpers.init(native))
-  for branch in ('adv', 'nat'):
-    a = native.apply(variables, x, branch=branch)
-    b = helpers.tiny_resnet18(conv_impl='im2col').apply(variables, x, branch=branch)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  for impl in ('im2col', 'explicit', 'auto'):
+    for branch in ('adv', 'nat'):
+      a = native.apply(variables, x, branch=branch)
+      b = helpers.tiny_resnet18(conv_impl=impl).apply(variables, x, branch=branch)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_nearest_resize_follows_pytorch_index_rule():
