@@ -47,13 +47,13 @@ def adversarial_logits(model):
   return lambda variables, x: model.apply(variables, x, branch='adv', train=False)
 
 
-def _global_sum(values) -> np.ndarray:
-  """Sums a small vector over processes (a no-op on one process)."""
-  values = np.asarray(values, np.float64)
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+def _global_sum(values) -> list:
+  """Sums a small vector of counts over processes (a no-op on one process); Python ints, JSON-ready."""
+  values = np.asarray(values, np.int32)  # gathered through JAX, which keeps 32-bit types by default
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    values = np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+  return [int(v) for v in values]
 
 
 class AutoAttackEvaluation:
