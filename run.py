@@ -1,11 +1,13 @@
 """Runs AutoLoRa robust fine-tuning: flags in, `train_and_evaluate(config, workdir)` out.
 
     python run.py --config=configs/demo.py --workdir=/tmp/demo
+    python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval   # test evaluation only
     python run.py --config=configs/cub200.py --config.model.arch=resnet50 --workdir=/tmp/cub
 """
 
 import logging as std_logging
 import os
+import shlex
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (data, TensorBoard) only for errors
@@ -15,12 +17,17 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'If the workdir holds a run of a different config, move '
+                               'it to WORKDIR/replaced/<time>/ and start afresh (default: refuse).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train (or resume) and evaluate; eval: evaluate the best and the latest '
+                          'checkpoint of a finished workdir on the test split (clean, PGD-10, AutoAttack).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def parse_flags(argv):
@@ -38,15 +45,24 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import host, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import evaluation, host, loop, preemption, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == 'eval':
+      evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except InputError as e:
     _fail(str(e))
+  except loop.NonFiniteLossError as e:
+    _fail(str(e), status=1)
+  except preemption.Preempted as e:
+    command = shlex.join(['python'] + [a for a in sys.argv if not a.startswith('--overwrite')])
+    print(f'{e}\nTo resume: {command}', file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import models, steps
+from autolora_jax import autoattack, distributed, methods, models, steps
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -45,8 +45,11 @@ def validate(config) -> None:
   _choice('model.dtype', m.dtype, DTYPES)
   _positive_int('model.width', m.width)
   _positive_int('model.input_size', m.input_size)
+  if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
+    raise ConfigError(f'config.model.lora_rank must be an integer >= 0 (0: no LoRa branch), got '
+                      f'{m.lora_rank!r}; the paper uses 8.')
   if config.method == 'autolora':
-    if not isinstance(m.lora_rank, int) or m.lora_rank <= 0:
+    if m.lora_rank <= 0:
       raise ConfigError(f'config.model.lora_rank must be a positive integer for AutoLoRa (the natural '
                         f'branch lives in the LoRa parameters), got {m.lora_rank!r}; the paper uses 8.')
   if (m.mean is None) != (m.std is None) or (m.mean is not None and (len(m.mean) != 3 or len(m.std) != 3
@@ -62,6 +65,7 @@ def validate(config) -> None:
   if config.dataset.val_fraction >= 1.0:
     raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
   _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
+  _positive_int('dataset.train_per_class', config.dataset.train_per_class)
   _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
   _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
   s = config.auto_lr
@@ -85,6 +89,25 @@ def validate(config) -> None:
                         'in-process PGD-AT pre-training uses.')
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+  methods.validate(config)  # reference_compat and the baselines' config.fixed
+  aa = config.autoattack
+  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS))
+  _positive_int('autoattack.batch_size', aa.batch_size)
+  if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
+    raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
+                      f'all), got {aa.num_points!r}.')
+  distributed.check(config)
+
+
+def check_devices(config, device_count: int, process_count: int = 1) -> None:
+  """Every global batch of the run must split evenly over all devices of all processes."""
+  check_batch_divides('batch_size', config.batch_size, device_count)
+  check_batch_divides('eval_batch_size', config.eval_batch_size, device_count)
+  if config.pretrain.epochs > 0:
+    check_batch_divides('pretrain.batch_size', config.pretrain.batch_size, device_count)
+  if device_count % process_count:
+    raise ConfigError(f'The {device_count} devices of this run do not split evenly over its {process_count} '
+                      'processes: give every process the same number of devices.')
 
 
 def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:

@@ -26,7 +26,8 @@ Batch = Dict[str, np.ndarray]
 # (images, rng) -> images: a training augmentation on a whole global batch, numpy in and out.
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
-DATASETS = ('digits',)
+# 'digits' is in memory (the offline demo); the paper's data sets are in autolora_jax/data.
+DATASETS = ('digits', 'cifar10', 'cifar100', 'dtd', 'stanford_dogs', 'caltech_birds2011', 'caltech256')
 
 
 def split_off(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -110,12 +111,16 @@ def load_digits(classes: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np
   return np.repeat(images[..., None], 3, axis=-1), labels
 
 
-def create_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1):
+def create_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                   reference_compat: bool = False):
   """The data set `config.dataset` names, split into train / validation / test.
 
-  The test split is fixed by `split_seed`; the validation split is a seeded `val_fraction` of what
-  remains for training (never taken from test) and is evaluated with test-time preprocessing. A fraction
-  of 0 leaves that split empty (e.g. for pre-training on all of a data set).
+  The test split is the data set's own (digits: fixed by `split_seed`); the validation split is a seeded
+  `val_fraction` of what remains for training (never taken from test) and is evaluated with test-time
+  preprocessing. A fraction of 0 leaves that split empty (e.g. for pre-training on all of a data set).
+  `reference_compat` reproduces the authors' public code's splits (SPEC.md, items 4 and 7; see
+  autolora_jax/data/sources.py). Raises DataError, before any model is built, for an unknown data set or
+  one that is not prepared.
   """
   name = data_config.name
   if name == 'digits':
@@ -128,4 +133,8 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
               'test': (images[test], labels[test])}
     return ArrayDataset(splits, num_classes, seed=seed, process_index=process_index,
                         process_count=process_count)
+  if name in DATASETS:
+    from autolora_jax.data import sources  # pylint: disable=g-import-not-at-top
+    return sources.create(data_config, seed=seed, process_index=process_index, process_count=process_count,
+                          reference_compat=reference_compat)
   raise DataError(f'Unknown data set {name!r}: config.dataset.name must be one of {DATASETS}.')

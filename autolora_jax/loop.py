@@ -71,20 +71,23 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = 'img'):
 
 def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.ndarray]], *, seed: int,
                 epoch: int, steps: int, global_batch: int, start_step: int = 0, progress: bool = True,
-                desc: str = '', on_step: Optional[Callable] = None):
+                desc: str = '', on_step: Optional[Callable] = None, carry: Optional[dict] = None):
   """Runs the pmapped train step over one epoch's batches.
 
   Metrics are read one step behind (so one step stays in flight) and checked for NaN/inf.
   `on_step(state, step)` runs after each step (e.g. to check for a preemption request); if it returns
-  True the epoch stops early.
+  True the epoch stops early. `carry` is timing['carry'] of an earlier, stopped part of the same epoch
+  (`start_step` = its 'stopped_at'): the sums go on from it, so the means cover the whole epoch exactly.
 
   Returns:
-    (state, mean metrics over the steps run, {'steps', 'seconds', 'images_per_second', 'stopped_at'}).
+    (state, mean metrics over the steps run, {'steps', 'seconds', 'images_per_second', 'stopped_at',
+    'carry'}), carry = {'sums', 'steps', 'seconds'} (JSON-serialisable).
   """
-  sums: Dict[str, float] = {}
-  n_done = 0
+  carry = carry or {}
+  sums: Dict[str, float] = dict(carry.get('sums', {}))
+  n_done = int(carry.get('steps', 0))
   pending = None
-  start = time.time()
+  start = time.time() - float(carry.get('seconds', 0.0))
   bar = progress_bar((steps - start_step) * global_batch, desc or f'epoch {epoch}', progress)
 
   def collect(metrics, step):
@@ -94,14 +97,14 @@ def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.nd
       bad = {k: v for k, v in values.items() if not math.isfinite(v)}
       raise NonFiniteLossError(
           f'Non-finite training metrics {bad} at epoch {epoch}, step {step} (0-based within the epoch). The '
-          'run stopped before saving this state: the last good checkpoint is kept. Lower the learning rate '
-          'or check the data and pre-trained weights, then run again to resume from that checkpoint.')
+          'run stopped before saving this state: the last good checkpoint is kept. Check the data and the '
+          'pre-trained weights; running the same command again resumes from that checkpoint. To change the '
+          'config instead (e.g. a lower auto_lr.lr0), use a new --workdir or --overwrite.')
     for k, v in values.items():
       sums[k] = sums.get(k, 0.0) + v
     n_done += 1
 
   stopped_at = None
-  step = start_step
   try:
     for step, batch in enumerate(device_batches(batches), start=start_step):
       state, metrics = p_train_step(state, batch, step_rng(seed, epoch, step))
@@ -122,7 +125,7 @@ def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.nd
   means = {k: v / max(n_done, 1) for k, v in sums.items()}
   timing = {'steps': n_done, 'seconds': seconds,
             'images_per_second': n_done * global_batch / seconds if seconds > 0 else 0.0,
-            'stopped_at': stopped_at}
+            'stopped_at': stopped_at, 'carry': {'sums': dict(sums), 'steps': n_done, 'seconds': seconds}}
   return state, means, timing
 
 

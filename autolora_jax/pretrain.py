@@ -2,6 +2,9 @@
 
 * `pretrain_in_process`: a short PGD-AT pre-training (Madry et al.) on `config.pretrain.dataset`, cached
   in workdir/pretrain so that a resumed run does not repeat it (the offline demo's robust FE).
+* `load_pretrained`: a converted checkpoint (`config.pretrained=DIR`, written by `python -m
+  autolora_jax.convert`) or a PyTorch file converted on the fly (`config.pretrained=FILE.ckpt/.pt/.pth`).
+  The input normalisation the checkpoint expects becomes config.model.mean/std (the model applies it).
 * `transplant`: copies an FE's convolution, BatchNorm parameters and statistics into freshly initialised
   fine-tuning variables; the new head and the LoRa branch keep their initialisation (SPEC.md).
 """
@@ -17,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import input_pipeline, loop, models, steps
+from autolora_jax import convert, input_pipeline, loop, models, steps
 from autolora_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -125,13 +128,56 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   return result
 
 
-def feature_extractor(config, workdir: str, *, progress: bool = True) -> Optional[dict]:
-  """The pre-trained FE variables the config asks for, or None for a random initialisation."""
+def load_pretrained(config) -> Optional[Tuple[dict, dict]]:
+  """Reads config.pretrained for the configured architecture; None when it is empty.
+
+  A folder is a checkpoint written by `python -m autolora_jax.convert` (its architecture must match); a
+  file (.ckpt/.pt/.pth) is converted on the fly (needs torch). The checkpoint's input normalisation is
+  what its weights were trained with, so it replaces config.model.mean/std when they differ (logged):
+  the fine-tuning model must normalise as the FE expects. Call it before building the model.
+
+  Returns:
+    (variables, meta): the FE and its old head ({'params', 'batch_stats'}, numpy) and the conversion's
+    meta (arch, width, num_classes, mean, std, ...).
+  Raises:
+    CheckpointError for a missing or unreadable checkpoint, or one of another architecture or width.
+  """
+  if not config.pretrained:
+    return None
+  m = config.model
+  arch = convert.arch_for(m.arch, m.stem)
+  if arch not in convert.ARCHS:
+    raise CheckpointError(f'config.pretrained is set, but there is no conversion for config.model.arch='
+                          f'{m.arch!r} with stem={m.stem!r}: pre-trained checkpoints exist for '
+                          f'{tuple(convert.ARCHS)} (--arch of python -m autolora_jax.convert).')
+  variables, meta = convert.load_any(config.pretrained, arch)
+  if meta['width'] != m.width:
+    raise CheckpointError(f'config.pretrained={config.pretrained!r} holds a {arch} of width {meta["width"]}, '
+                          f'the config builds width {m.width}: set --config.model.width={meta["width"]}.')
+  mean = tuple(meta['mean']) if meta.get('mean') is not None else None
+  std = tuple(meta['std']) if meta.get('std') is not None else None
+
+  def same(a, b):
+    return (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=0, atol=1e-6))
+
+  if not (same(mean, m.mean) and same(std, m.std)):
+    log.info('config.model.mean/std set to the input normalisation of %s: mean %s, std %s (was %s, %s).',
+             config.pretrained, mean, std, m.mean, m.std)
+    m.mean, m.std = mean, std
+  log.info('Pre-trained FE %s: %s, width %d, %s layout, from %s', config.pretrained, arch, meta['width'],
+           meta.get('layout'), meta.get('source'))
+  return variables, meta
+
+
+def feature_extractor(config, workdir: str, *, progress: bool = True,
+                      pretrained: Optional[Tuple[dict, dict]] = None) -> Optional[dict]:
+  """The pre-trained FE variables the config asks for, or None for a random initialisation.
+
+  `pretrained` is what `load_pretrained(config)` returned, if the caller has read it already.
+  """
   if config.pretrain.epochs > 0:
     return pretrain_in_process(config, workdir, progress=progress)
   if config.pretrained:
-    raise CheckpointError(
-        f'config.pretrained={config.pretrained!r}: loading pre-trained checkpoints from files is not '
-        'available in this version; leave config.pretrained empty (random initialisation) or use '
-        'config.pretrain.epochs for an in-process pre-training.')
+    variables, _ = pretrained if pretrained is not None else load_pretrained(config)
+    return variables
   return None

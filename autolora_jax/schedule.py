@@ -14,7 +14,7 @@ Both are pure functions of numbers; the state lives outside, in a small serialis
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Tuple
 
 
 def auto_scalars(nat_acc: float, l2_max: float = 6.0) -> Tuple[float, float]:

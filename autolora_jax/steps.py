@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -138,7 +137,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
     metrics = {'loss': loss, **parts, 'adv_acc': jnp.mean(jnp.argmax(adv_logits, -1) == y)}
     if nat_logits is not None:
       metrics['nat_acc'] = jnp.mean(jnp.argmax(nat_logits, -1) == y)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return new_state, pmean(metrics)
 
   return train_step

@@ -25,5 +25,13 @@ def get_config():
   config.pretrain.dataset.classes = (0, 1, 2, 3, 4)
 
   config.auto_lr.max_epochs = 12
+  # The baselines (--config.method=vanilla_rft or pgd_at): as many epochs as AutoLoRa's at most.
+  config.fixed.epochs = 12
+  config.fixed.boundaries = (6, 9)
   config.batch_size = 64
+
+  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 64 test points.
+  config.autoattack.version = 'fast'
+  config.autoattack.num_points = 64
+  config.autoattack.batch_size = 64
   return config

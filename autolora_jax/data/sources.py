@@ -1,0 +1,285 @@
+"""The paper's six downstream data sets: where they are read from and how they are split.
+
+| config.dataset.name | source | classes | training pool | test |
+|---|---|---|---|---|
+| cifar10 | TFDS cifar10 | 10 | train (50,000) | test (10,000) |
+| cifar100 | TFDS cifar100 | 100 | train (50,000) | test (10,000) |
+| dtd | TFDS dtd | 47 | train + validation (3,760, partition 1) | test (1,880) |
+| stanford_dogs | TFDS stanford_dogs | 120 | train (12,000) | test (8,580) |
+| caltech_birds2011 | TFDS caltech_birds2011 (CUB-200-2011) | 200 | train (5,994) | test (5,794) |
+| caltech256 | image folder root/<class>/<image> | 257 | the first `train_per_class` images of each class | the rest |
+
+The validation split is a seeded `val_fraction` (5%) of the training pool, never taken from test, and is
+evaluated with test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced
+instead where it differs (SPEC.md, "Where the public code differs", items 4 and 7; see `_reference_splits`).
+
+Nothing is downloaded unless config.dataset.download is True: a data set that is not prepared gives a
+`DataError` that names it, the folder looked in and the command that prepares it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from autolora_jax.data import transforms
+from autolora_jax.data.dataset import ImageDataset, Split
+from autolora_jax.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+CALTECH256_URL = 'https://data.caltech.edu/records/nyy15-4j048'
+# SPEC.md "Where the public code differs", item 7: the public code's Caltech-256 training count per class
+# and its DTD head size.
+REFERENCE_CALTECH256_PER_CLASS = 150
+REFERENCE_DTD_HEAD = 57
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A data set: its source, class count, training-pool and test splits, and preprocessing style."""
+  source: str  # 'tfds' | 'folder'
+  num_classes: int
+  train: Tuple[str, ...] = ('train',)
+  test: str = 'test'
+  style: str = 'imagenet'  # 'cifar' | 'imagenet' (see transforms)
+
+
+SPECS: Dict[str, Spec] = {
+    'cifar10': Spec('tfds', 10, style='cifar'),
+    'cifar100': Spec('tfds', 100, style='cifar'),
+    'dtd': Spec('tfds', 47, train=('train', 'validation')),
+    'stanford_dogs': Spec('tfds', 120),
+    'caltech_birds2011': Spec('tfds', 200),
+    'caltech256': Spec('folder', 257),
+}
+
+
+def default_data_dir() -> str:
+  """TFDS's default data folder (TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TFDS
+# ----------------------------------------------------------------------------------------------------------
+
+def prepare_command(name: str, data_dir: str) -> str:
+  """A shell command that downloads and prepares a TFDS data set (TFDS's `tfds build` CLI needs extras)."""
+  return (f'python -c "import tensorflow_datasets as tfds; '
+          f'tfds.builder(\'{name}\', data_dir=\'{data_dir}\').download_and_prepare()"')
+
+
+def _not_prepared(name: str, data_dir: str, builder, cause: str = '') -> DataError:
+  manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) if builder is not None else None
+  manual_text = (f' TFDS cannot download {name} by itself: {" ".join(str(manual).split())} Put the files in '
+                 f'{os.path.join(data_dir, "downloads", "manual")} and run the command above.' if manual else '')
+  return DataError(
+      f'The data set {name} (TFDS) is not prepared in {data_dir} (config.dataset.data_dir; empty means TFDS\'s '
+      f'default).{" " + cause if cause else ""} Prepare it once on a machine with internet access: '
+      f'`{prepare_command(name, data_dir)}` (or pass --config.dataset.download=True to let the run '
+      f'download it), then pass --config.dataset.data_dir={data_dir} (copy the folder over if the run happens '
+      f'elsewhere).{manual_text} See README.md, "Preparing the data sets".')
+
+
+def _read_tfds_split(builder, split: str, style: str) -> Split:
+  """All examples of one TFDS split: uint8 images (CIFAR) or encoded bytes (others), labels and keys."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if style == 'cifar':
+    decoders = tfds.decode.PartialDecoding({'image': True, 'label': True})
+  else:
+    decoders = tfds.decode.PartialDecoding({'image': True, 'label': True},
+                                           decoders={'image': tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  records, labels = [], []
+  if style == 'cifar':
+    for batch in tfds.as_numpy(ds.batch(4096)):
+      records.append(batch['image'])
+      labels.append(batch['label'])
+    images = np.concatenate(records) if records else np.zeros((0, 32, 32, 3), np.uint8)
+    label_array = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+  else:
+    for example in tfds.as_numpy(ds):
+      records.append(example['image'])
+      labels.append(example['label'])
+    images = np.empty(len(records), dtype=object)
+    images[:] = records
+    label_array = np.asarray(labels, np.int64)
+  keys = np.array([f'{split}/{i}' for i in range(len(label_array))])
+  return Split(images, label_array.astype(np.int32), keys)
+
+
+def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Split, Split, int]:
+  """(training pool, test, num_classes) of a TFDS data set, prepared in `data_dir`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _not_prepared(name, data_dir, None, f'TFDS could not open it ({type(e).__name__}: {e}).') from None
+  needed = spec.train + (spec.test,)
+
+  def read_all():
+    return [_read_tfds_split(builder, s, spec.style) for s in needed]
+
+  try:
+    splits = read_all()
+  except AssertionError:  # TFDS: "Dataset X: could not find data in DIR"
+    if not download:
+      raise _not_prepared(name, data_dir, builder) from None
+    log.info('Downloading and preparing %s into %s', name, data_dir)
+    try:
+      builder.download_and_prepare()
+      splits = read_all()
+    except Exception as e2:  # pylint: disable=broad-except
+      raise _not_prepared(name, data_dir, builder, f'Downloading it failed ({type(e2).__name__}: '
+                                                   f'{str(e2)[:300]}).') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'Reading the data set {name} from {data_dir} failed ({type(e).__name__}: {str(e)[:300]}). '
+                    f'The prepared files may be damaged: delete {os.path.join(data_dir, name)} and prepare it '
+                    f'again with `{prepare_command(name, data_dir)}`.') from None
+  num_classes = int(builder.info.features['label'].num_classes)
+  pool = Split.concat(splits[:-1])
+  return pool, splits[-1], num_classes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caltech-256 (image folder)
+# ----------------------------------------------------------------------------------------------------------
+
+def _class_folders(root: str) -> Optional[Dict[str, list]]:
+  """{class folder: sorted image file names} if `root` looks like root/<class>/<image>, else None."""
+  if not os.path.isdir(root):
+    return None
+  classes = {}
+  for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    if entry.is_dir():
+      files = sorted(f.name for f in os.scandir(entry.path)
+                     if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+      if files:
+        classes[entry.name] = files
+  return classes if len(classes) >= 2 else None
+
+
+def find_caltech256(data_dir: str) -> Tuple[str, Dict[str, list]]:
+  """The image-folder root of Caltech-256 under `data_dir`, and its classes."""
+  base = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+  candidates = [base, os.path.join(base, '256_ObjectCategories'),
+                os.path.join(base, 'caltech256', '256_ObjectCategories'), os.path.join(base, 'caltech256')]
+  for root in candidates:
+    classes = _class_folders(root)
+    if classes is not None:
+      return root, classes
+  raise DataError(
+      f'The data set caltech256 (an image folder root/<class>/<image>) was not found: looked in '
+      f'{", ".join(candidates)} (config.dataset.data_dir; empty means {default_data_dir()}). Caltech-256 has no '
+      f'TFDS builder: download 256_ObjectCategories.tar (1.2 GB) from {CALTECH256_URL}, extract it with '
+      '`tar xf 256_ObjectCategories.tar -C DIR` and pass --config.dataset.data_dir=DIR/256_ObjectCategories '
+      '(257 class folders, 001.ak47 ... 257.clutter). See README.md, "Preparing the data sets".')
+
+
+def load_caltech256(data_dir: str) -> Tuple[str, Split, list]:
+  """(root, all images in class-major file order, [per-class counts]); labels follow sorted class folders."""
+  root, classes = find_caltech256(data_dir)
+  if len(classes) != SPECS['caltech256'].num_classes:
+    log.warning('%s has %d class folders; Caltech-256 has 257 (256 objects and clutter).', root, len(classes))
+  paths, labels, keys, counts = [], [], [], []
+  for label, (name, files) in enumerate(classes.items()):
+    paths += [os.path.join(root, name, f) for f in files]
+    keys += [f'{name}/{f}' for f in files]
+    labels += [label] * len(files)
+    counts.append(len(files))
+  records = np.empty(len(paths), dtype=object)
+  records[:] = paths
+  return root, Split(records, np.asarray(labels, np.int32), np.array(keys)), counts
+
+
+def per_class_split(counts: Sequence[int], per_class: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(train, test) indices: the first `per_class` images of each class train, the rest test."""
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+  train = np.concatenate([np.arange(s, s + min(per_class, c)) for s, c in zip(starts, counts)])
+  test = np.setdiff1d(np.arange(int(np.sum(counts))), train)
+  return train, test
+
+
+def reference_running_split(counts: Sequence[int], per_class: int) -> Tuple[np.ndarray, np.ndarray]:
+  """SPEC.md "Where the public code differs", item 7 (Caltech-256): the public code takes, from each class's
+  first position s, the images s, ..., s + per_class - 1 of the whole class-major list. Where a class has
+  fewer images the range runs into the next class, whose first images then appear twice in training (the
+  training list keeps the duplicates); the test split is every image no range reached.
+  """
+  n = int(np.sum(counts))
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+  train = np.concatenate([np.arange(s, min(s + per_class, n)) for s in starts])  # clipped at the end
+  test = np.setdiff1d(np.arange(n), train)
+  return train, test
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Assembling the splits
+# ----------------------------------------------------------------------------------------------------------
+
+def select_classes(split: Split, classes: Sequence[int]) -> Split:
+  """Only the examples of `classes`, relabelled 0..len(classes)-1 in the given order."""
+  classes = [int(c) for c in classes]
+  keep = np.isin(split.labels, classes)
+  out = split.take(np.flatnonzero(keep))
+  lookup = {c: i for i, c in enumerate(classes)}
+  out.labels = np.array([lookup[int(c)] for c in out.labels], np.int32)
+  return out
+
+
+def _train_validation(pool: Split, val_fraction: float, split_seed: int) -> Tuple[Split, Split]:
+  from autolora_jax.input_pipeline import split_off  # pylint: disable=g-import-not-at-top
+  keep, val = split_off(len(pool), val_fraction, split_seed)
+  return pool.take(keep), pool.take(val)
+
+
+def create(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
+           reference_compat: bool = False, threads: Optional[int] = None) -> ImageDataset:
+  """The `ImageDataset` of `data_config.name` (one of SPECS), split and preprocessed as SPEC.md says."""
+  name = data_config.name
+  spec = SPECS[name]
+  data_dir = data_config.get('data_dir', '') or ''
+  if spec.source == 'tfds':
+    pool, test, num_classes = load_tfds(name, spec, data_dir, bool(data_config.get('download', False)))
+  else:
+    _, everything, counts = load_caltech256(data_dir)
+    num_classes = len(counts)
+    if reference_compat:
+      # SPEC.md "Where the public code differs", item 7: 150 per class by a running index.
+      train_idx, test_idx = reference_running_split(counts, REFERENCE_CALTECH256_PER_CLASS)
+    else:
+      train_idx, test_idx = per_class_split(counts, int(data_config.get('train_per_class', 60)))
+    pool, test = everything.take(train_idx), everything.take(test_idx)
+
+  classes = tuple(data_config.get('classes', ()) or ())
+  if classes:
+    pool, test = select_classes(pool, classes), select_classes(test, classes)
+    num_classes = len(classes)
+  if reference_compat and name in ('dtd', 'caltech256'):
+    # SPEC.md "Where the public code differs", item 4: the "validation" split is a copy of the test split,
+    # and the whole training pool trains.
+    train, validation = pool, test
+  else:
+    train, validation = _train_validation(pool, data_config.val_fraction, data_config.split_seed)
+  if reference_compat and name == 'dtd' and not classes:
+    # SPEC.md "Where the public code differs", item 7: the DTD head has 57 outputs for its 47 classes.
+    num_classes = REFERENCE_DTD_HEAD
+
+  if spec.style == 'cifar':
+    train_tf, eval_tf = transforms.cifar_train, transforms.cifar_eval
+    eval_shape = tuple(test.records.shape[1:]) if len(test) else (32, 32, 3)
+  else:
+    train_tf, eval_tf = transforms.imagenet_train, transforms.imagenet_eval
+    eval_shape = (transforms.CROP, transforms.CROP, 3)
+  log.info('%s: %d classes; train %d, validation %d, test %d examples', name, num_classes, len(train),
+           len(validation), len(test))
+  return ImageDataset({'train': train, 'validation': validation, 'test': test}, num_classes,
+                      train_transform=train_tf, eval_transform=eval_tf, eval_shape=eval_shape, seed=seed,
+                      process_index=process_index, process_count=process_count, threads=threads, name=name)

@@ -1,0 +1,169 @@
+"""Test-split evaluation beyond clean and PGD-10: AutoAttack, and the evaluation of a finished workdir.
+
+* `AutoAttackEvaluation`: AutoAttack (config.autoattack: version, the first `num_points` test points,
+  batch size, seed; eps = the run's PGD eps, 0.0314 under reference_compat) on the adversarial branch (the
+  deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and "pgd10".
+* `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
+  a workdir written by an earlier training run and evaluates both on the test split (clean, PGD-10, AA)
+  into results.json, keeping what the training run wrote there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+from autolora_jax import autoattack, checkpoints, loop, methods, reporting
+from autolora_jax.errors import CheckpointError, WorkdirError
+
+log = logging.getLogger(__name__)
+
+
+def first_points(data, split: str, n: int, global_batch: int) -> Tuple[np.ndarray, np.ndarray]:
+  """This process's rows among the first n examples of a split: (images (m, H, W, C), labels (m,))."""
+  xs, ys = [], []
+  for b, batch in enumerate(data.eval_batches(split, global_batch)):
+    if b * global_batch >= n:
+      break
+    keep = (batch['mask'] > 0) & (b * global_batch + batch['index'] < n)
+    xs.append(batch['image'][keep])
+    ys.append(batch['label'][keep])
+  if not xs:
+    return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+@functools.lru_cache(maxsize=None)
+def adversarial_logits(model):
+  """`f(variables, x) -> logits` of the adversarial branch in inference mode: one function object per model,
+  so that AutoAttack compiles once for all checkpoints (and evaluations) of the same model."""
+  return lambda variables, x: model.apply(variables, x, branch='adv', train=False)
+
+
+def _global_sum(values) -> list:
+  """Sums a small vector of counts over processes (a no-op on one process); Python ints, JSON-ready."""
+  values = np.asarray(values, np.int32)  # gathered through JAX, which keeps 32-bit types by default
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    values = np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+  return [int(v) for v in values]
+
+
+class AutoAttackEvaluation:
+  """AutoAttack of a run's checkpoints on the first config.autoattack.num_points test points."""
+
+  def __init__(self, config, model, data, *, progress: bool = False):
+    c = config.autoattack
+    self.enabled = bool(c.enabled)
+    self.version = c.version
+    self.batch_size = int(c.batch_size)
+    self.seed = int(c.seed)
+    self.eps = float(methods.effective_eps(config))  # reference_compat: 0.0314, as for PGD
+    self.num_test = data.num_examples('test')
+    self.num_points = self.num_test if c.num_points == 0 else min(int(c.num_points), self.num_test)
+    self.progress = progress
+    self._data = data
+    self._eval_batch = int(config.eval_batch_size)
+    self._points = None
+    self.seconds: Dict[str, float] = {}
+    self._apply = adversarial_logits(model)
+
+  def points(self) -> Tuple[np.ndarray, np.ndarray]:
+    if self._points is None:
+      self._points = first_points(self._data, 'test', self.num_points, self._eval_batch)
+    return self._points
+
+  def attack(self, variables: dict, desc: str = 'AA') -> autoattack.AutoAttackResult:
+    """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays)."""
+    x, y = self.points()
+    logits_fn = jax.tree_util.Partial(self._apply, variables)
+    return autoattack.run(logits_fn, x, y, eps=self.eps, version=self.version, seed=self.seed,
+                          batch_size=self.batch_size, progress=self.progress, desc=desc)
+
+  def add(self, entry: dict, state, name: str, replicated: bool = True) -> Optional[dict]:
+    """Runs AA on a checkpoint's state and writes entry['test']['autoattack'] (robust accuracy, a fraction)
+    and entry['autoattack'] (accuracy after each attack, points broken by each); returns the latter (None
+    when disabled). The wall time goes to `summary()`, so that entries of identical runs compare equal."""
+    if not self.enabled:
+      return None
+    variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, replicated)
+    result = self.attack(variables, desc=f'AA ({name})')
+    counts = _global_sum([result.num_points, int(result.clean.sum()), int(result.robust.sum())]
+                         + [int(np.sum(result.fell_to == a)) for a in result.attacks])
+    total = counts[0]
+    summary = result.summary()
+    if jax.process_count() > 1:  # the numbers of all processes' points, not only this one's
+      summary.update(num_points=int(total), clean=counts[1] / total, robust=counts[2] / total,
+                     broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
+      summary.pop('accuracy_after')
+    for key in ('version', 'attacks', 'eps', 'seed', 'seconds'):
+      summary.pop(key)
+    self.seconds[name] = float(sum(result.seconds.values()))
+    entry['test']['autoattack'] = float(counts[2] / total) if total else float('nan')
+    entry['autoattack'] = summary
+    return summary
+
+  def summary(self) -> Dict[str, dict]:
+    """The settings, for results.json's top level: {'autoattack': {...}} (empty when disabled)."""
+    if not self.enabled:
+      return {}
+    return {'autoattack': {'version': self.version, 'attacks': list(autoattack.VERSIONS[self.version]),
+                           'eps': self.eps, 'num_points': self.num_points, 'num_test': self.num_test,
+                           'seed': self.seed, 'seconds': dict(self.seconds)}}
+
+  def describe(self) -> str:
+    """One line for under the results table."""
+    if not self.enabled:
+      return 'autoattack: disabled (config.autoattack.enabled=False)'
+    return (f'autoattack: version {self.version}, eps {self.eps:.4f}, on the first {self.num_points} of '
+            f'{self.num_test} test points (clean and pgd10: all {self.num_test})')
+
+
+def _read_results(workdir: str) -> dict:
+  path = os.path.join(workdir, reporting.RESULTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """`--mode=eval`: test evaluation (clean, PGD-10, AutoAttack) of the best and the latest checkpoint of a
+  workdir that a training run wrote; returns the results dict merged into workdir/results.json."""
+  from autolora_jax import train  # pylint: disable=g-import-not-at-top (train imports this module)
+
+  path = os.path.abspath(os.path.expanduser(workdir or ''))
+  if not workdir or not os.path.isdir(os.path.join(path, 'checkpoints', 'latest')):
+    raise WorkdirError(f'--mode=eval needs a workdir with a training run in it; {path} has no '
+                       'checkpoints/latest. Train first (--mode=train, the default) or point --workdir at '
+                       'the folder of a finished run.')
+  start = time.time()
+  run = train.Run(config, path)
+  try:
+    try:
+      restored = run.ckpts.restore('latest', run.template())
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f'The checkpoint in {path} does not fit this config ({type(e).__name__}: {str(e)[:200]}). Pass the '
+          f'config the run was trained with (see {os.path.join(path, "config.json")}).') from None
+    if restored is None or run.ckpts.latest_step('best') is None:
+      raise CheckpointError(f'{path} holds no complete training checkpoint (latest and best): train first.')
+    host_state, meta = restored
+    if not meta.get('done', False):
+      log.warning('The run in %s has not finished (last epoch %s): evaluating its latest state as "final".',
+                  path, meta.get('epoch'))
+    previous = _read_results(path) if run.is_chief else {}
+    results = run.test(loop.replicate(host_state))
+    merged = {**previous, **results, 'eval_seconds': time.time() - start}
+    if run.is_chief:
+      reporting.write_results(path, merged)
+    return merged
+  finally:
+    run.close()

@@ -1,0 +1,72 @@
+"""Wall time of AutoAttack on a trained workdir's model: prints one line per version.
+
+    python benchmarks/autoattack_speed.py --config=configs/demo.py --workdir=/tmp/demo --num_points=1000
+
+The points are all images of the demo's classes (the digits 5-9 of scikit-learn's data set, 896 images, in
+the data set's order; every split) repeated cyclically up to --num_points; a repeat draws its own random
+starts (the keys depend on the point's position). The model is the 'best' checkpoint's
+adversarial branch. A run that is the first in the process to use an attack includes compiling it (the
+line says which); --versions=fast,fast,standard times the fast version warm.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from autolora_jax import autoattack, checkpoints, evaluation, input_pipeline, methods, pretrain
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
+                                          'The config the workdir was trained with.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished training workdir.')
+_NUM_POINTS = flags.DEFINE_integer('num_points', 1000, 'Points to attack.')
+_VERSIONS = flags.DEFINE_list('versions', ['fast', 'fast', 'standard'],
+                              'AutoAttack versions to time, in order.')
+_BATCH = flags.DEFINE_integer('batch_size', 250, 'AutoAttack batch size.')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Progress bars.')
+
+
+def main(_):
+  config = _CONFIG.value
+  if config.dataset.name != 'digits':
+    raise SystemExit('This benchmark takes its points from the digits demo data (--config=configs/demo.py).')
+  images, labels = input_pipeline.load_digits(config.dataset.get('classes'))
+  num_classes = int(labels.max()) + 1
+  model = methods.create_model(config, num_classes)
+  template = pretrain.init_variables(model, config.model.input_size, config.seed)
+  ckpts = checkpoints.Checkpoints(_WORKDIR.value)
+  variables, meta = ckpts.restore('best', template)
+  ckpts.close()
+  n = _NUM_POINTS.value
+  reps = -(-n // len(labels))
+  x = np.tile(images, (reps, 1, 1, 1))[:n].astype(np.float32)
+  y = np.tile(labels, reps)[:n].astype(np.int32)
+  fn = jax.tree_util.Partial(evaluation.adversarial_logits(model), variables)
+  eps = methods.effective_eps(config)
+  print(f'{n} points (the {len(labels)} digits of classes {tuple(config.dataset.classes)} repeated), input '
+        f'{x.shape[1:]}, best checkpoint (epoch {meta["epoch"]}), eps {eps:.4f}, batch {_BATCH.value}, '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs', flush=True)
+  compiled = set()
+  for version in _VERSIONS.value:
+    new = [a for a in ('clean',) + autoattack.VERSIONS[version] if a not in compiled]
+    compiled.update(new)
+    start = time.time()
+    res = autoattack.run(fn, x, y, eps=eps, version=version, batch_size=_BATCH.value,
+                         progress=_PROGRESS.value)
+    total = time.time() - start
+    per = ', '.join(f'{k} {v:.1f}s' for k, v in res.seconds.items())
+    acc = ', '.join(f'{k} {100 * v:.1f}%' for k, v in res.accuracy.items())
+    note = f'includes compiling {"+".join(new)}' if new else 'all compiled before'
+    print(f'{version} ({note}): {total:.1f} s wall | {per} | accuracy after: {acc}', flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Small builders shared by the tests: tiny models, batches and subprocess runners."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autolora_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_resnet18(num_classes=5, **kwargs):
+  """A width-8 ResNet-18 with the CIFAR stem at 16x16: every layer type, a fraction of the cost."""
+  kw = dict(width=8, input_size=16, stem='cifar', conv_impl='native')
+  kw.update(kwargs)
+  return models.resnet18(num_classes, **kw)
+
+
+def init(model, seed=0, size=16):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))
+
+
+def random_batch(n=8, size=16, num_classes=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.random((n, size, size, 3), dtype=np.float32),
+          'label': rng.integers(0, num_classes, n).astype(np.int32),
+          'index': np.arange(n, dtype=np.int32)}
+
+
+def with_nonzero_lora_b(variables, seed=1, scale=0.05):
+  """Variables whose LoRa B matrices are random (B = 0 at initialisation makes both branches equal)."""
+  key = jax.random.PRNGKey(seed)
+
+  def fill(path, value):
+    nonlocal key
+    if models.param_group(path) == 'lora' and path[-1].key == 'lora_B':
+      key, sub = jax.random.split(key)
+      return scale * jax.random.normal(sub, value.shape)
+    return value
+
+  return {**variables, 'params': jax.tree_util.tree_map_with_path(fill, variables['params'])}
+
+
+def run_python(code, devices=1, timeout=600, env=None):
+  """Runs `code` in a fresh interpreter with `devices` fake CPU devices; returns the completed process."""
+  full_env = dict(os.environ)
+  full_env.update({'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT,
+                   'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'})
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=full_env, capture_output=True,
+                        text=True, timeout=timeout)

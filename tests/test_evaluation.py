@@ -1,0 +1,104 @@
+"""Test-split evaluation: AutoAttack in the end-of-training report and `run.py --mode=eval` on a workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autolora_jax import config_checks, evaluation, input_pipeline, train
+from autolora_jax.errors import ConfigError, WorkdirError
+from configs import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  """The demo shrunk: width 4 at 8x8, no pre-training, one epoch, short PGD, AA fast on 16 test points."""
+  config = demo.get_config()
+  config.model.width = 4
+  config.model.input_size = 8
+  config.model.conv_impl = 'native'
+  config.pretrain.epochs = 0
+  config.auto_lr.max_epochs = 1
+  config.auto_lr.lr0 = 0.05
+  config.attack.train_steps = 1
+  config.attack.eval_steps = 2
+  config.eval_batch_size = 128
+  config.progress = False
+  config.tensorboard = False
+  config.autoattack.version = 'fast'
+  config.autoattack.num_points = 16
+  config.autoattack.batch_size = 16
+  return config
+
+
+def test_autoattack_config_is_validated():
+  config = tiny_config()
+  config_checks.validate(config)
+  config.autoattack.version = 'plus'
+  with pytest.raises(ConfigError, match='autoattack.version'):
+    config_checks.validate(config)
+  config = tiny_config()
+  config.autoattack.num_points = -1
+  with pytest.raises(ConfigError, match='autoattack.num_points'):
+    config_checks.validate(config)
+  config = tiny_config()
+  config.autoattack.batch_size = 0
+  with pytest.raises(ConfigError, match='autoattack.batch_size'):
+    config_checks.validate(config)
+
+
+def test_first_points_are_the_first_of_the_split_in_order():
+  images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
+  labels = np.arange(10, dtype=np.int32) % 3
+  data = input_pipeline.ArrayDataset({'test': (images, labels)}, num_classes=3)
+  for n in (1, 4, 6, 10, 25):
+    x, y = evaluation.first_points(data, 'test', n, global_batch=4)
+    np.testing.assert_array_equal(x, images[:n])
+    np.testing.assert_array_equal(y, labels[:n])
+
+
+def test_eval_mode_needs_a_trained_workdir(tmp_path):
+  with pytest.raises(WorkdirError, match='--mode=eval'):
+    evaluation.evaluate_workdir(tiny_config(), str(tmp_path / 'empty'))
+  proc = subprocess.run([sys.executable, 'run.py', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                         '--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'error: --mode=eval needs a workdir with a training run' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
+  config = tiny_config()
+  workdir = str(tmp_path / 'run')
+  trained = train.train_and_evaluate(config, workdir)
+  printed = capsys.readouterr().out
+  assert 'autoattack' in printed and 'version fast' in printed and 'first 16 of' in printed
+  for name in ('best', 'final'):
+    entry = trained[name]
+    assert set(entry['test']) >= {'clean', 'pgd10', 'autoattack'}
+    assert entry['autoattack']['num_points'] == 16
+    assert entry['test']['autoattack'] == entry['autoattack']['robust']
+    assert entry['test']['autoattack'] <= entry['autoattack']['clean']
+    assert list(entry['autoattack']['accuracy_after']) == ['clean', 'apgd-ce', 'apgd-t']
+  settings = dict(trained['autoattack'])
+  assert set(settings.pop('seconds')) == {'best', 'final'}
+  assert settings == {'version': 'fast', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': config.attack.eps,
+                      'num_points': 16, 'num_test': trained['num_test'], 'seed': 0}
+
+  # --mode=eval on the finished workdir: the same numbers again (same checkpoints, same seed), written into
+  # results.json beside what the training run wrote there.
+  evaluated = evaluation.evaluate_workdir(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(evaluated))
+  assert on_disk['wall_seconds'] == pytest.approx(trained['wall_seconds']) and 'eval_seconds' in on_disk
+  for name in ('best', 'final'):
+    assert on_disk[name]['epoch'] == trained[name]['epoch']
+    assert on_disk[name]['test'] == pytest.approx(trained[name]['test'])
+    assert on_disk[name]['autoattack'] == trained[name]['autoattack']
+

@@ -1,0 +1,48 @@
+"""The pmapped train step: 4 devices train the same model as 1 device on the same global batches."""
+
+import json
+
+from tests import helpers
+
+CODE = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from autolora_jax import steps
+from flax import jax_utils
+from tests import helpers
+
+assert jax.device_count() == 4, jax.devices()
+model = helpers.tiny_resnet18()
+variables = helpers.init(model)
+tx = steps.make_optimizer(0.05, 0.9, 1e-4)
+state = steps.create_train_state(model, variables, tx, l1=0.3, l2=4.0)
+step = steps.make_train_step(model, eps=8 / 255, step_size=2 / 255, steps=3)
+batches = [helpers.random_batch(n=16, seed=s) for s in (1, 2)]
+
+def train(devices):
+  p_step = jax.pmap(step, axis_name=steps.AXIS, in_axes=(0, 0, None), devices=devices)
+  s = jax_utils.replicate(state, devices=devices)
+  for i, batch in enumerate(batches):
+    sharded = {k: v.reshape((len(devices), -1) + v.shape[1:]) for k, v in batch.items()}
+    s, metrics = p_step(s, sharded, jax.random.PRNGKey(i))
+  first = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), s)
+  return first, jax.tree_util.tree_map(lambda a: np.asarray(a), s), {k: float(v[0]) for k, v in metrics.items()}
+
+one, _, m1 = train(jax.devices()[:1])
+four, all4, m4 = train(jax.devices())
+diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+replicas = max(float(np.max(np.abs(a - a[:1]))) for a in jax.tree_util.tree_leaves(all4))
+print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(one.batch_stats, four.batch_stats),
+                  'opt_state': diff(one.opt_state, four.opt_state), 'replicas': replicas,
+                  'loss': abs(m1['loss'] - m4['loss']), 'moved': diff(one.params, state.params)}))
+'''
+
+
+def test_four_devices_match_one_device():
+  proc = helpers.run_python(CODE, devices=4)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['moved'] > 1e-3  # the steps did train
+  assert result['params'] < 1e-5 and result['batch_stats'] < 1e-5 and result['opt_state'] < 1e-5, result
+  assert result['replicas'] == 0.0  # all four replicas hold the same state
+  assert result['loss'] < 1e-5

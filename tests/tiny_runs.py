@@ -1,0 +1,139 @@
+"""Tiny end-to-end runs for the fault-tolerance tests: a narrow model on the digits, run in subprocesses.
+
+Multi-device runs need XLA_FLAGS before jax is imported, and signals need a process of their own, so the
+tests drive `train_and_evaluate` (or run.py) in fresh interpreters; `run_python` starts one.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, 'tests')
+
+
+def tiny_config(epochs: int = 2, **overrides):
+  """The digits demo with a width-8 ResNet-18 at 8x8, PGD-2, no pre-training and `epochs` epochs."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.model.width = 8
+  config.model.input_size = 8
+  config.model.lora_rank = 4
+  config.model.conv_impl = 'native'  # compiles about twice as fast as im2col on CPU
+  config.pretrain.epochs = 0
+  config.pretrain.dataset.name = ''
+  config.attack.train_steps = 2
+  config.attack.eval_steps = 2
+  config.auto_lr.max_epochs = epochs
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.progress = False
+  config.tensorboard = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def env_for(devices: int, **extra) -> dict:
+  env = dict(os.environ)
+  env.update({'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+              'PYTHONPATH': os.pathsep.join([ROOT, TESTS]), 'TF_CPP_MIN_LOG_LEVEL': '2',
+              'JAX_PLATFORMS': 'cpu'})
+  env.update(extra)
+  return env
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 300, **extra_env) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh interpreter with `devices` fake CPU devices; returns the completed process."""
+  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env_for(devices, **extra_env),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def start_python(code: str, devices: int = 1, **extra_env) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=env_for(devices, **extra_env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_metrics(workdir: str, drop=('train_seconds', 'images_per_second')):
+  """metrics.jsonl as a list of dicts without the timing fields."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f if line.strip()]
+
+
+def cache_env(cache_dir: str) -> dict:
+  """Environment for JAX's persistent compilation cache: runs of one program compile it once."""
+  return {'JAX_COMPILATION_CACHE_DIR': str(cache_dir), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+# -- hooks for runs in subprocesses (test code only: they wrap library functions from the outside) ---------
+
+def sigterm_at(epoch: int, step: int) -> None:
+  """Makes this process send itself SIGTERM while train step `step` (0-based) of `epoch` runs."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from autolora_jax import loop  # pylint: disable=g-import-not-at-top
+  original = loop.train_epoch
+
+  def train_epoch(*args, on_step=None, **kwargs):
+    def hook(state, s):
+      if (kwargs['epoch'], s) == (epoch, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+      return on_step(state, s) if on_step is not None else False
+    return original(*args, on_step=hook, **kwargs)
+
+  loop.train_epoch = train_epoch
+
+
+def nan_images_at(epoch: int, step: int) -> None:
+  """Makes the training batch of (epoch, step) all NaN, so that its loss is NaN."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from autolora_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  original = input_pipeline.ArrayDataset.train_batches
+
+  def train_batches(self, e, global_batch, start_step=0):
+    for s, batch in enumerate(original(self, e, global_batch, start_step), start=start_step):
+      if (e, s) == (epoch, step):
+        batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+      yield batch
+
+  input_pipeline.ArrayDataset.train_batches = train_batches
+
+
+def cli_code(argv, hook: str = '') -> str:
+  """Python code that runs run.py with `argv` (flags) after the hook statement `hook` (e.g.
+  'tiny_runs.sigterm_at(2, 1)')."""
+  return ('import runpy, sys\nimport tiny_runs\n' + (hook + '\n' if hook else '') +
+          f'sys.argv = {["run.py"] + list(argv)!r}\nrunpy.run_path("run.py", run_name="__main__")\n')
+
+
+def restore_tree(directory: str):
+  """The arrays of an Orbax item folder (e.g. checkpoints/latest/<step>/state) as a flat dict of numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.abspath(directory))
+  return {jax.tree_util.keystr(path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def checkpoint_meta(workdir: str, which: str, step: int) -> dict:
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'checkpoints', which, str(step), 'meta', 'metadata')) as f:
+    return json.load(f)
+
+
+def checkpoint_steps(workdir: str, which: str = 'latest'):
+  folder = os.path.join(workdir, 'checkpoints', which)
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
