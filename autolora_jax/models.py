@@ -186,7 +186,8 @@ class BatchNorm(nn.Module):
 
   Normalises with the biased batch variance and updates the running variance with the unbiased one,
   as torch.nn.BatchNorm2d does (Flax's own BatchNorm stores the biased one). Statistics and the
-  normalisation are computed in float32 (the output has x's dtype); statistics are reduced and across the devices of `axis_name` (synchronised BatchNorm), so that any number of devices
+  normalisation are computed in float32 (the output has x's dtype); statistics are reduced across the
+  devices of `axis_name` (synchronised BatchNorm), so that any number of devices
   computes what one device computes on the whole batch.
   """
   use_running_average: bool

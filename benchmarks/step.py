@@ -9,7 +9,10 @@ For every (arch, resolution, batch) in the comma-separated flags and every part 
   `torch_reference.AutoLoRaStep` (the authors' public code's step);
 * eval: the validation pass on one batch (clean accuracy of both branches, PGD-`pgd_steps` without random
   start, the adversarial forward on its output), `steps.make_eval_step`; against `torch_reference.eval_step`;
-* autoattack: `autolora_jax.autoattack.run` on `--aa_images` images (skipped when that module is absent).
+* autoattack: `autolora_jax.autoattack.run` (version --aa_version) on `--aa_images` images of the randomly
+  initialised model, labelled with its own predictions so that the cascade attacks every point, per
+  image (its "compile" time is the first call, compilation included); no reference. A random model's
+  points break at once: benchmarks/autoattack_speed.py times AutoAttack on a trained model.
 
 Ours and the reference run in one process and alternate repetitions, so that both see the same machine
 load; the reported images per second are medians over `--reps` repetitions after one warm-up call.
@@ -199,17 +202,16 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
     try:
       from autolora_jax import autoattack  # pylint: disable=import-outside-toplevel
     except ImportError:
-      return None, {'skipped': 'autolora_jax/autoattack.py is not there yet'}
+      return None, {'skipped': 'autolora_jax.autoattack is not installed'}
     n = FLAGS.aa_images or batch
-    xa, ya = jnp.asarray(x[:n]), jnp.asarray(y[:n])
-
-    def logits_fn(z):
-      return model.apply(variables, z, branch='adv', train=False)
+    logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, branch='adv', train=False), variables)
+    xa = jnp.asarray(x[:n])
+    ya = jnp.argmax(logits_fn(xa), -1)  # labels = the model's predictions: every point starts robust
 
     def call():
-      out = autoattack.run(logits_fn, xa, ya, eps=EPS, version=FLAGS.aa_version, seed=FLAGS.seed,
-                           batch_size=n)
-      jax.block_until_ready(out)
+      result = autoattack.run(logits_fn, xa, ya, eps=EPS, version=FLAGS.aa_version, seed=FLAGS.seed,
+                              batch_size=n, progress=False, sanity_checks=False)
+      jax.block_until_ready(result.x_adv)
 
     t0 = time.perf_counter()
     call()  # compiles inside
@@ -338,6 +340,8 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
     med = statistics.median(ts)
     case[f'{name}_times_s'] = [round(t, 4) for t in ts]
     case[f'{name}_img_per_s'] = images / med
+    if part == 'autoattack':
+      case[f'{name}_s_per_image'] = med / images
     if flops:
       case[f'{name}_flop_per_s'] = flops * images / med
       if FLAGS.peak_flops:

@@ -51,13 +51,14 @@ def test_reference_step_computes_our_step():
   # updated parameters and BatchNorm statistics, i.e. the same gradient routing and optimizer.
   state = steps.create_train_state(model, variables, steps.make_optimizer(0.1, 0.9, 1e-4), l1=0.3, l2=2.0)
   train_step = jax.jit(steps.make_train_step(model, eps=0.0, step_size=0.0, steps=1, axis_name=None))
-  new_state, metrics = train_step(state, {'image': x, 'label': y, 'index': np.arange(4)}, jax.random.PRNGKey(0))
+  batch = {'image': x, 'label': y, 'index': np.arange(4)}
+  new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0))
   step = torch_reference.AutoLoRaStep(ref, lr=0.1, l1=0.3, l2=2.0, eps=0.0, step_size=0.0, steps=1)
   out = step(torch_reference.to_nchw(x), torch.from_numpy(y.astype(np.int64)))
   np.testing.assert_allclose(out['loss'], float(metrics['loss']), rtol=1e-5)
+  new_variables = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
   ours = torch_reference.load_flax_variables(torch_reference.resnet18(10, width=8, input_size=32),
-                                             {'params': new_state.params, 'batch_stats': new_state.batch_stats},
-                                             (2, 2, 2, 2)).state_dict()
+                                             new_variables, (2, 2, 2, 2)).state_dict()
   for name, value in ref.state_dict().items():
     if value.dtype == torch.float32:
       assert _rel(value.numpy(), ours[name].numpy()) < 1e-3, name
