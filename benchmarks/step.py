@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autolora_jax import host, models, steps  # noqa: E402
+from autolora_jax import autoattack, host, models, steps  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -199,10 +199,6 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   variables = model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}
   if part == 'autoattack':
-    try:
-      from autolora_jax import autoattack  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      return None, {'skipped': 'autolora_jax.autoattack is not installed'}
     n = FLAGS.aa_images or batch
     logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, branch='adv', train=False), variables)
     xa = jnp.asarray(x[:n])
@@ -303,10 +299,6 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
           'width': FLAGS.width, 'stem': FLAGS.stem, 'pgd_steps': FLAGS.pgd_steps}
   impls = {}
   call, info = ours(part, arch, resolution, input_size, batch, data)
-  if call is None:
-    print(f'[{part} {arch} {resolution}px b{batch}] skipped: {info["skipped"]}', flush=True)
-    case['skipped'] = info['skipped']
-    return case
   impls['ours'] = call
   case['ours_compile_s'] = round(info['compile_s'], 3)
   if 'xla_bytes' in info:
@@ -363,9 +355,6 @@ def print_table(cases: List[Dict]):
   print('-' * len(head))
   for c in cases:
     res = f'{c["resolution"]}' + (f'>{c["input_size"]}' if c['input_size'] != c['resolution'] else '')
-    if 'skipped' in c:
-      print(f'{c["part"]:10} {c["arch"]:9} {res:>8} {c["batch"]:>5}  skipped: {c["skipped"]}')
-      continue
     mib = lambda b: b / 2**20 if b is not None else None  # noqa: E731
     gf = lambda f: f / 1e9 if f is not None else None  # noqa: E731
     print(f'{c["part"]:10} {c["arch"]:9} {res:>8} {c["batch"]:>5} {_fmt(c.get("ours_img_per_s"), "10.3f")} '
