@@ -9,7 +9,7 @@ import pytest
 from autolora_jax import checkpoints, reporting, train
 from autolora_jax.errors import ConfigError, WorkdirError
 from configs import demo
-from tests import helpers
+from tests import helpers, tiny_runs
 
 TIMING_KEYS = ('train_seconds', 'images_per_second')
 
@@ -29,13 +29,7 @@ def tiny_config(**overrides):
   config.tensorboard = False
   config.autoattack.num_points = 16  # AutoAttack (the demo's fast version) on a few points: in the loop, cheap
   config.autoattack.batch_size = 16
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return tiny_runs.with_overrides(config, overrides)
 
 
 def _strip(records):

@@ -30,6 +30,11 @@ def tiny_config(epochs: int = 2, **overrides):
   config.eval_batch_size = 128
   config.progress = False
   config.tensorboard = False
+  return with_overrides(config, overrides)
+
+
+def with_overrides(config, overrides: dict):
+  """Sets each dotted key of `overrides` (e.g. 'attack.eps') in `config`; returns config."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')
