@@ -50,6 +50,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
+  host.set_xla_cpu_flags()  # XLA's own CPU convolution kernels (see autolora_jax/host.py)
   try:
     if _MODE.value == 'eval':
       evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)

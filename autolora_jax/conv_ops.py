@@ -12,8 +12,7 @@ Everything here is plain jax.numpy and lax, so any backend runs it; models.py us
   stride phase so that XLA fuses it into a few elementwise loops.
 * `conv_explicit`: the native forward convolution with the gradients written out: for the input, a
   stride-1 convolution with the flipped, transposed kernel materialised in HWIO order (stride 1) or one
-  matmul followed by `scatter_taps` (strided); for the kernel, the native rule summed over batch chunks
-  (`conv_kernel_grad`).
+  matmul followed by `scatter_taps` (strided); for the kernel, XLA's own rule (`conv_kernel_grad`).
 * `max_pool`: max-pooling whose gradient goes, as PyTorch's and XLA's do, to the first maximum of each
   window in row-major order.
 """
@@ -105,25 +104,10 @@ def _conv_fwd(x, kernel, stride, padding):
   return _native(x, kernel, stride, padding), (x, kernel)
 
 
-# The kernel gradient of a convolution with a large output is summed over batch chunks of at most this
-# many output pixels: XLA's CPU kernel-gradient convolution (and the transposes it needs) slows down
-# superlinearly with the batch (a 56 x 56 one: batch 8 15 ms, batch 32 115 ms). On a 2-core AVX-512
-# machine the two training passes of the ResNet-18 step at 224 x 224, batch 32 (PGD off) took 4.6 s
-# whole and 3.3-3.5 s with budgets from 784 to 12544 pixels. Small convolutions stay whole.
-WGRAD_CHUNK_PIXELS = 4 * 56 * 56
-
-
 def conv_kernel_grad(x, g, kernel_shape, stride: int, padding: int):
-  """d(conv(x, kernel))/dkernel applied to g (N, Ho, Wo, C_out) -> (k, k, C_in, C_out), batch-chunked."""
-  n, ho, wo, _ = g.shape
-  chunk = max(1, WGRAD_CHUNK_PIXELS // (ho * wo))
-  zeros = jnp.zeros(kernel_shape, x.dtype)
-
-  def part(lo, hi):
-    _, vjp = jax.vjp(lambda w: _native(x[lo:hi], w, stride, padding), zeros)
-    return vjp(g[lo:hi])[0]
-
-  return functools.reduce(jnp.add, [part(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)])
+  """d(conv(x, kernel))/dkernel applied to g (N, Ho, Wo, C_out) -> (k, k, C_in, C_out): XLA's own rule."""
+  _, vjp = jax.vjp(lambda w: _native(x, w, stride, padding), jnp.zeros(kernel_shape, x.dtype))
+  return vjp(g)[0]
 
 
 def _conv_bwd(stride, padding, res, g):

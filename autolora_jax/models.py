@@ -101,12 +101,13 @@ def conv2d(x, kernel, stride, padding, impl='native'):
   return jnp.concatenate(patches, axis=-1) @ kernel.reshape(kh * kw * c_in, c_out)
 
 
-# On CPUs (2-core AMD EPYC machines, benchmarks/step.py and layer timings): XLA's native convolution is as
-# fast as a matmul for outputs of 8 x 8 and more but pathological for the smallest ones (2 x 2 outputs with
-# 512 channels: 600 ms where im2col takes 3 ms), and its input gradients inside a train step can be 20x
-# slower than its forward; so 'auto' uses im2col up to 7 x 7 outputs and for 1 x 1 kernels (a matmul), and
-# the native forward with explicit gradients (conv_ops.conv_explicit) above.
-IM2COL_MAX_SIDE = 7
+# On CPUs (2-core AMD EPYC machines, benchmarks/step.py and layer timings, XLA's own convolution kernels as
+# host.set_xla_cpu_flags selects them): XLA's native convolution is as fast as a matmul for outputs of 4 x 4
+# and more but pathological for the smallest ones (2 x 2 outputs with 256 channels, batch 32: 27 ms where
+# im2col takes 1.3 ms), and its input gradients of strided convolutions are slow (the ResNet-18 stem at 224:
+# 196 ms, 91 ms written out); so 'auto' uses im2col up to 3 x 3 outputs and for 1 x 1 kernels (a matmul),
+# and the native forward with explicit gradients (conv_ops.conv_explicit) above.
+IM2COL_MAX_SIDE = 3
 
 
 def resolve_conv_impl(impl, out_side: Optional[int] = None, kernel_size: Optional[int] = None):

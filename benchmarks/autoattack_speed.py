@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, input_pipeline, methods, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, host, input_pipeline, methods, pretrain
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')
@@ -34,6 +34,8 @@ _PROGRESS = flags.DEFINE_bool('progress', True, 'Progress bars.')
 
 
 def main(_):
+  host.retain_freed_memory()
+  host.set_xla_cpu_flags()
   config = _CONFIG.value
   if config.dataset.name != 'digits':
     raise SystemExit('This benchmark takes its points from the digits demo data (--config=configs/demo.py).')

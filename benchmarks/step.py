@@ -29,7 +29,8 @@ pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + inp
 natural and adversarial pass: forward + input and weight gradients) and a validation image
 (2 * pgd_steps + 3) * F.
 
-The process runs with host.retain_freed_memory() (as run.py does; --noretain_freed_memory to compare).
+The process runs with host.retain_freed_memory() and host.set_xla_cpu_flags() (as run.py does;
+--noretain_freed_memory and --noxla_cpu_flags to compare).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ flags.DEFINE_integer('threads', 0, 'Pin the process to this many cores (both imp
                      '0 = all. On a shared, loaded machine 1 gives the steadier comparison.')
 flags.DEFINE_bool('retain_freed_memory', True, 'host.retain_freed_memory() for the whole process (both '
                   'implementations), as run.py does.')
+flags.DEFINE_bool('xla_cpu_flags', True, 'host.set_xla_cpu_flags() (XLA\'s own CPU convolution kernels), '
+                  'as run.py does; --noxla_cpu_flags to compare.')
 flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of the machine, for the utilisation column; 0 = none.')
 flags.DEFINE_string('json', '', 'Write the results here as JSON.')
 flags.DEFINE_integer('seed', 0, 'Seed of the inputs and the initial weights.')
@@ -381,6 +384,7 @@ def main(argv):
     if torch is not None:
       torch.set_num_threads(FLAGS.threads)
   malloc_tuned = host.retain_freed_memory() if FLAGS.retain_freed_memory else False
+  xla_flags_set = host.set_xla_cpu_flags() if FLAGS.xla_cpu_flags else False
   load_before = _loadavg()
   print(f'jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), '
         f'torch {torch.__version__ if torch else "absent"}, {os.cpu_count()} CPUs, load {load_before}',
@@ -413,7 +417,7 @@ def main(argv):
         'settings': {'conv_impl': FLAGS.conv_impl, 'dtype': FLAGS.dtype, 'reps': FLAGS.reps,
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
                      'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads,
-                     'retain_freed_memory': malloc_tuned},
+                     'retain_freed_memory': malloc_tuned, 'xla_cpu_flags': xla_flags_set},
         'cases': cases,
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
