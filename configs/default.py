@@ -48,7 +48,7 @@ def get_config():
   config.model.mean = IMAGENET_MEAN
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
-  #   | 'explicit' (see models.resolve_conv_impl)
+  #   | 'explicit' | 'winograd' (see models.resolve_conv_impl)
   config.model.dtype = 'float32'
 
   # The pre-trained feature extractor: '' = random initialisation; a folder written by

@@ -54,16 +54,18 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window():
 def test_resolve_conv_impl_on_cpu():
   assert jax.default_backend() == 'cpu'
   assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE, 3) == 'im2col'
-  assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE + 1, 3) == 'explicit'
+  assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE + 1, 3) == 'winograd'
+  assert models.resolve_conv_impl('auto', models.IM2COL_MAX_SIDE + 1, 3, stride=2) == 'explicit'
+  assert models.resolve_conv_impl('auto', 112, 7, stride=2) == 'explicit'
   assert models.resolve_conv_impl('auto', 56, 1) == 'im2col'
   assert models.resolve_conv_impl('native', 2, 3) == 'native'
   with pytest.raises(ValueError, match='conv_impl'):
     models.resolve_conv_impl('fast', 8, 3)
 
 
-def _network_outputs(impl):
+def _network_outputs(impl, stem):
   """Logits of both branches, input gradient (as PGD) and train-mode parameter gradients of a tiny ResNet."""
-  model = models.resnet18(5, width=8, input_size=32, conv_impl=impl)  # sides 16, 8, 4 (explicit), 2, 1 (im2col)
+  model = models.resnet18(5, width=8, input_size=32, conv_impl=impl, stem=stem)
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
   y = jnp.arange(4) % 5
   variables = model.init(jax.random.PRNGKey(1), x[:1])
@@ -90,11 +92,14 @@ def _network_outputs(impl):
   return outputs(variables)
 
 
-def test_network_gives_the_same_results_with_auto_and_native_convs():
-  # 'auto' on CPU: explicit gradients at 16 x 16 to 4 x 4, im2col at 2 x 2 and 1 x 1, conv_ops.max_pool.
-  ref = _network_outputs('native')
+@pytest.mark.parametrize('stem', ['imagenet', 'cifar'])
+def test_network_gives_the_same_results_with_auto_and_native_convs(stem):
+  # 'auto' on CPU. ImageNet stem: the 7 x 7 stem and strided 3 x 3 convolutions explicit, conv_ops.max_pool,
+  # the 3 x 3 stride-1 ones at 8 x 8 and 4 x 4 Winograd F(2 x 2), im2col at 2 x 2 and 1 x 1. CIFAR stem:
+  # Winograd F(4 x 4) at 32 x 32, F(2 x 2) at 16 x 16 to 4 x 4.
+  ref = _network_outputs('native', stem)
   for impl in ('auto',):
-    got = _network_outputs(impl)
+    got = _network_outputs(impl, stem)
     for key in ref:
       leaves = zip(jax.tree_util.tree_leaves_with_path(ref[key]), jax.tree_util.tree_leaves(got[key]))
       for (path, a), b in leaves:
