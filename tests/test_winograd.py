@@ -7,7 +7,6 @@ random data: ~6e-7 and ~6e-6; the transforms of F(4 x 4) multiply by up to 8 and
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
