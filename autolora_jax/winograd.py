@@ -67,15 +67,15 @@ def kernel_transform(kernel, m: int) -> List[jax.Array]:
   return [_combine(g[b], [r[j] for j in range(3)]) for r in rows for b in range(m + 2)]
 
 
-def input_transform(x, m: int, tiles: Sequence[int]) -> List[jax.Array]:
+def input_transform(x, m: int) -> List[jax.Array]:
   """V = B^T d B for every input tile d of x (N, H, W, C) padded by 1 (and on the far side up to whole tiles).
 
-  Returns (m + 2)^2 arrays (N * Th * Tw, C), row-major over the tile position.
+  Returns (m + 2)^2 arrays (N * Th * Tw, C), row-major over the tile position; Th = ceil(H / m), Tw likewise.
   """
   bt = TRANSFORMS[m][0]
   a = m + 2
   n, h, w, c = x.shape
-  th, tw = tiles
+  th, tw = -(-h // m), -(-w // m)
   xp = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
   rows_in = [xp[:, k:k + m * (th - 1) + 1:m] for k in range(a)]  # (N, Th, Wp, C)
   rows = [_combine(bt[i], rows_in) for i in range(a)]
@@ -102,10 +102,9 @@ def output_transform(products: Sequence[jax.Array], m: int, shape: Sequence[int]
 def _conv(x, kernel, m, transposed=False):
   """F(m x m, 3 x 3) of x with `kernel`, or with its input and output channels swapped (transposed=True)."""
   n, h, w, _ = x.shape
-  tiles = (-(-h // m), -(-w // m))
   # At least float32: the transforms' sums cancel, which bfloat16's 8-bit mantissa would turn into noise.
   dtype = jnp.promote_types(x.dtype, jnp.float32)
-  v = input_transform(x.astype(dtype), m, tiles)
+  v = input_transform(x.astype(dtype), m)
   u = kernel_transform(kernel.astype(dtype), m)
   # The swapped kernel is read as the transposed operand of each matmul (no transpose of the kernel).
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
