@@ -35,6 +35,12 @@ def get_config():
   config.dataset.split_seed = 0
   config.dataset.test_fraction = 0.0  # only for data sets without a test split (digits)
   config.dataset.classes = ()  # a subset of the classes, relabelled in order; () = all
+  # A seeded subset of the training pool: at most this many examples of each class (0 = all), taken before
+  # the validation split (for short runs on large data sets, e.g. configs/fashion_mnist.py).
+  config.dataset.train_per_class_limit = 0
+  # 'folder' (your own images): 'imagenet' (resize 256, crop 224, the paper's high-resolution
+  # preprocessing) or 'cifar' (small images as they are: pad-4 random crop and flip).
+  config.dataset.preprocess = 'imagenet'
 
   # Model: torchvision ResNet with a LoRa branch on every block convolution and projection shortcut.
   config.model = ml_collections.ConfigDict()
@@ -60,6 +66,13 @@ def get_config():
   config.pretrain.epochs = 0  # 0 = none
   config.pretrain.learning_rate = 0.1
   config.pretrain.batch_size = 128
+  # The FE's own seed (initialisation and data order), apart from config.seed: every fine-tuning seed and
+  # method starts from the same FE.
+  config.pretrain.seed = 0
+  # Where the pre-trained FE is cached, in a sub-folder named by a fingerprint of everything that
+  # determines it; '' = WORKDIR/pretrain. Runs that share the folder (python -m autolora_jax.compare)
+  # pre-train once.
+  config.pretrain.cache_dir = ''
   config.pretrain.dataset = ml_collections.ConfigDict()
   config.pretrain.dataset.name = ''
   config.pretrain.dataset.data_dir = ''
@@ -69,6 +82,8 @@ def get_config():
   config.pretrain.dataset.split_seed = 0
   config.pretrain.dataset.test_fraction = 0.0
   config.pretrain.dataset.classes = ()
+  config.pretrain.dataset.train_per_class_limit = 0
+  config.pretrain.dataset.preprocess = 'imagenet'
 
   # PGD, L-infinity, in [0, 1] pixel space: random start in training, none in evaluation.
   config.attack = ml_collections.ConfigDict()
