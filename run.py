@@ -22,6 +22,9 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'If the workdir holds a run o
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (or resume) and evaluate; eval: evaluate the best and the latest '
                           'checkpoint of a finished workdir on the test split (clean, PGD-10, AutoAttack).')
+_CACHE = flags.DEFINE_string('compilation_cache', None, 'Folder of the persistent cache of compiled programs '
+                             '(default: ~/.cache/autolora-jax/xla, or $XDG_CACHE_HOME/autolora-jax/xla); a '
+                             'second run of a config compiles nothing. Empty: no cache.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -51,6 +54,8 @@ def main(argv):
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
   host.set_xla_cpu_flags()  # XLA's own CPU convolution kernels (see autolora_jax/host.py)
+  host.enable_compilation_cache(host.default_compilation_cache_dir() if _CACHE.value is None
+                                else _CACHE.value)
   try:
     if _MODE.value == 'eval':
       evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)

@@ -125,6 +125,14 @@ IM2COL_MAX_SIDE = 3
 # gradient) 2.17 -> 2.01 s, the train step's two training passes 7.6 -> 7.0 s.
 WINOGRAD_TILES = ((4, 0), (20, 2), (40, 4), (None, 2))
 
+# Narrow layers (the demo's and the tests' networks): below this many channels (the wider of input and
+# output), 'auto' uses im2col for every convolution. Their matmuls are small, and Winograd's and the
+# explicit gradients' extra programs cost more compile time than they save: ResNet-18, CIFAR stem, batch
+# 64, 2-core AMD EPYC, train step / validation pass img/s (compile s): width 16 at 16 x 16, per-layer
+# choice 117 / 176 (37 / 18 s), im2col 122 / 182 (21 / 11 s); width 8 at 28 x 28, per-layer choice
+# 52 / 67 (68 / 56 s), im2col 92 / 125 (26 / 14 s). The real networks (width 64) have no such layer.
+NARROW_CHANNELS = 64
+
 
 def winograd_tile(out_side: int) -> int:
   """The Winograd tile (2 or 4) 'auto' uses on CPUs for a 3 x 3 stride-1 convolution, 0 for none."""
@@ -135,19 +143,21 @@ def winograd_tile(out_side: int) -> int:
 
 
 def resolve_conv_impl(impl, out_side: Optional[int] = None, kernel_size: Optional[int] = None,
-                      stride: int = 1):
+                      stride: int = 1, channels: Optional[int] = None):
   """The implementation `conv2d` uses for a k x k convolution whose output is out_side x out_side.
 
-  'auto' picks the native convolution on GPUs and TPUs; on CPUs im2col for 1 x 1 kernels and outputs of
-  at most IM2COL_MAX_SIDE per side, 'winograd' for 3 x 3 stride-1 convolutions that `winograd_tile` gives
-  a tile, 'explicit' for the others (im2col for all when out_side is None).
+  'auto' picks the native convolution on GPUs and TPUs; on CPUs im2col for layers of fewer than
+  NARROW_CHANNELS `channels` (the wider of input and output), for 1 x 1 kernels and for outputs of at most
+  IM2COL_MAX_SIDE per side, 'winograd' for 3 x 3 stride-1 convolutions that `winograd_tile` gives a tile,
+  'explicit' for the others (im2col for all when out_side is None).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}.')
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'native'
-    if out_side is None or out_side <= IM2COL_MAX_SIDE or kernel_size == 1:
+    if (out_side is None or out_side <= IM2COL_MAX_SIDE or kernel_size == 1
+        or (channels is not None and channels < NARROW_CHANNELS)):
       return 'im2col'
     if kernel_size == 3 and stride == 1 and winograd_tile(out_side):
       return 'winograd'
@@ -206,7 +216,7 @@ class LoRaConv(nn.Module):
       if branch == 'nat':
         kernel = kernel + lora_delta(lora_a, lora_b, shape, self.alpha / self.rank)
     out_side = (max(x.shape[1], x.shape[2]) + 2 * self.padding - k) // self.strides + 1
-    impl = resolve_conv_impl(self.conv_impl, out_side, k, self.strides)
+    impl = resolve_conv_impl(self.conv_impl, out_side, k, self.strides, max(shape[2], shape[3]))
     return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding, impl)
 
 

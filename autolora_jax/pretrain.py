@@ -1,7 +1,9 @@
 """Where the fine-tuned feature extractor (FE) comes from, and how it enters the fine-tuning model.
 
 * `pretrain_in_process`: a short PGD-AT pre-training (Madry et al.) on `config.pretrain.dataset`, cached
-  in workdir/pretrain so that a resumed run does not repeat it (the offline demo's robust FE).
+  in `config.pretrain.cache_dir` (default workdir/pretrain) under a fingerprint of everything that
+  determines it, so that a resumed run, and every method and seed of a comparison, start from the same FE
+  without repeating it (the offline demo's robust FE).
 * `load_pretrained`: a converted checkpoint (`config.pretrained=DIR`, written by `python -m
   autolora_jax.convert`) or a PyTorch file converted on the fly (`config.pretrained=FILE.ckpt/.pt/.pth`).
   The input normalisation the checkpoint expects becomes config.model.mean/std (the model applies it).
@@ -11,12 +13,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Optional, Tuple
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
@@ -71,9 +76,27 @@ def init_variables(model, input_size: int, seed: int) -> dict:
   return jax.device_get(jax.jit(lambda key: model.init(key, x))(jax.random.PRNGKey(seed)))
 
 
-def _pretrain_manager(workdir: str) -> ocp.CheckpointManager:
+def fingerprint(config) -> dict:
+  """Everything the in-process pre-trained FE is a function of (JSON data): the model, the pre-training
+  settings and data, the attack and the optimizer; not config.seed (the FE has its own, pretrain.seed)."""
+  pc = config.pretrain.to_dict()
+  pc.pop('cache_dir', None)
+  return json.loads(json.dumps({'model': config.model.to_dict(), 'pretrain': pc,
+                                'attack': config.attack.to_dict(), 'optim': config.optim.to_dict()},
+                               sort_keys=True, default=list))
+
+
+def cache_folder(config, workdir: str) -> str:
+  """The folder of this config's pre-trained FE: CACHE/<16 hex digits of its fingerprint's hash>, CACHE
+  being config.pretrain.cache_dir or workdir/pretrain."""
+  base = config.pretrain.cache_dir or os.path.join(workdir, 'pretrain')
+  digest = hashlib.sha256(json.dumps(fingerprint(config), sort_keys=True).encode()).hexdigest()[:16]
+  return os.path.abspath(os.path.join(os.path.expanduser(base), digest))
+
+
+def _pretrain_manager(folder: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'pretrain')),
+      folder,
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
       item_names=('variables', 'meta'))
 
@@ -82,25 +105,29 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   """PGD-AT pre-training of an FE on `config.pretrain.dataset`; returns {'params', 'batch_stats'}.
 
   Uses the fine-tuning model's architecture without LoRa and a head for the pre-training classes, SGD
-  with a cosine learning rate and the config's attack. The result is cached in workdir/pretrain.
+  with a cosine learning rate (optax) and the config's attack; data order, initialisation and attack
+  noise are drawn from config.pretrain.seed. The result is cached in `cache_folder(config, workdir)`.
   """
   pc = config.pretrain
-  data = input_pipeline.create_dataset(pc.dataset, seed=config.seed, process_index=jax.process_index(),
+  data = input_pipeline.create_dataset(pc.dataset, seed=pc.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count())
   model = models.create_model(config.model, data.num_classes, lora_rank=0)
-  manager = _pretrain_manager(workdir)
+  folder = cache_folder(config, workdir)
+  manager = _pretrain_manager(folder)
   steps_per_epoch = data.steps_per_epoch(pc.batch_size)
-  variables = init_variables(model, config.model.input_size, config.seed + 1)
+  variables = init_variables(model, config.model.input_size, pc.seed + 1)
   if manager.latest_step() == pc.epochs:
     restored = manager.restore(pc.epochs, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(jax.device_get(variables)), meta=ocp.args.JsonRestore()))
-    log.info('Loaded the in-process pre-trained FE from %s', os.path.join(workdir, 'pretrain'))
+    manager.close()
+    log.info('Loaded the in-process pre-trained FE from %s', folder)
     return restored['variables']
   if steps_per_epoch < 1:
     raise CheckpointError(f'config.pretrain.batch_size={pc.batch_size} exceeds the pre-training data '
                           f'({data.num_examples("train")} examples): lower it.')
 
-  total = pc.epochs * steps_per_epoch
+  # Cosine decay over the whole pre-training, set per epoch (the lr is constant within an epoch).
+  schedule = optax.cosine_decay_schedule(pc.learning_rate, decay_steps=pc.epochs * steps_per_epoch)
   tx = steps.make_optimizer(pc.learning_rate, config.optim.momentum, config.optim.weight_decay)
   state = loop.replicate(steps.create_train_state(model, variables, tx))
   a = config.attack
@@ -109,11 +136,10 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   log.info('PGD-AT pre-training: %d epochs of %d steps on %s (%d classes)', pc.epochs,
                steps_per_epoch, pc.dataset.name, data.num_classes)
   for epoch in range(1, pc.epochs + 1):
-    # Cosine decay over the whole pre-training, set per epoch.
-    lr = 0.5 * pc.learning_rate * (1 + np.cos(np.pi * (epoch - 1) * steps_per_epoch / total))
+    lr = float(schedule((epoch - 1) * steps_per_epoch))
     state = steps.set_learning_rate(state, lr)
     state, metrics, timing = loop.train_epoch(
-        p_step, state, data.train_batches(epoch, pc.batch_size), seed=config.seed + 1, epoch=epoch,
+        p_step, state, data.train_batches(epoch, pc.batch_size), seed=pc.seed + 1, epoch=epoch,
         steps=steps_per_epoch, global_batch=pc.batch_size, progress=progress,
         desc=f'pre-train {epoch}/{pc.epochs}')
     log.info('pre-train epoch %d: lr %.4f, loss %.4f, train robust acc %.3f, %.0f img/s', epoch, lr,
@@ -122,7 +148,7 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   manager.save(pc.epochs, args=ocp.args.Composite(
       variables=ocp.args.StandardSave(result),
       meta=ocp.args.JsonSave({'epochs': pc.epochs, 'dataset': pc.dataset.name,
-                              'train_robust_acc': metrics['adv_acc']})))
+                              'train_robust_acc': metrics['adv_acc'], 'fingerprint': fingerprint(config)})))
   manager.wait_until_finished()
   manager.close()
   return result

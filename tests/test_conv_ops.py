@@ -59,6 +59,11 @@ def test_resolve_conv_impl_on_cpu():
   assert models.resolve_conv_impl('auto', 112, 7, stride=2) == 'explicit'
   assert models.resolve_conv_impl('auto', 56, 1) == 'im2col'
   assert models.resolve_conv_impl('native', 2, 3) == 'native'
+  narrow = models.NARROW_CHANNELS - 1
+  assert models.resolve_conv_impl('auto', 16, 3, channels=narrow) == 'im2col'
+  assert models.resolve_conv_impl('auto', 16, 3, channels=narrow + 1) == 'winograd'
+  assert models.resolve_conv_impl('auto', 16, 3, stride=2, channels=narrow) == 'im2col'
+  assert models.resolve_conv_impl('native', 16, 3, channels=narrow) == 'native'
   with pytest.raises(ValueError, match='conv_impl'):
     models.resolve_conv_impl('fast', 8, 3)
 
@@ -94,11 +99,12 @@ def _network_outputs(impl, stem):
 
 @pytest.mark.parametrize('stem', ['imagenet', 'cifar'])
 def test_network_gives_the_same_results_with_auto_and_native_convs(stem):
-  # 'auto' on CPU. ImageNet stem: the 7 x 7 stem and strided 3 x 3 convolutions explicit, conv_ops.max_pool,
-  # the 3 x 3 stride-1 ones at 8 x 8 and 4 x 4 Winograd F(2 x 2), im2col at 2 x 2 and 1 x 1. CIFAR stem:
-  # Winograd F(4 x 4) at 32 x 32, F(2 x 2) at 16 x 16 to 4 x 4.
+  # 'auto' on CPU: this width-8 network is narrow (models.NARROW_CHANNELS), so im2col everywhere and
+  # conv_ops.max_pool. 'winograd': ImageNet stem: the 7 x 7 stem and strided 3 x 3 convolutions explicit,
+  # the 3 x 3 stride-1 ones Winograd F(2 x 2) at 8 x 8 to 1 x 1; CIFAR stem: Winograd F(4 x 4) at 32 x 32,
+  # F(2 x 2) at 16 x 16 to 4 x 4.
   ref = _network_outputs('native', stem)
-  for impl in ('auto',):
+  for impl in ('auto', 'winograd'):
     got = _network_outputs(impl, stem)
     for key in ref:
       leaves = zip(jax.tree_util.tree_leaves_with_path(ref[key]), jax.tree_util.tree_leaves(got[key]))
