@@ -35,6 +35,11 @@ def _fail(message: str, status: int = 2) -> None:
 
 def parse_flags(argv):
   """absl flag parsing that turns a bad config file or --config.x=... override into a one-line error."""
+  from autolora_jax import cli, errors  # pylint: disable=g-import-not-at-top
+  try:
+    cli.check_config_file(argv)
+  except errors.ConfigError as e:
+    _fail(str(e))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import autoattack, distributed, methods, models, steps
+from autolora_jax import autoattack, distributed, input_pipeline, methods, models, steps
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -66,6 +66,7 @@ def validate(config) -> None:
     raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
   _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
   _positive_int('dataset.train_per_class', config.dataset.train_per_class)
+  check_data_config('dataset', config.dataset)
   _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
   _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
   s = config.auto_lr
@@ -88,6 +89,7 @@ def validate(config) -> None:
       raise ConfigError('config.pretrain.epochs > 0 needs config.pretrain.dataset.name, the data set the '
                         'in-process PGD-AT pre-training uses.')
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
+    check_data_config('pretrain.dataset', config.pretrain.dataset)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   methods.validate(config)  # reference_compat and the baselines' config.fixed
   aa = config.autoattack
@@ -97,6 +99,18 @@ def validate(config) -> None:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
   distributed.check(config)
+
+
+def check_data_config(key: str, data_config) -> None:
+  """The keys of one data set's config that can be checked without reading it (`key`: 'dataset' or
+  'pretrain.dataset'): train_per_class_limit, preprocess and the class indices where the class count is
+  known (folders are counted when the data set is created, still before any model is built)."""
+  limit = data_config.get('train_per_class_limit', 0)
+  if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+    raise ConfigError(f'config.{key}.train_per_class_limit must be an integer >= 0 (at most that many training '
+                      f'examples of each class; 0 = all), got {limit!r}.')
+  _choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
+  input_pipeline.check_class_selection(data_config, key=f'config.{key}', read=False)
 
 
 def check_devices(config, device_count: int, process_count: int = 1) -> None:

@@ -60,6 +60,8 @@ class Run:
     if self.data.num_examples('validation') < 1:
       raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no validation '
                         'example: the schedule and the loss scalars need one. Raise it.')
+    if config.pretrain.epochs > 0:  # its data loads later, after the model: check its classes now
+      input_pipeline.check_class_selection(config.pretrain.dataset, key='config.pretrain.dataset')
     # Read before the model is built: a bad checkpoint fails early, and its input normalisation becomes
     # config.model.mean/std.
     self.pretrained = pretrain.load_pretrained(config)

