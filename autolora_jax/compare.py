@@ -194,10 +194,13 @@ def plan_sweep(config, lrs: Sequence[float], l2s: Sequence[float], seeds: Sequen
                workdir: str) -> List[Job]:
   """The sweep's vanilla RFT runs over lrs x l2s: DIR/sweep/lr<lr>_l2<l2>/seed<k>."""
   root = os.path.abspath(workdir)
-  jobs = []
+  jobs, labels = [], {}
   for lr in lrs:
     for l2 in l2s:
       label = sweep_label(lr, l2)
+      if labels.setdefault(label, (lr, l2)) != (lr, l2):
+        raise ConfigError(f'The sweep points (lr, l2) = {labels[label]} and {(lr, l2)} would share the same '
+                          f'folder sweep/{label}: give grid values that differ in their first 6 digits.')
       for s in seeds:
         jobs.append(Job(label, s, os.path.join(root, 'sweep', label, f'seed{s}'),
                         run_config(config, root, SWEEP_METHOD, s, lr=lr, l2=l2), lr=lr, l2=l2))

@@ -223,6 +223,8 @@ def test_finished_runs_are_skipped_and_other_configs_refused(tmp_path):
     compare.run_all(config, ['autolora', 'twinz'], [0], str(tmp_path), runner=fake_runner)
   with pytest.raises(ConfigError, match='non-negative'):
     compare.parse_seeds('0,-1')
+  with pytest.raises(ConfigError, match='share the same folder sweep/lr0.001_l20'):
+    compare.plan_sweep(config, [0.001, 0.0010000001], [0], [0], str(tmp_path))
   assert len(calls) == 3
 
 
