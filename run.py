@@ -15,6 +15,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (data, TensorBo
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from autolora_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results; a run in it resumes.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'If the workdir holds a run of a different config, move '
@@ -28,31 +30,9 @@ _CACHE = flags.DEFINE_string('compilation_cache', None, 'Folder of the persisten
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str, status: int = 2) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(status)
-
-
-def parse_flags(argv):
-  """absl flag parsing that turns a bad config file or --config.x=... override into a one-line error."""
-  from autolora_jax import cli, errors  # pylint: disable=g-import-not-at-top
-  try:
-    cli.check_config_file(argv)
-  except errors.ConfigError as e:
-    _fail(str(e))
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f'{e}\nPass --config=configs/NAME.py and --workdir=DIR; see README.md.')
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    detail = e.args[0] if e.args else str(e)
-    _fail(f'bad --config override or config file: {detail}. Every key a run reads is defined in '
-          'configs/default.py; check the spelling and type against it.')
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
+    cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
   from autolora_jax import evaluation, host, loop, preemption, train  # pylint: disable=g-import-not-at-top
   from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
@@ -67,9 +47,9 @@ def main(argv):
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except InputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except loop.NonFiniteLossError as e:
-    _fail(str(e), status=1)
+    cli.fail(str(e), status=1)
   except preemption.Preempted as e:
     command = shlex.join(['python'] + [a for a in sys.argv if not a.startswith('--overwrite')])
     print(f'{e}\nTo resume: {command}', file=sys.stderr)
@@ -77,4 +57,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.make_flags_parser(
+      'Pass --config=configs/NAME.py and --workdir=DIR; see README.md.'))

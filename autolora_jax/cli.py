@@ -1,15 +1,19 @@
-"""Small checks shared by the command-line entry points (run.py, python -m autolora_jax.compare, ...).
+"""Small pieces shared by the command-line entry points (run.py, python -m autolora_jax.compare).
 
-`check_config_file(argv)` looks at the --config=PATH flag before absl parses it: a config file that does
-not exist would otherwise end in a traceback from the config loader. It raises `errors.ConfigError` with one
-paragraph naming the file and the configs that do exist; the entry point prints it and exits with status 2.
+`fail` prints a one-paragraph error and exits (status 2 for bad input). `make_flags_parser` is an absl
+`flags_parser` that turns a config file that does not exist (`check_config_file`, looked at before absl
+parses the flags: the config loader would otherwise end in a traceback) or a bad `--config.KEY=VALUE`
+override into such an error.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 from typing import Optional, Sequence
+
+from absl import flags
 
 from autolora_jax.errors import ConfigError
 
@@ -60,3 +64,29 @@ def check_config_file(argv: Sequence[str], flag: str = 'config') -> None:
   problem = config_file_problem(config_flag_value(argv[1:], flag))
   if problem:
     raise ConfigError(problem)
+
+
+def fail(message: str, status: int = 2) -> None:
+  """Prints `error: message` on stderr and exits with `status`."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def make_flags_parser(usage: str):
+  """An absl `flags_parser` for `app.run`; `usage` is the hint appended to a flag error."""
+
+  def parse_flags(argv):
+    try:
+      check_config_file(argv)
+    except ConfigError as e:
+      fail(str(e))
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f'{e}\n{usage}')
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      detail = e.args[0] if e.args else str(e)
+      fail(f'bad --config override or config file: {detail}. Every key a run reads is defined in '
+           'configs/default.py; check the spelling and type against it.')
+
+  return parse_flags
