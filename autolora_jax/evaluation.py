@@ -40,6 +40,16 @@ def first_points(data, split: str, n: int, global_batch: int) -> Tuple[np.ndarra
   return np.concatenate(xs), np.concatenate(ys)
 
 
+def first_batches(data, split: str, n: int, global_batch: int):
+  """The evaluation batches that hold the first n examples of a split, masked beyond them (for PGD-10 on
+  the points AutoAttack attacks: the two numbers then compare on the same points)."""
+  for b, batch in enumerate(data.eval_batches(split, global_batch)):
+    if b * global_batch >= n:
+      break
+    inside = (b * global_batch + batch['index'] < n).astype(np.float32)
+    yield {**batch, 'mask': batch['mask'] * inside}
+
+
 @functools.lru_cache(maxsize=None)
 def adversarial_logits(model):
   """`f(variables, x) -> logits` of the adversarial branch in inference mode: one function object per model,

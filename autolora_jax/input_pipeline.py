@@ -78,7 +78,7 @@ def check_classes(classes: Sequence[int], num_classes: Optional[int], name: str,
   if outside:
     has = f'has {num_classes} classes' if num_classes is not None else 'numbers its classes from 0'
     raise ConfigError(f'{key}={classes!r}: the data set {name} {has} (indices {span}), so the class '
-                      f'index{"es" if len(outside) > 1 else ""} {", ".join(map(str, outside))} '
+                      f'{"indices" if len(outside) > 1 else "index"} {", ".join(map(str, outside))} '
                       f'do{"" if len(outside) > 1 else "es"} not exist.')
 
 

@@ -267,6 +267,11 @@ class Run:
       acc = self.evaluate(state, 'test', desc=f'test ({name})')
       results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
                                                 'clean_nat_branch': acc['clean_nat']}}
+      if aa.enabled and aa.num_points < aa.num_test:  # PGD-10 on AutoAttack's points, to compare the two
+        gb = self.config.eval_batch_size
+        points = evaluation.first_batches(self.data, 'test', aa.num_points, gb)
+        sub = loop.evaluate(self.p_eval_step, state, points, total=aa.num_points, global_batch=gb)
+        results[name]['test']['pgd10_autoattack_points'] = sub['pgd']
       aa.add(results[name], state, name)
     results.update(aa.summary())
     if self.is_chief:

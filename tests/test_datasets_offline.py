@@ -422,12 +422,12 @@ def test_class_indices_the_data_set_does_not_have(tmp_path):
   # The demo's `--config.dataset.classes=(5,6,42)`: refused by the config check, before any workdir or model.
   config = demo.get_config()
   config.dataset.classes = (5, 6, 42)
-  with pytest.raises(ConfigError, match=r'config.dataset.classes=\(5, 6, 42\): the data set digits has 10 '
+  with pytest.raises(ConfigError, match=r'config.dataset.classes=\(5, 6, 42\): the data set mnist5k has 10 '
                                         r'classes \(indices 0-9\), so the class index 42 does not exist'):
     config_checks.validate(config)
   config = demo.get_config()
   config.pretrain.dataset.classes = (0, 10, 11)
-  with pytest.raises(ConfigError, match=r'config.pretrain.dataset.classes=.*class indexes 10, 11 do not'):
+  with pytest.raises(ConfigError, match=r'config.pretrain.dataset.classes=.*class indices 10, 11 do not'):
     config_checks.validate(config)
   config = demo.get_config()
   config.dataset.classes = (5, 6, 5)

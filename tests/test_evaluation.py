@@ -10,14 +10,15 @@ import pytest
 
 from autolora_jax import config_checks, evaluation, input_pipeline, train
 from autolora_jax.errors import ConfigError, WorkdirError
-from configs import demo
+
+import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
   """The demo shrunk: width 4 at 8x8, no pre-training, one epoch, short PGD, AA fast on 16 test points."""
-  config = demo.get_config()
+  config = tiny_runs.digits_demo()
   config.model.width = 4
   config.model.input_size = 8
   config.model.conv_impl = 'native'
@@ -49,6 +50,17 @@ def test_autoattack_config_is_validated():
   config.autoattack.batch_size = 0
   with pytest.raises(ConfigError, match='autoattack.batch_size'):
     config_checks.validate(config)
+
+
+def test_first_batches_mask_everything_after_the_first_n_points():
+  images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
+  labels = np.arange(10, dtype=np.int32) % 3
+  data = input_pipeline.ArrayDataset({'test': (images, labels)}, num_classes=3)
+  for n in (1, 4, 6, 10):
+    batches = list(evaluation.first_batches(data, 'test', n, global_batch=4))
+    assert len(batches) == -(-n // 4)
+    kept = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
+    np.testing.assert_array_equal(kept, images[:n])
 
 
 def test_first_points_are_the_first_of_the_split_in_order():
@@ -85,8 +97,13 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
     assert entry['test']['autoattack'] == entry['autoattack']['robust']
     assert entry['test']['autoattack'] <= entry['autoattack']['clean']
     assert list(entry['autoattack']['accuracy_after']) == ['clean', 'apgd-ce', 'apgd-t']
+  # One epoch: the final state is the best checkpoint, evaluated once and reported for both.
+  assert trained['best']['epoch'] == trained['final']['epoch'] == 1
+  assert trained['final'] == {**trained['best'], 'same_as_best': True}
+  for name in ('best', 'final'):  # PGD-10 on AutoAttack's 16 points beside PGD-10 on all test points
+    assert 0 <= trained[name]['test']['pgd10_autoattack_points'] <= 1
   settings = dict(trained['autoattack'])
-  assert set(settings.pop('seconds')) == {'best', 'final'}
+  assert set(settings.pop('seconds')) == {'best'}
   assert settings == {'version': 'fast', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': config.attack.eps,
                       'num_points': 16, 'num_test': trained['num_test'], 'seed': 0}
 

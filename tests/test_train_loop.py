@@ -8,14 +8,14 @@ import pytest
 
 from autolora_jax import checkpoints, reporting, train
 from autolora_jax.errors import ConfigError, WorkdirError
-from configs import demo
+
 from tests import helpers, tiny_runs
 
 TIMING_KEYS = ('train_seconds', 'images_per_second')
 
 
 def tiny_config(**overrides):
-  config = demo.get_config()
+  config = tiny_runs.digits_demo()
   config.model.width = 8
   config.model.input_size = 8
   config.pretrain.epochs = 1
