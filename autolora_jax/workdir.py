@@ -31,8 +31,10 @@ REPLACED_DIR = 'replaced'
 # What a run writes into its workdir; another run's copies of these are moved aside by --overwrite.
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.json', 'curves.png',
              'tensorboard')
-# Keys that do not change what a run computes: they may differ between a run and its resumption.
-IGNORED_KEYS = ('progress', 'tensorboard', 'distributed')
+# Keys that do not change what a run computes: they may differ between a run and its resumption (a key
+# stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
+# cached: a comparison folder moved elsewhere resumes.
+IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'pretrain.cache_dir')
 
 
 def config_dict(config) -> dict:
@@ -56,7 +58,7 @@ def config_differences(old: dict, new: dict) -> List[str]:
   a, b = _flatten(old), _flatten(new)
   out = []
   for key in sorted(set(a) | set(b)):
-    if key.split('.')[0] in IGNORED_KEYS:
+    if any(key == k or key.startswith(k + '.') for k in IGNORED_KEYS):
       continue
     if a.get(key, '<absent>') != b.get(key, '<absent>'):
       out.append(f'{key}: {a.get(key, "<absent>")!r} -> {b.get(key, "<absent>")!r}')

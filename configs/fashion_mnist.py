@@ -1,4 +1,4 @@
-"""A real offline transfer task: Fashion-MNIST, robust FE pre-trained on five classes, fine-tuned on the others.
+"""A real offline transfer task on Fashion-MNIST: a robust FE from five classes, fine-tuned on five others.
 
 The FE is pre-trained in-process with PGD-AT on T-shirt/top, trouser, pullover, dress and coat (classes
 0-4; 600 training images of each), cached so that every method and seed starts from the same FE; then a

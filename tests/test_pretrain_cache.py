@@ -30,7 +30,8 @@ def test_cache_folder_is_shared_by_seeds_and_methods_and_changes_with_the_fe(tmp
 
 def test_init_variables_depend_on_the_seed_alone_not_the_convolution():
   a = pretrain.init_variables(models.resnet18(3, width=4, input_size=8, stem='cifar'), 8, 0)
-  b = pretrain.init_variables(models.resnet18(3, width=4, input_size=8, stem='cifar', conv_impl='im2col'), 8, 0)
+  im2col = models.resnet18(3, width=4, input_size=8, stem='cifar', conv_impl='im2col')
+  b = pretrain.init_variables(im2col, 8, 0)
   c = pretrain.init_variables(models.resnet18(3, width=4, input_size=8, stem='cifar'), 8, 1)
   leaves = lambda v: [np.asarray(x) for x in jax.tree_util.tree_leaves(v)]  # noqa: E731
   assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
@@ -39,3 +40,12 @@ def test_init_variables_depend_on_the_seed_alone_not_the_convolution():
   # torchvision's init: N(0, 2 / fan_out) for the convolutions.
   k = a['params']['layer1_0']['conv1']['kernel']
   assert abs(np.std(k) / np.sqrt(2 / (9 * k.shape[-1])) - 1) < 0.2
+
+
+def test_a_moved_cache_folder_is_not_another_run():
+  from autolora_jax import workdir  # pylint: disable=g-import-not-at-top
+  a = workdir.config_dict(tiny_runs.digits_demo())
+  b = workdir.config_dict(tiny_runs.with_overrides(tiny_runs.digits_demo(), {'pretrain.cache_dir': '/x'}))
+  assert workdir.config_differences(a, b) == []
+  c = workdir.config_dict(tiny_runs.with_overrides(tiny_runs.digits_demo(), {'pretrain.seed': 5}))
+  assert workdir.config_differences(a, c) == ['pretrain.seed: 0 -> 5']
