@@ -80,9 +80,9 @@ def init_variables(model, input_size: int, seed: int) -> dict:
   x = np.zeros((1, input_size, input_size, 3), np.float32)
   plain = model.clone(conv_impl='native') if hasattr(model, 'conv_impl') else model
   try:
-    device = jax.devices('cpu')[0]
+    device = jax.local_devices(backend='cpu')[0]  # this process's own (jax.devices() lists all processes')
   except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
   with jax.default_device(device):
     variables = jax.jit(plain.init)(jax.random.key(seed, impl='rbg'), x)
   return jax.device_get(variables)
