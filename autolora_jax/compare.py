@@ -484,25 +484,10 @@ def markdown(summary: dict) -> str:
   return '\n'.join(lines)
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _save(fig, plt, path: str) -> None:
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
 def plot_comparison(summary: dict, path: str) -> None:
   """comparison.png: per checkpoint (best, final) grouped bars per method of SA, PGD-10 and AA (percent),
   with the std over seeds as error bars."""
-  plt = _pyplot()
+  plt = reporting.pyplot()
   names = list(summary['methods'])
   metrics = [k for k in METRICS if any(k in e[c] for e in summary['methods'].values() for c in CHECKPOINTS)]
   fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(names) * 2), 4.5), sharey=True)
@@ -522,7 +507,7 @@ def plot_comparison(summary: dict, path: str) -> None:
     ax.grid(alpha=0.3, axis='y')
     ax.legend()
   fig.suptitle(f'{summary.get("dataset", "")}: test accuracy, mean ± std over seeds')
-  _save(fig, plt, path)
+  reporting.save_figure(fig, plt, path)
 
 
 # -- the sensitivity study ---------------------------------------------------------------------------------
@@ -581,7 +566,7 @@ def plot_sensitivity(sweep: dict, path: str) -> None:
   """sensitivity.png: per robust metric (PGD-10, AA if present) vanilla RFT's best-checkpoint test accuracy
   as bars grouped by lr, one bar per l2 (std over seeds as error bars), and AutoLoRa's mean over its seeds
   as a horizontal line with a band of ± its std."""
-  plt = _pyplot()
+  plt = reporting.pyplot()
   metrics = _grid_metrics(sweep) or ['pgd10']
   points = {(p['lr'], p['l2']): p for p in sweep['grid']}
   lrs, l2s = sweep['lrs'], sweep['l2s']
@@ -608,7 +593,7 @@ def plot_sensitivity(sweep: dict, path: str) -> None:
            '(config.fixed.lr)', ylabel='accuracy (%)')
     ax.grid(alpha=0.3, axis='y')
     ax.legend(fontsize=8)
-  _save(fig, plt, path)
+  reporting.save_figure(fig, plt, path)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
@@ -720,16 +705,14 @@ def _mark_required():
 
 
 def _load_config(holder, config_file: str, fail):
-  """The config of --config (ml_collections loads the file on first access): a file that does not exist or
-  fails to load, or a bad override, is a one-paragraph error (exit 2)."""
+  """The config of --config (ml_collections loads the file on first access): a file that fails to load, or
+  a bad override, is a one-paragraph error (exit 2); a missing file was refused before, by
+  cli.check_config_file in the flags parser."""
   try:
     config = holder.value
     config.method  # pylint: disable=pointless-statement (a file that failed to load raises here)
     return config
   except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
-    if config_file and not os.path.exists(config_file):
-      fail(f'the config file {config_file!r} does not exist (looked for it relative to {os.getcwd()}). Pass '
-           '--config=configs/NAME.py, one of the files in configs/.')
     detail = ' '.join(str(e.args[0] if e.args else e).split())
     fail(f'the config file {config_file!r} or a --config override could not be used: {detail}. Every key a '
          'run reads is defined in configs/default.py; check the file and the spelling and type of the '

@@ -67,11 +67,26 @@ class TensorBoard:
       self.writer.close()
 
 
-def plot_curves(records: Sequence[dict], path: str) -> None:
-  """curves.png: validation accuracies, learning rate and loss scalars against the epoch."""
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only, no display), imported when a figure is drawn."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, plt, path: str) -> None:
+  """Writes `fig` to the PNG `path` atomically (a reader never sees half a file) and closes it."""
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_curves(records: Sequence[dict], path: str) -> None:
+  """curves.png: validation accuracies, learning rate and loss scalars against the epoch."""
+  plt = pyplot()
 
   records = [r for r in records if 'val_pgd10' in r]
   if not records:
@@ -95,11 +110,7 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
   axes[2].legend()
   for ax in axes:
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  save_figure(fig, plt, path)
 
 
 def write_results(workdir: str, results: dict) -> str:
