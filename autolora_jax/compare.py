@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from autolora_jax import config_checks, methods, reporting, steps
+from autolora_jax import config_checks, experiment, reporting, steps
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import ConfigError, WorkdirError
 
@@ -397,7 +397,7 @@ def describe_config(config, config_file: str = '', command: str = '') -> dict:
   """What the outputs record about the setting: config file, dataset, architecture, eps, AutoAttack."""
   aa = config.autoattack
   return {'config_file': config_file, 'dataset': config.dataset.name, 'arch': config.model.arch,
-          'eps': float(methods.effective_eps(config)), 'pgd_steps': int(config.attack.eval_steps),
+          'eps': float(experiment.effective_eps(config)), 'pgd_steps': int(config.attack.eval_steps),
           'reference_compat': bool(config.reference_compat),
           'autoattack': {'enabled': bool(aa.enabled), 'version': aa.version,
                          'num_points': int(aa.num_points)},
@@ -750,10 +750,15 @@ def main(argv, flag_values) -> None:
     sys.exit(preemption.EXIT_CODE)
 
 
-if __name__ == '__main__':
+def run_cli() -> None:
+  """`python -m autolora_jax.compare` (and the `autolora-compare` command of the installed package)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import app  # pylint: disable=g-import-not-at-top
   from autolora_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  _FLAGS = _define_flags()
+  flag_values = _define_flags()
   _mark_required()
-  app.run(lambda argv: main(argv, _FLAGS), flags_parser=_cli.make_flags_parser(USAGE))
+  app.run(lambda argv: main(argv, flag_values), flags_parser=_cli.make_flags_parser(USAGE))
+
+
+if __name__ == '__main__':
+  run_cli()

@@ -1,4 +1,5 @@
-"""Validation of a run's config before anything expensive starts (SPEC.md's ranges, known names).
+"""Validation of a run's config before anything expensive starts (SPEC.md's ranges, known names); part of
+the experiment layer (train.train_and_evaluate, evaluation.evaluate_workdir and compare call it).
 
 `validate(config)` raises `errors.ConfigError` with a one-paragraph message naming the key, the value and
 the fix. Unknown keys (typos) cannot reach it: configs/default.py locks the config, so a misspelt key
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import autoattack, distributed, input_pipeline, methods, models, steps
+from autolora_jax import autoattack, distributed, input_pipeline, models, steps
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
+LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
 
 
 def _choice(name: str, value, choices: Iterable) -> None:
@@ -91,14 +93,14 @@ def validate(config) -> None:
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     check_data_config('pretrain.dataset', config.pretrain.dataset)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
-  methods.validate(config)  # reference_compat and the baselines' config.fixed
+  check_method_settings(config)  # reference_compat and the baselines' config.fixed
   aa = config.autoattack
   _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS))
   _positive_int('autoattack.batch_size', aa.batch_size)
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
-  distributed.check(config)
+  distributed.check(config.distributed)
 
 
 def check_data_config(key: str, data_config) -> None:
@@ -132,3 +134,32 @@ def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:
         f'config.{name}={batch_size} does not divide over the {device_count} devices of this run: each '
         f'device must get the same number of examples. Use a multiple of {device_count}, e.g. '
         f'--config.{name}={max(lower, device_count)}.')
+
+
+def check_method_settings(config) -> None:
+  """Raises ConfigError for a bad `config.reference_compat` or `config.fixed` (the baselines' settings)."""
+  if not isinstance(config.reference_compat, bool):
+    raise ConfigError(f'config.reference_compat must be True or False, got {config.reference_compat!r}.')
+  f = config.fixed
+  if f.lr_schedule not in LR_SCHEDULES:
+    raise ConfigError(f'config.fixed.lr_schedule={f.lr_schedule!r} is not supported: choose one of '
+                      f'{LR_SCHEDULES} (e.g. --config.fixed.lr_schedule=piecewise).')
+  if not isinstance(f.epochs, int) or isinstance(f.epochs, bool) or f.epochs <= 0:
+    raise ConfigError(f'config.fixed.epochs must be a positive integer (the length of a vanilla RFT or '
+                      f'PGD-AT run), got {f.epochs!r}.')
+  if not isinstance(f.lr, (int, float)) or not 0 < f.lr <= 10:
+    raise ConfigError(f'config.fixed.lr must lie in (0, 10], got {f.lr!r}.')
+  if not isinstance(f.l1, (int, float)) or not 0 <= f.l1 <= 1:
+    raise ConfigError(f'config.fixed.l1 (weight of the natural cross-entropy) must lie in [0, 1], got '
+                      f'{f.l1!r}.')
+  if not isinstance(f.l2, (int, float)) or f.l2 < 0:
+    raise ConfigError(f'config.fixed.l2 (weight of the KL term) must be >= 0, got {f.l2!r}.')
+  if not isinstance(f.decay, (int, float)) or not 0 < f.decay <= 1:
+    raise ConfigError(f'config.fixed.decay (the piecewise schedule\'s factor at each boundary) must lie in '
+                      f'(0, 1], got {f.decay!r}.')
+  b = tuple(f.boundaries)
+  if (not all(isinstance(e, int) and not isinstance(e, bool) for e in b) or list(b) != sorted(set(b))
+      or (b and not 0 < b[0] <= b[-1] < f.epochs)):
+    raise ConfigError(f'config.fixed.boundaries must be increasing whole epochs inside (0, fixed.epochs='
+                      f'{f.epochs}), after which the lr is multiplied by fixed.decay; got {b!r} (e.g. '
+                      f'--config.fixed.boundaries="({f.epochs // 2}, {3 * f.epochs // 4})").')

@@ -37,10 +37,9 @@ ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_N
        'process_id': 'JAX_PROCESS_ID'}
 
 
-def settings(config) -> dict:
-  """{'coordinator_address', 'num_processes', 'process_id'} from config.distributed or the environment;
-  None where neither gives a value (JAX's cluster detection then fills it in)."""
-  d = config.distributed
+def settings(d) -> dict:
+  """{'coordinator_address', 'num_processes', 'process_id'} from `d` (config.distributed) or the
+  environment; None where neither gives a value (JAX's cluster detection then fills it in)."""
   out = {'coordinator_address': d.coordinator_address or os.environ.get(ENV['coordinator_address']) or None}
   for key, unset in (('num_processes', 0), ('process_id', -1)):
     value = d[key]
@@ -74,13 +73,12 @@ def detected_cluster() -> Optional[tuple]:
   return None
 
 
-def check(config) -> None:
-  """Raises ConfigError for inconsistent distributed settings (cheap, no network)."""
-  d = config.distributed
+def check(d) -> None:
+  """Raises ConfigError for inconsistent distributed settings `d` (config.distributed; cheap, no network)."""
   if d.initialize not in MODES:
     raise ConfigError(f'config.distributed.initialize={d.initialize!r} is not supported: choose one of '
                       f'{MODES}.')
-  s = settings(config)
+  s = settings(d)
   n, pid = s['num_processes'], s['process_id']
   if n is not None and n < 1:
     raise ConfigError(f'config.distributed.num_processes={n} (or {ENV["num_processes"]}) must be >= 1.')
@@ -92,30 +90,31 @@ def check(config) -> None:
                       "'never': set it to 'auto'.")
 
 
-def wanted(config) -> bool:
-  """Whether this process should call jax.distributed.initialize() (see the module docstring)."""
-  mode = config.distributed.initialize
-  if mode != 'auto':
-    return mode == 'always'
-  s = settings(config)
+def wanted(d) -> bool:
+  """Whether this process should call jax.distributed.initialize() for settings `d` (config.distributed;
+  see the module docstring)."""
+  if d.initialize != 'auto':
+    return d.initialize == 'always'
+  s = settings(d)
   if s['coordinator_address'] or (s['num_processes'] or 1) > 1:
     return True
   cluster = detected_cluster()
   return cluster is not None and cluster[1] > 1
 
 
-def initialize(config) -> bool:
-  """Calls jax.distributed.initialize() if the run is multi-process; returns whether JAX is distributed.
+def initialize(d) -> bool:
+  """Calls jax.distributed.initialize() if the run (`d`: config.distributed) is multi-process; returns
+  whether JAX is distributed.
 
   Must run before anything touches the devices. Idempotent. On processes other than 0 the project's
   progress messages are turned down to warnings (process 0 speaks for the run).
   """
-  check(config)
+  check(d)
   if jax.distributed.is_initialized():
     return True
-  if not wanted(config):
+  if not wanted(d):
     return False
-  s = settings(config)
+  s = settings(d)
   missing = [k for k, v in s.items() if v is None]
   if missing and detected_cluster() is None:
     raise ConfigError(

@@ -1,8 +1,11 @@
 """Test-split evaluation beyond clean and PGD-10: AutoAttack, and the evaluation of a finished workdir.
 
-* `AutoAttackEvaluation`: AutoAttack (config.autoattack: version, the first `num_points` test points,
-  batch size, seed; eps = the run's PGD eps, 0.0314 under reference_compat) on the adversarial branch (the
-  deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and "pgd10".
+* `test(exp, ckpts, final_state)`: the end of every run: clean, PGD-10 and AutoAttack test accuracy of the
+  best and the final checkpoint into results.json.
+* `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, the first `num_points` test
+  points, batch size, seed; eps = the run's PGD eps, 0.0314 under reference_compat) on the adversarial branch
+  (the deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and
+  "pgd10".
 * `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
   a workdir written by an earlier training run and evaluates both on the test split (clean, PGD-10, AA)
   into results.json, keeping what the training run wrote there.
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -20,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import autoattack, checkpoints, loop, methods, reporting
+from autolora_jax import autoattack, checkpoints, config_checks, distributed, experiment, loop, reporting
 from autolora_jax.errors import CheckpointError, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -67,20 +71,19 @@ def _global_sum(values) -> list:
 
 
 class AutoAttackEvaluation:
-  """AutoAttack of a run's checkpoints on the first config.autoattack.num_points test points."""
+  """AutoAttack of a run's checkpoints on the first `settings.num_points` test points."""
 
-  def __init__(self, config, model, data, *, progress: bool = False):
-    c = config.autoattack
-    self.enabled = bool(c.enabled)
-    self.version = c.version
-    self.batch_size = int(c.batch_size)
-    self.seed = int(c.seed)
-    self.eps = float(methods.effective_eps(config))  # reference_compat: 0.0314, as for PGD
+  def __init__(self, settings, model, data, eval_batch_size: int, *, progress: bool = False):
+    self.enabled = bool(settings.enabled)
+    self.version = settings.version
+    self.batch_size = int(settings.batch_size)
+    self.seed = int(settings.seed)
+    self.eps = float(settings.eps)
     self.num_test = data.num_examples('test')
-    self.num_points = self.num_test if c.num_points == 0 else min(int(c.num_points), self.num_test)
+    self.num_points = self.num_test if settings.num_points == 0 else min(int(settings.num_points), self.num_test)
     self.progress = progress
     self._data = data
-    self._eval_batch = int(config.eval_batch_size)
+    self._eval_batch = int(eval_batch_size)
     self._points = None
     self.seconds: Dict[str, float] = {}
     self._apply = adversarial_logits(model)
@@ -136,6 +139,42 @@ class AutoAttackEvaluation:
             f'{self.num_test} test points (clean and pgd10: all {self.num_test})')
 
 
+def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
+  """Test accuracies (clean, PGD-10, AutoAttack) of the best and the final checkpoint of an
+  `experiment.Experiment`; writes results.json (process 0)."""
+  results = {'method': exp.method, 'reference_compat': exp.reference_compat, 'dataset': exp.dataset_name,
+             'num_test': exp.data.num_examples('test')}
+  aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)
+  final_meta = ckpts.restore_meta('latest')
+  for name in ('best', 'final'):
+    if name == 'best':
+      state, meta = exp.restore_best(ckpts, final_state)
+      epoch = meta['epoch']
+    else:
+      state, epoch = final_state, final_meta['epoch']
+      if epoch == results['best']['epoch']:
+        # The best checkpoint is the final state (same epoch): the same weights give the same numbers.
+        results['final'] = {**copy.deepcopy(results['best']), 'same_as_best': True}
+        continue
+    acc = exp.evaluate(state, 'test', desc=f'test ({name})')
+    results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
+                                              'clean_nat_branch': acc['clean_nat']}}
+    if aa.enabled and aa.num_points < aa.num_test:  # PGD-10 on AutoAttack's points, to compare the two
+      gb = exp.eval_batch_size
+      points = first_batches(exp.data, 'test', aa.num_points, gb)
+      sub = loop.evaluate(exp.p_eval_step, state, points, total=aa.num_points, global_batch=gb)
+      results[name]['test']['pgd10_autoattack_points'] = sub['pgd']
+    aa.add(results[name], state, name)
+  results.update(aa.summary())
+  if exp.is_chief:
+    path = reporting.write_results(exp.workdir, results)
+    print('\nTest accuracy (' + exp.dataset_name + f', {results["num_test"]} examples):')
+    print(reporting.results_table(results))
+    print(aa.describe())
+    print(f'Written to {path}')
+  return results
+
+
 def _read_results(workdir: str) -> dict:
   path = os.path.join(workdir, reporting.RESULTS_FILE)
   if not os.path.exists(path):
@@ -146,34 +185,46 @@ def _read_results(workdir: str) -> dict:
 
 def evaluate_workdir(config, workdir: str) -> dict:
   """`--mode=eval`: test evaluation (clean, PGD-10, AutoAttack) of the best and the latest checkpoint of a
-  workdir that a training run wrote; returns the results dict merged into workdir/results.json."""
-  from autolora_jax import train  # pylint: disable=g-import-not-at-top (train imports this module)
+  workdir that a training run wrote; returns the results dict merged into workdir/results.json.
 
+  Every variable comes from the workdir's checkpoints, the model's input normalisation from their metadata:
+  the pre-trained FE (config.pretrained, or the in-process pre-training) is not read again.
+  """
   path = os.path.abspath(os.path.expanduser(workdir or ''))
   if not workdir or not os.path.isdir(os.path.join(path, 'checkpoints', 'latest')):
     raise WorkdirError(f'--mode=eval needs a workdir with a training run in it; {path} has no '
                        'checkpoints/latest. Train first (--mode=train, the default) or point --workdir at '
                        'the folder of a finished run.')
   start = time.time()
-  run = train.Run(config, path)
+  config_checks.validate(config)
+  distributed.initialize(config.distributed)
+  config_checks.check_devices(config, jax.device_count(), jax.process_count())
+  ckpts = checkpoints.Checkpoints(path)
+  exp = None
   try:
+    meta = ckpts.restore_meta('latest')
+    normalization = experiment.normalization_of(meta)
+    # Checkpoints of earlier versions do not record the normalisation: read the pre-trained file for it.
+    exp = experiment.Experiment(config, path, normalization=normalization, load_fe=normalization is None)
     try:
-      restored = run.ckpts.restore('latest', run.template())
+      restored = ckpts.restore('latest', exp.template())
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f'The checkpoint in {path} does not fit this config ({type(e).__name__}: {str(e)[:200]}). Pass the '
           f'config the run was trained with (see {os.path.join(path, "config.json")}).') from None
-    if restored is None or run.ckpts.latest_step('best') is None:
+    if restored is None or ckpts.latest_step('best') is None:
       raise CheckpointError(f'{path} holds no complete training checkpoint (latest and best): train first.')
     host_state, meta = restored
     if not meta.get('done', False):
       log.warning('The run in %s has not finished (last epoch %s): evaluating its latest state as "final".',
                   path, meta.get('epoch'))
-    previous = _read_results(path) if run.is_chief else {}
-    results = run.test(loop.replicate(host_state))
+    previous = _read_results(path) if exp.is_chief else {}
+    results = test(exp, ckpts, loop.replicate(host_state))
     merged = {**previous, **results, 'eval_seconds': time.time() - start}
-    if run.is_chief:
+    if exp.is_chief:
       reporting.write_results(path, merged)
     return merged
   finally:
-    run.close()
+    ckpts.close()
+    if exp is not None:
+      exp.close()

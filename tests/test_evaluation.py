@@ -2,13 +2,15 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from autolora_jax import config_checks, evaluation, input_pipeline, train
+from autolora_jax import checkpoints, config_checks, convert, evaluation, input_pipeline, models, pretrain, train
+from autolora_jax import workdir as workdir_lib
 from autolora_jax.errors import ConfigError, WorkdirError
 
 import tiny_runs
@@ -119,3 +121,33 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
     assert on_disk[name]['test'] == pytest.approx(trained[name]['test'])
     assert on_disk[name]['autoattack'] == trained[name]['autoattack']
 
+
+
+def test_eval_mode_after_the_pretrained_checkpoint_is_gone(tmp_path):
+  """The workdir records the input normalisation the pre-trained FE expects (in its checkpoints), the
+  config is not changed by the run, and --mode=eval needs neither the FE's file nor a changed config."""
+  config = tiny_config()
+  config.autoattack.enabled = False
+  fe_model = models.resnet18(10, width=config.model.width, input_size=8, stem=config.model.stem, lora_rank=0)
+  fe_mean, fe_std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]  # not the config's (ImageNet's)
+  fe = str(tmp_path / 'fe')
+  convert.save(fe, pretrain.init_variables(fe_model, 8, 3),
+               {'arch': convert.arch_for('resnet18', config.model.stem), 'width': config.model.width,
+                'num_classes': 10, 'mean': fe_mean, 'std': fe_std, 'layout': 'test', 'source': 'this test'})
+  config.pretrained = fe
+  before = workdir_lib.config_dict(config)
+  workdir = str(tmp_path / 'run')
+  trained = train.train_and_evaluate(config, workdir)
+  assert workdir_lib.config_dict(config) == before  # nothing wrote into the config
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['mean'] == list(config.model.mean)  # what the user configured
+  ckpts = checkpoints.Checkpoints(workdir)
+  try:
+    for which in ('latest', 'best'):
+      assert ckpts.restore_meta(which)['normalization'] == {'mean': fe_mean, 'std': fe_std}
+  finally:
+    ckpts.close()
+  shutil.rmtree(fe)
+  evaluated = evaluation.evaluate_workdir(config, workdir)
+  for name in ('best', 'final'):
+    assert evaluated[name]['test'] == trained[name]['test']  # the same model, normalisation included

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autolora_jax import attacks, config_checks, losses, lr_policy, methods, models, steps
+from autolora_jax import attacks, config_checks, experiment, losses, models, steps
+from autolora_jax import policy as policy_lib
 from autolora_jax.errors import ConfigError
 from configs import default
 
@@ -50,18 +51,18 @@ def flat(tree):
 def test_baselines_have_no_lora_parameters(method):
   config = tiny_config(method)
   assert config.model.lora_rank == 8  # the config's rank is ignored for the baselines
-  model = methods.create_model(config, CLASSES)
+  model = experiment.create_model(config, CLASSES)
   shapes = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))['params']
   params = shapes(model)
   assert model.lora_rank == 0
   assert models.lora_params_count(params) == 0
   assert not [path for path, _ in jax.tree_util.tree_leaves_with_path(params) if 'lora' in str(path)]
-  assert models.lora_params_count(shapes(methods.create_model(tiny_config('autolora'), CLASSES))) > 0
+  assert models.lora_params_count(shapes(experiment.create_model(tiny_config('autolora'), CLASSES))) > 0
 
 
 def test_vanilla_rft_natural_ce_gradient_reaches_the_fe():
   """With l1 = 1, l2 = 0 the loss is CE of the FE's own clean logits: its gradient updates the FE."""
-  model = methods.create_model(tiny_config('vanilla_rft'), CLASSES)
+  model = experiment.create_model(tiny_config('vanilla_rft'), CLASSES)
   lr = 0.1
   state = make_state(model, lr, l1=1.0, l2=0.0)
   b = batch()
@@ -86,7 +87,7 @@ def test_vanilla_rft_natural_ce_gradient_reaches_the_fe():
 
 def test_pgd_at_loss_is_the_adversarial_cross_entropy():
   """pgd_at's loss and update are those of CE(adversarial branch on x_adv), whatever l1 and l2 hold."""
-  model = methods.create_model(tiny_config('pgd_at'), CLASSES)
+  model = experiment.create_model(tiny_config('pgd_at'), CLASSES)
   lr, eps = 0.1, 8 / 255
   state = make_state(model, lr, l1=0.7, l2=5.0)  # ignored by pgd_at
   b = batch(seed=3)
@@ -118,8 +119,8 @@ def test_pgd_at_loss_is_the_adversarial_cross_entropy():
 
 def test_pgd_at_policy_has_zero_scalars_and_the_fixed_schedule():
   config = tiny_config('pgd_at', l1=0.4, l2=3.0, lr=0.05, lr_schedule='constant', epochs=3)
-  policy = lr_policy.create(config)
-  state, plan = policy.start()
+  policy = experiment.create_policy(config)
+  state, plan = policy.init()
   assert (plan.lr, plan.l1, plan.l2) == (0.05, 0.0, 0.0)
 
 
@@ -132,14 +133,14 @@ def test_fixed_policy_learning_rates_best_and_stop(schedule, expected):
   config = tiny_config('vanilla_rft', lr=0.01, lr_schedule=schedule, boundaries=(2, 4), decay=0.1, epochs=6,
                        l1=0.25, l2=2.0)
   config_checks.validate(config)
-  policy = lr_policy.create(config)
+  policy = experiment.create_policy(config)
   assert not policy.needs_train_accuracy
-  state, plan = policy.start({'clean_nat': 0.9})
+  state, plan = policy.init({'clean_nat': 0.9})
   used, plans = [plan.lr], []
   robust = [0.30, 0.35, 0.32, 0.35, 0.40, 0.20]
   for epoch, r in enumerate(robust, start=1):
     state, plan = policy.update(state, epoch, {'pgd': r, 'clean_nat': 0.5 + epoch / 100})
-    state = lr_policy.PolicyState.from_dict(json.loads(json.dumps(state.to_dict())))  # resumable
+    state = policy_lib.from_dict(json.loads(json.dumps(policy_lib.to_dict(state))))  # resumable
     plans.append(plan)
     used.append(plan.lr)
   np.testing.assert_allclose(used[:6], expected, rtol=1e-6)
@@ -196,6 +197,10 @@ def test_vanilla_rft_runs_through_the_loop(tmp_path):
   ckpts = checkpoints.Checkpoints(str(tmp_path))
   try:
     meta = ckpts.restore_meta('latest')
-    assert meta['done'] and meta['policy']['l1'] == 0.5 and meta['policy']['auto'] is None
+    assert meta['done'] and meta['policy']['l1'] == 0.5
+    # The fixed policy never moves the automatic learning rate's window; it keeps the validation curve.
+    assert meta['policy']['window_index'] == 1 and not meta['policy']['halved_at_window']
+    assert meta['policy']['history'] == [r['val_pgd10'] for r in records[1:]]
+    assert meta['normalization'] == {'mean': list(config.model.mean), 'std': list(config.model.std)}
   finally:
     ckpts.close()

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 import tiny_runs
-from autolora_jax import train
+from autolora_jax import evaluation, experiment, train
 
 workdir, out, process_id, num_processes, port = {args!r}
 config = tiny_runs.tiny_config(epochs=1, **{overrides!r})
@@ -44,19 +44,19 @@ def local_copies(tree):
       (jax.local_device_count(),) + v.shape[1:]) for k, v in traverse_util.flatten_dict(tree).items()}}
 
 
-original_test = train.Run.test
-def test(self, final_state):  # keeps this process's final parameters, as held in its device memory
+original_test = evaluation.test
+def test(exp, ckpts, final_state):  # keeps this process's final parameters, as held in its device memory
   np.savez(out, **local_copies(final_state.params))
-  return original_test(self, final_state)
-train.Run.test = test
+  return original_test(exp, ckpts, final_state)
+evaluation.test = test
 
-original_initial_state = train.Run.initial_state
+original_initial_state = experiment.Experiment.initial_state
 def initial_state(self):
   state = original_initial_state(self)
   np.savez(out.replace('.npz', '_init.npz'), **{{'/'.join(k): np.asarray(v)[None] for k, v in
                                                   traverse_util.flatten_dict(state.params).items()}})
   return state
-train.Run.initial_state = initial_state
+experiment.Experiment.initial_state = initial_state
 
 train.train_and_evaluate(config, workdir)
 print('TOPOLOGY', json.dumps([jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -5,25 +5,25 @@ import os
 import jax
 import numpy as np
 
-from autolora_jax import models, pretrain
+from autolora_jax import experiment, models, pretrain
 
 import tiny_runs
 
 
 def test_cache_folder_is_shared_by_seeds_and_methods_and_changes_with_the_fe(tmp_path):
   config = tiny_runs.digits_demo()
-  base = pretrain.cache_folder(config, str(tmp_path / 'run_a'))
+  base = experiment.pretrain_folder(config, str(tmp_path / 'run_a'))
   assert os.path.dirname(base) == str(tmp_path / 'run_a' / 'pretrain')
   other = tiny_runs.digits_demo()
   other.seed, other.method = 3, 'vanilla_rft'  # fine-tuning settings: the same FE
   other.fixed.lr = 0.03
-  assert pretrain.cache_folder(other, str(tmp_path / 'run_a')) == base
+  assert experiment.pretrain_folder(other, str(tmp_path / 'run_a')) == base
   for key, value in (('pretrain.epochs', 7), ('pretrain.seed', 1), ('model.width', 4), ('attack.eps', 0.2),
                      ('pretrain.dataset.classes', (0, 1))):
     changed = tiny_runs.with_overrides(tiny_runs.digits_demo(), {key: value})
-    assert pretrain.cache_folder(changed, str(tmp_path / 'run_a')) != base, key
+    assert experiment.pretrain_folder(changed, str(tmp_path / 'run_a')) != base, key
   shared = tiny_runs.with_overrides(tiny_runs.digits_demo(), {'pretrain.cache_dir': str(tmp_path / 'fe')})
-  folder = pretrain.cache_folder(shared, str(tmp_path / 'run_b'))
+  folder = experiment.pretrain_folder(shared, str(tmp_path / 'run_b'))
   assert os.path.dirname(folder) == str(tmp_path / 'fe')
   assert os.path.basename(folder) == os.path.basename(base)  # the key is not part of the fingerprint
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autolora_jax import attacks, input_pipeline, loop, losses, lr_policy, methods, steps
+from autolora_jax import attacks, experiment, input_pipeline, loop, losses, steps
 from configs import default
 
 SIZE, CLASSES = 16, 5
@@ -40,9 +40,9 @@ def param_shapes(model):
 # -- item 1: LoRa only in the last block of each stage, never on the shortcut ------------------------------
 
 def test_item1_lora_only_in_the_last_block_of_each_stage():
-  compat = lora_paths(param_shapes(methods.create_model(tiny_config(True), CLASSES))['params'])
+  compat = lora_paths(param_shapes(experiment.create_model(tiny_config(True), CLASSES))['params'])
   assert compat == [f'layer{i}_1/conv{j}' for i in range(1, 5) for j in (1, 2)]
-  paper = lora_paths(param_shapes(methods.create_model(tiny_config(False), CLASSES))['params'])
+  paper = lora_paths(param_shapes(experiment.create_model(tiny_config(False), CLASSES))['params'])
   assert [f'layer{i}_0/conv{j}' for i in range(1, 5) for j in (1, 2)] == [p for p in paper if '_0/conv' in p]
   assert [f'layer{i}_0/downsample_conv' for i in range(2, 5)] == [p for p in paper if 'downsample' in p]
   assert set(compat) < set(paper)
@@ -56,8 +56,8 @@ TRAIN_NAT = [0.65, 0.6, 0.55, 0.5, 0.45]
 
 
 def run_policy(compat):
-  policy = lr_policy.create(tiny_config(compat))
-  state, start = policy.start({'clean_nat': 0.85, 'train_split_clean_nat': 0.62})
+  policy = experiment.create_policy(tiny_config(compat))
+  state, start = policy.init({'clean_nat': 0.85, 'train_split_clean_nat': 0.62})
   plans = []
   for epoch, (r, v, t) in enumerate(zip(ROBUST, VAL_NAT, TRAIN_NAT), start=1):
     state, plan = policy.update(state, epoch, {'pgd': r, 'clean_nat': v, 'train_split_clean_nat': t})
@@ -85,20 +85,19 @@ def test_item2_training_split_batches_carry_the_training_augmentation():
   labels = rng.integers(0, 3, 40)
   flip = lambda x, _: x[:, :, ::-1]  # the training augmentation: a horizontal flip
   data = input_pipeline.ArrayDataset({'train': (images, labels)}, 3, seed=1, augment=flip)
-  batches = list(methods.train_split_batches(data, 2, 16))
+  batches = list(experiment.train_split_batches(data, 2, 16))
   assert len(batches) == 2  # 40 // 16: the last partial batch is not measured
   flipped = {x[:, ::-1].tobytes(): y for x, y in zip(images, labels)}
   for b, ref in zip(batches, data.train_batches(2, 16)):
     np.testing.assert_array_equal(b['mask'], np.ones(16, np.float32))
     np.testing.assert_array_equal(b['image'], ref['image'])
     assert all(flipped[x.tobytes()] == y for x, y in zip(b['image'], b['label']))
-  assert methods.train_split_batch_size(40, 256, 16) == 16
-  assert methods.train_split_batch_size(400, 256, 16) == 256
+  assert experiment.train_split_batch_size(40, 256, 16) == 16
+  assert experiment.train_split_batch_size(400, 256, 16) == 256
 
 
 def test_items_reach_the_run(tmp_path):
-  """Run wires the switch: model (1), measured accuracies (2), attack (5) and KL denominator (6)."""
-  from autolora_jax import train  # pylint: disable=g-import-not-at-top
+  """Experiment wires the switch: model (1), measured accuracies (2), attack (5) and KL denominator (6)."""
   runs = {}
   for compat in (False, True):
     config = tiny_config(compat)
@@ -107,7 +106,7 @@ def test_items_reach_the_run(tmp_path):
     config.model.input_size = 8
     config.batch_size, config.eval_batch_size = 64, 128
     config.progress, config.tensorboard = False, False
-    runs[compat] = train.Run(config, str(tmp_path / str(compat)))
+    runs[compat] = experiment.Experiment(config, str(tmp_path / str(compat)))
   try:
     paper, compat = runs[False], runs[True]
     assert (paper.model.lora_placement, compat.model.lora_placement) == ('all', 'last_block')
@@ -119,7 +118,7 @@ def test_items_reach_the_run(tmp_path):
     host = {'params': jax.tree_util.tree_map(lambda a: a[0], state.params),
             'batch_stats': jax.tree_util.tree_map(lambda a: a[0], state.batch_stats)}
     correct = total = 0
-    for b in methods.train_split_batches(compat.data, 0, 128):
+    for b in experiment.train_split_batches(compat.data, 0, 128):
       logits = compat.model.apply(host, b['image'], branch='nat', train=False)
       correct += int(np.sum(np.argmax(logits, -1) == b['label']))
       total += len(b['label'])
@@ -140,8 +139,8 @@ def test_item3_condition2_fires_after_a_halving_only_in_the_reference_version():
   robust = [0.5, 0.4, 0.3, 0.2, 0.1, 0.2, 0.3, 0.4, 0.45]
   decisions = {}
   for compat in (False, True):
-    policy = lr_policy.create(tiny_config(compat))
-    state, _ = policy.start({'clean_nat': 0.5, 'train_split_clean_nat': 0.5})
+    policy = experiment.create_policy(tiny_config(compat))
+    state, _ = policy.init({'clean_nat': 0.5, 'train_split_clean_nat': 0.5})
     for epoch, r in enumerate(robust, start=1):
       state, plan = policy.update(state, epoch, {'pgd': r, 'clean_nat': 0.5, 'train_split_clean_nat': 0.5})
       decisions[compat, epoch] = plan
@@ -156,13 +155,13 @@ def test_item3_condition2_fires_after_a_halving_only_in_the_reference_version():
 # -- item 5: eps 0.0314 ------------------------------------------------------------------------------
 
 def test_item5_eps_is_0_0314():
-  assert methods.effective_eps(tiny_config(False)) == 8 / 255
-  assert methods.effective_eps(tiny_config(True)) == 0.0314
-  attack = methods.attack_settings(tiny_config(True))
+  assert experiment.effective_eps(tiny_config(False)) == 8 / 255
+  assert experiment.effective_eps(tiny_config(True)) == 0.0314
+  attack = experiment.attack_settings(tiny_config(True))
   assert (attack.eps, attack.step_size, attack.train_steps, attack.eval_steps) == (0.0314, 0.00784, 10, 10)
   config = tiny_config(True)
   config.attack.eps, config.attack.step_size = 4 / 255, 1 / 255  # an explicit other budget is kept
-  assert methods.attack_settings(config)[:2] == (4 / 255, 1 / 255)
+  assert experiment.attack_settings(config)[:2] == (4 / 255, 1 / 255)
 
 
 # -- item 6: KL over the configured batch size -----------------------------------------------------------
@@ -173,7 +172,7 @@ def test_item6_kl_divided_by_the_configured_batch_on_a_short_batch_on_any_device
   size = 8
   config = tiny_config(True)
   config.batch_size, config.model.input_size = 8, size
-  model = methods.create_model(config, CLASSES)
+  model = experiment.create_model(config, CLASSES)
   variables = init_params(model, size)
   # B = 0 at initialisation makes both branches (and the KL) equal: draw it.
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables['params'])
@@ -199,9 +198,9 @@ def test_item6_kl_divided_by_the_configured_batch_on_a_short_batch_on_any_device
 
   kl_total, ce_nat, ce_adv = (float(v) for v in full_batch())
   assert kl_total > 1e-4
-  assert methods.kl_denominator(tiny_config(False), 2) is None  # the paper: the actual batch, 6
-  assert methods.kl_denominator(config, 1) == 8 and methods.kl_denominator(config, 2) == 4
-  two = jax.vmap(steps.make_train_step(model, kl_denominator=methods.kl_denominator(config, 2), **kw),
+  assert experiment.kl_denominator(tiny_config(False), 2) is None  # the paper: the actual batch, 6
+  assert experiment.kl_denominator(config, 1) == 8 and experiment.kl_denominator(config, 2) == 4
+  two = jax.vmap(steps.make_train_step(model, kl_denominator=experiment.kl_denominator(config, 2), **kw),
                  in_axes=(0, 0, None), axis_name=steps.AXIS)
   stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), state)
   split = jax.tree_util.tree_map(lambda a: a.reshape((2, 3) + a.shape[1:]), batch)

@@ -1,16 +1,17 @@
-"""The automatic loss scalars and the learning-rate state machine on hand-worked curves."""
+"""The epoch policy: the automatic loss scalars and the learning-rate state machine on hand-worked curves,
+and the state's JSON form."""
 
 import json
 
 import pytest
 
-from autolora_jax import schedule
+from autolora_jax import policy, schedule
 
 
 def run_curve(curve, **kwargs):
   """Feeds a robust-accuracy curve (r_1, r_2, ...) and returns per-epoch (lr after, reload, condition)
   and the stop epoch (None if it never stops)."""
-  sched = schedule.auto_lr(**kwargs)
+  sched = policy.auto_lr(**kwargs)
   state = sched.init()
   lrs, reloads, conditions, stop = [], [], {}, None
   for epoch, r in enumerate(curve, start=1):
@@ -25,6 +26,10 @@ def run_curve(curve, **kwargs):
   return lrs, reloads, conditions, stop
 
 
+def test_the_old_module_path_still_imports():
+  assert schedule.auto_lr is policy.auto_lr and schedule.auto_scalars is policy.auto_scalars
+
+
 def test_auto_scalars():
   assert schedule.auto_scalars(0.8) == pytest.approx((0.2, 4.8))
   assert schedule.auto_scalars(0.0) == (1.0, 0.0)
@@ -33,8 +38,8 @@ def test_auto_scalars():
     schedule.auto_scalars(1.5)
 
 
-def test_window_checkpoints():
-  assert schedule.auto_lr().checkpoints == tuple(range(0, 60, 4))
+def test_window_boundaries():
+  assert policy.auto_lr().windows == tuple(range(0, 60, 4))
 
 
 def test_rising_curve_never_halves():
@@ -88,7 +93,7 @@ def test_condition_2_never_fires_at_the_first_checkpoint():
 def test_stop_by_min_lr_and_best_tracking():
   lrs, reloads, _, stop = run_curve([0.5] * 20, min_lr=0.004)
   assert reloads == [5, 9] and stop == 9 and lrs[-1] == 0.0025
-  sched = schedule.auto_lr()
+  sched = policy.auto_lr()
   state = sched.init()
   for epoch, r in enumerate([0.3, 0.5, 0.4], start=1):
     state, d = sched.update(state, epoch, r)
@@ -97,7 +102,7 @@ def test_stop_by_min_lr_and_best_tracking():
 
 def test_state_serialises_and_resumes_identically():
   curve = [0.1, 0.3, 0.2, 0.25, 0.2, 0.4, 0.35, 0.3, 0.3, 0.5]
-  sched = schedule.auto_lr()
+  sched = policy.auto_lr()
   state = sched.init()
   straight = []
   for epoch, r in enumerate(curve, start=1):
@@ -106,13 +111,43 @@ def test_state_serialises_and_resumes_identically():
   state = sched.init()
   resumed = []
   for epoch, r in enumerate(curve, start=1):
-    state = schedule.AutoLRState.from_dict(json.loads(json.dumps(state.to_dict())))
+    state = policy.from_dict(json.loads(json.dumps(policy.to_dict(state))))
     state, d = sched.update(state, epoch, r)
     resumed.append(d)
   assert resumed == straight
 
 
 def test_update_rejects_out_of_order_epochs():
-  sched = schedule.auto_lr()
+  sched = policy.auto_lr()
   with pytest.raises(ValueError, match='epoch 1'):
     sched.update(sched.init(), 2, 0.5)
+
+
+def test_state_of_earlier_checkpoints_is_read():
+  """A 'latest' checkpoint written before the policy became one module resumes the same run."""
+  old = {'lr': 0.005, 'l1': 0.2, 'l2': 4.8, 'best': 0.5, 'best_epoch': 2, 'best_nat_acc': 0.8,
+         'auto': {'lr': 0.005, 'history': [0.3, 0.5, 0.4, 0.45, 0.44], 'best': 0.5, 'best_epoch': 2,
+                  'window_index': 2, 'best_at_checkpoint': 0.5, 'halved_at_checkpoint': True}}
+  state = policy.from_dict(old)
+  assert state == policy.PolicyState(lr=0.005, l1=0.2, l2=4.8, history=(0.3, 0.5, 0.4, 0.45, 0.44), best=0.5,
+                                     best_epoch=2, best_nat_acc=0.8, window_index=2, best_at_window=0.5,
+                                     halved_at_window=True)
+  sched = policy.auto_lr()
+  fresh = sched.init()
+  for epoch, r in enumerate([0.3, 0.5, 0.4, 0.45, 0.44], start=1):
+    fresh, _ = sched.update(fresh, epoch, r)
+  assert fresh._replace(l1=0.2, l2=4.8, best_nat_acc=0.8) == state  # the curve that led there
+
+
+def test_autolora_and_fixed_policies_share_one_state_and_decision_type():
+  auto = policy.autolora_policy(policy.auto_lr(lr0=0.01))
+  fixed = policy.fixed_policy(policy.fixed_lr_schedule('constant', 0.02, 3), 3, 0.0, 6.0)
+  for p in (auto, fixed):
+    state, decision = p.init({'clean_nat': 0.75})
+    assert isinstance(state, policy.PolicyState) and isinstance(decision, policy.Decision)
+    state, decision = p.update(state, 1, {'pgd': 0.4, 'clean_nat': 0.7})
+    assert isinstance(state, policy.PolicyState) and isinstance(decision, policy.Decision)
+    assert (state.best, state.best_epoch, state.best_nat_acc, state.history) == (0.4, 1, 0.7, (0.4,))
+    assert decision.new_best and decision.best_epoch == 1
+  assert auto.init({'clean_nat': 0.75})[1][:3] == (0.01, 0.25, 4.5)
+  assert fixed.init()[1][:3] == (0.02, 0.0, 6.0)
