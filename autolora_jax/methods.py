@@ -18,7 +18,7 @@ stop) is `lr_policy.create(config)`.
   item 3  the scheduler's condition 2 degenerates                            `lr_policy.create`
   item 5  eps 0.0314 instead of 8/255 (PGD and AutoAttack)                   `attack_settings`
   item 6  KL divided by the configured batch size                            `kl_denominator`
-Items 4 and 7 (the DTD and Caltech-256 splits and heads) belong to the data sets (input_pipeline).
+Items 4 and 7 (the DTD and Caltech-256 splits and heads) belong to the data sets (autolora_jax/data/sources.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ import optax
 import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import convert, input_pipeline, loop, models, steps
+from autolora_jax import convert, loop, models, steps
+from autolora_jax.data import create_dataset
 from autolora_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   noise are drawn from config.pretrain.seed. The result is cached in `cache_folder(config, workdir)`.
   """
   pc = config.pretrain
-  data = input_pipeline.create_dataset(pc.dataset, seed=pc.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+  data = create_dataset(pc.dataset, seed=pc.seed, process_index=jax.process_index(),
+                        process_count=jax.process_count())
   model = models.create_model(config.model, data.num_classes, lora_rank=0)
   folder = cache_folder(config, workdir)
   manager = _pretrain_manager(folder)

@@ -22,8 +22,9 @@ from typing import Optional
 
 import jax
 
-from autolora_jax import (checkpoints, config_checks, distributed, evaluation, input_pipeline, loop,
-                          lr_policy, methods, preemption, pretrain, reporting, steps)
+from autolora_jax import (checkpoints, config_checks, distributed, evaluation, loop, lr_policy, methods,
+                          preemption, pretrain, reporting, steps)
+from autolora_jax.data import check_class_selection, create_dataset
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import ConfigError, DataError, InputError, WorkdirError
 
@@ -49,10 +50,8 @@ class Run:
     self.is_chief = jax.process_index() == 0
     self.workdir = prepare_workdir(workdir)
     self.progress = bool(config.progress) and self.is_chief
-    self.data = input_pipeline.create_dataset(config.dataset, seed=config.seed,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count(),
-                                              reference_compat=config.reference_compat)
+    self.data = create_dataset(config.dataset, seed=config.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), reference_compat=config.reference_compat)
     self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
     if self.steps_per_epoch < 1:
       raise DataError(f'The training split of {config.dataset.name} has {self.data.num_examples("train")} '
@@ -62,7 +61,7 @@ class Run:
       raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no validation '
                         'example: the schedule and the loss scalars need one. Raise it.')
     if config.pretrain.epochs > 0:  # its data loads later, after the model: check its classes now
-      input_pipeline.check_class_selection(config.pretrain.dataset, key='config.pretrain.dataset')
+      check_class_selection(config.pretrain.dataset, key='config.pretrain.dataset')
     # Read before the model is built: a bad checkpoint fails early, and its input normalisation becomes
     # config.model.mean/std.
     self.pretrained = pretrain.load_pretrained(config)

@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, host, input_pipeline, methods, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, host, methods, pretrain
+from autolora_jax.data import memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')
@@ -39,7 +40,7 @@ def main(_):
   config = _CONFIG.value
   if config.dataset.name != 'digits':
     raise SystemExit('This benchmark takes its points from the digits demo data (--config=configs/demo.py).')
-  images, labels = input_pipeline.load_digits(config.dataset.get('classes'))
+  images, labels = memory.load_digits(config.dataset.get('classes'))
   num_classes = int(labels.max()) + 1
   model = methods.create_model(config, num_classes)
   template = pretrain.init_variables(model, config.model.input_size, config.seed)
