@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import autoattack, distributed, input_pipeline, models, steps
+from autolora_jax import autoattack, distributed, models, steps
+from autolora_jax.data import check_class_selection
 from autolora_jax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -112,7 +113,7 @@ def check_data_config(key: str, data_config) -> None:
     raise ConfigError(f'config.{key}.train_per_class_limit must be an integer >= 0 (at most that many training '
                       f'examples of each class; 0 = all), got {limit!r}.')
   _choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
-  input_pipeline.check_class_selection(data_config, key=f'config.{key}', read=False)
+  check_class_selection(data_config, key=f'config.{key}', read=False)
 
 
 def check_devices(config, device_count: int, process_count: int = 1) -> None:

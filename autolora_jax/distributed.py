@@ -1,7 +1,7 @@
 """Multi-process (multi-host) runs: when to call `jax.distributed.initialize()`, and with what.
 
 A run is multi-process when several copies of run.py, one per host (or per GPU), train one model together.
-Each process then feeds its local devices with its rows of every global batch (input_pipeline), the pmapped
+Each process then feeds its local devices with its rows of every global batch (autolora_jax/data), the pmapped
 steps reduce over the devices of all processes, Orbax checkpoints are saved collectively, and only process 0
 writes metrics, plots and results.
 

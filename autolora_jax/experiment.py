@@ -2,7 +2,7 @@
 plain values once, and `Experiment`, what training (train.py) and evaluation (evaluation.py) share.
 
 Below this module nothing reads the whole config: models get a `config.model` sub-config at one boundary
-(`models.create_model`), data sets a `config.dataset` one (`input_pipeline.create_dataset`), the policy, the steps,
+(`models.create_model`), data sets a `config.dataset` one (`data.create_dataset`), the policy, the steps,
 the attacks, pre-training and AutoAttack plain numbers. Nothing writes into the config either: the input
 normalisation of a pre-trained checkpoint is a value of the Experiment (`normalization`), recorded in the
 checkpoints' metadata, so `--mode=eval` needs neither the pre-trained file nor a changed config.
@@ -22,7 +22,7 @@ Methods (SPEC.md):
   item 3  the scheduler's condition 2 degenerates                            `create_policy`
   item 5  eps 0.0314 instead of 8/255 (PGD and AutoAttack)                   `attack_settings`
   item 6  KL divided by the configured batch size                            `kl_denominator`
-  items 4 and 7 (the DTD and Caltech-256 splits and heads)                   `input_pipeline.create_dataset`
+  items 4 and 7 (the DTD and Caltech-256 splits and heads)                   `data.create_dataset`
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from autolora_jax import checkpoints, distributed, loop, models, policy, pretrain, steps
-from autolora_jax import input_pipeline as datasets
+from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import optax
 import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import convert, input_pipeline, loop, models, steps
+from autolora_jax import convert, loop, models, steps
+from autolora_jax.data import create_dataset
 from autolora_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class PretrainPlan(NamedTuple):
   """The in-process PGD-AT pre-training of an FE, as plain values (experiment.pretrain_plan makes it).
 
   Attributes:
-    data_config: the `config.pretrain.dataset` sub-config (input_pipeline.create_dataset reads it).
+    data_config: the `config.pretrain.dataset` sub-config (data.create_dataset reads it).
     seed: data order, initialisation and attack noise are drawn from it.
     epochs, batch_size, learning_rate: SGD with a cosine learning rate over all steps (set per epoch).
     momentum, weight_decay: as the fine-tuning optimizer.
@@ -130,8 +131,8 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
   with a cosine learning rate (optax) and the plan's attack; data order, initialisation and attack noise
   are drawn from plan.seed. The result is cached in `plan.folder`: a second call loads it.
   """
-  data = input_pipeline.create_dataset(plan.data_config, seed=plan.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+  data = create_dataset(plan.data_config, seed=plan.seed, process_index=jax.process_index(),
+                        process_count=jax.process_count())
   model = models.create_model(plan.model_config, data.num_classes, lora_rank=0)
   folder = plan.folder
   manager = _pretrain_manager(folder)

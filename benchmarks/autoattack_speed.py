@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, experiment, host, input_pipeline, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, experiment, host, pretrain
+from autolora_jax.data import memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')
@@ -37,11 +38,11 @@ def main(_):
   host.retain_freed_memory()
   host.set_xla_cpu_flags()
   config = _CONFIG.value
-  if config.dataset.name not in input_pipeline.IN_MEMORY:
+  if config.dataset.name not in memory.IN_MEMORY:
     raise SystemExit(f'This benchmark takes its points from an in-memory data set '
-                     f'({", ".join(input_pipeline.IN_MEMORY)}; e.g. --config=configs/demo.py), not '
+                     f'({", ".join(memory.IN_MEMORY)}; e.g. --config=configs/demo.py), not '
                      f'{config.dataset.name!r}.')
-  images, labels = input_pipeline.IN_MEMORY[config.dataset.name](config.dataset.get('classes'))
+  images, labels = memory.IN_MEMORY[config.dataset.name](config.dataset.get('classes'))
   num_classes = int(labels.max()) + 1
   model = experiment.create_model(config, num_classes)
   template = pretrain.init_variables(model, config.model.input_size, config.seed)

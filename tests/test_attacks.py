@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from autolora_jax import attacks, input_pipeline
+from autolora_jax import attacks
+from autolora_jax.data import memory
 
 EPS, STEP = 8 / 255, 2 / 255
 
@@ -16,7 +17,7 @@ EPS, STEP = 8 / 255, 2 / 255
 @pytest.fixture(scope='module')
 def trained_linear():
   """Softmax regression on 8x8 digits, trained here for a few hundred steps: a model worth attacking."""
-  images, labels = input_pipeline.load_digits()
+  images, labels = memory.load_digits()
   x = jnp.asarray(images[:600])
   y = jnp.asarray(labels[:600])
   w = {'w': jnp.zeros((8 * 8 * 3, 10)), 'b': jnp.zeros(10)}

@@ -10,8 +10,7 @@ from PIL import Image
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from autolora_jax import input_pipeline  # noqa: E402
-from autolora_jax.data import sources, transforms  # noqa: E402
+from autolora_jax.data import create_dataset, sources, transforms  # noqa: E402
 from autolora_jax.errors import DataError  # noqa: E402
 from configs import caltech256, cifar10, cifar100, cub200, dogs, dtd  # noqa: E402
 
@@ -26,8 +25,8 @@ def make(config_module, *, seed=0, process_index=0, process_count=1, reference_c
   for k, v in dataset_overrides.items():
     setattr(config.dataset, k, v)
   if threads is None:
-    return input_pipeline.create_dataset(config.dataset, seed=seed, process_index=process_index,
-                                         process_count=process_count, reference_compat=reference_compat)
+    return create_dataset(config.dataset, seed=seed, process_index=process_index,
+                          process_count=process_count, reference_compat=reference_compat)
   return sources.create(config.dataset, seed=seed, process_index=process_index, process_count=process_count,
                         reference_compat=reference_compat, threads=threads)
 
@@ -271,7 +270,7 @@ def test_unprepared_tfds_data_set_is_a_clear_error(tmp_path):
   config = cub200.get_config()
   config.dataset.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(DataError) as e:
-    input_pipeline.create_dataset(config.dataset, seed=0)
+    create_dataset(config.dataset, seed=0)
   msg = str(e.value)
   assert 'caltech_birds2011' in msg and str(tmp_path / 'tfds') in msg
   assert sources.prepare_command('caltech_birds2011', str(tmp_path / 'tfds')) in msg and 'download=True' in msg
@@ -289,7 +288,7 @@ def test_missing_caltech256_folder_is_a_clear_error(tmp_path):
   config = caltech256.get_config()
   config.dataset.data_dir = str(tmp_path)
   with pytest.raises(DataError) as e:
-    input_pipeline.create_dataset(config.dataset, seed=0)
+    create_dataset(config.dataset, seed=0)
   msg = str(e.value)
   assert str(tmp_path) in msg and sources.CALTECH256_URL in msg and '256_ObjectCategories' in msg
 
@@ -308,4 +307,4 @@ def test_unknown_data_set_is_a_clear_error():
   config = cifar10.get_config()
   config.dataset.name = 'imagenet'
   with pytest.raises(DataError, match="Unknown data set 'imagenet'"):
-    input_pipeline.create_dataset(config.dataset, seed=0)
+    create_dataset(config.dataset, seed=0)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autolora_jax import config_checks, input_pipeline
-from autolora_jax.data import fashion_mnist, sources
+from autolora_jax import config_checks
+from autolora_jax.data import (check_class_selection, core, create_dataset, fashion_mnist, memory,
+                               num_classes_of, sources)
 from autolora_jax.errors import ConfigError, DataError
 from configs import default, demo
 
@@ -29,7 +30,7 @@ def data_config(name, **overrides):
 
 
 def create(name, seed=0, **overrides):
-  return input_pipeline.create_dataset(data_config(name, **overrides), seed=seed)
+  return create_dataset(data_config(name, **overrides), seed=seed)
 
 
 def eval_all(data, split, global_batch):
@@ -56,7 +57,7 @@ def image_ids(images):
 # -- mnist5k ---------------------------------------------------------------------------------------------
 
 def test_mnist5k_splits_batches_and_determinism():
-  images, labels = input_pipeline.load_mnist5k()
+  images, labels = memory.load_mnist5k()
   assert images.shape == (5000, 28, 28, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(np.bincount(labels), [500] * 10)  # before splitting
   ids = {im.tobytes(): i for i, im in enumerate(images)}
@@ -108,11 +109,32 @@ def test_in_memory_train_per_class_limit():
 
 def test_per_class_limit_rule():
   labels = np.array([0] * 10 + [1] * 3 + [2] * 6)
-  keep = input_pipeline.per_class_limit(labels, 4, seed=0)
+  keep = core.per_class_limit(labels, 4, seed=0)
   assert np.all(np.diff(keep) > 0)  # sorted: the pool's order is kept
   np.testing.assert_array_equal(np.bincount(labels[keep]), [4, 3, 4])
-  np.testing.assert_array_equal(keep, input_pipeline.per_class_limit(labels, 4, seed=0))
-  np.testing.assert_array_equal(input_pipeline.per_class_limit(labels, 0, seed=0), np.arange(len(labels)))
+  np.testing.assert_array_equal(keep, core.per_class_limit(labels, 4, seed=0))
+  np.testing.assert_array_equal(core.per_class_limit(labels, 0, seed=0), np.arange(len(labels)))
+
+
+def test_array_dataset_augments_each_example_from_seed_epoch_and_position():
+  """The one augmentation contract (core): (image, rng) -> image per example, rng = example_rng(seed, epoch,
+  position in the epoch's order), so a process's rows and a resumed epoch see the same augmentation."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (30, 2, 2, 3)).astype(np.uint8)
+  labels = np.arange(30) % 3
+  noise = lambda x, r: np.clip(x.astype(np.int32) + r.integers(0, 9, x.shape), 0, 255).astype(np.uint8)
+  one = memory.ArrayDataset({'train': (images, labels)}, 3, seed=4, train_transform=noise)
+  order = one.train_order(1)
+  expected = np.stack([noise(images[i], core.example_rng(4, 1, p)) for p, i in enumerate(order[:24])])
+  got = np.concatenate([b['image'] for b in one.train_batches(1, 8)])
+  np.testing.assert_array_equal(got, expected.astype(np.float32) / 255.0)
+  halves = [memory.ArrayDataset({'train': (images, labels)}, 3, seed=4, train_transform=noise, process_index=k,
+                                process_count=2) for k in (0, 1)]
+  resumed = [np.stack([b['image'] for b in h.train_batches(1, 8, start_step=1)]) for h in halves]  # (2, 4, ...)
+  np.testing.assert_array_equal(np.concatenate(resumed, axis=1).reshape(got[8:].shape), got[8:])
+  plain = memory.ArrayDataset({'train': (images, labels)}, 3, seed=4)
+  np.testing.assert_array_equal(next(plain.train_batches(1, 8))['image'],
+                                images[order[:8]].astype(np.float32) / 255.0)
 
 
 # -- fashion_mnist ---------------------------------------------------------------------------------------
@@ -450,9 +472,9 @@ def test_class_indices_the_data_set_does_not_have(tmp_path):
   with pytest.raises(ConfigError, match='the data set caltech256 has 3 classes'):
     create('caltech256', data_dir=str(tmp_path / 'caltech'), classes=(1, 7))
   # A folder's class count is read from its class folders (for config.pretrain.dataset, before the model).
-  assert input_pipeline.num_classes_of(data_config('folder', data_dir=str(tmp_path / 'three'))) == 3
+  assert num_classes_of(data_config('folder', data_dir=str(tmp_path / 'three'))) == 3
   with pytest.raises(ConfigError, match='config.pretrain.dataset.classes=.*index 5 does not exist'):
-    input_pipeline.check_class_selection(data_config('folder', data_dir=str(tmp_path / 'three'), classes=(5,)),
+    check_class_selection(data_config('folder', data_dir=str(tmp_path / 'three'), classes=(5,)),
                                          key='config.pretrain.dataset')
 
 

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from autolora_jax import checkpoints, config_checks, convert, evaluation, input_pipeline, models, pretrain, train
+from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, train
+from autolora_jax.data.memory import ArrayDataset
 from autolora_jax import workdir as workdir_lib
 from autolora_jax.errors import ConfigError, WorkdirError
 
@@ -57,7 +58,7 @@ def test_autoattack_config_is_validated():
 def test_first_batches_mask_everything_after_the_first_n_points():
   images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
   labels = np.arange(10, dtype=np.int32) % 3
-  data = input_pipeline.ArrayDataset({'test': (images, labels)}, num_classes=3)
+  data = ArrayDataset({'test': (images, labels)}, num_classes=3)
   for n in (1, 4, 6, 10):
     batches = list(evaluation.first_batches(data, 'test', n, global_batch=4))
     assert len(batches) == -(-n // 4)
@@ -68,7 +69,7 @@ def test_first_batches_mask_everything_after_the_first_n_points():
 def test_first_points_are_the_first_of_the_split_in_order():
   images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
   labels = np.arange(10, dtype=np.int32) % 3
-  data = input_pipeline.ArrayDataset({'test': (images, labels)}, num_classes=3)
+  data = ArrayDataset({'test': (images, labels)}, num_classes=3)
   for n in (1, 4, 6, 10, 25):
     x, y = evaluation.first_points(data, 'test', n, global_batch=4)
     np.testing.assert_array_equal(x, images[:n])

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autolora_jax import attacks, experiment, input_pipeline, loop, losses, steps
+from autolora_jax import attacks, experiment, loop, losses, steps
+from autolora_jax.data.memory import ArrayDataset
 from configs import default
 
 SIZE, CLASSES = 16, 5
@@ -83,8 +84,8 @@ def test_item2_training_split_batches_carry_the_training_augmentation():
   rng = np.random.default_rng(0)
   images = rng.random((40, 4, 4, 3), dtype=np.float32)
   labels = rng.integers(0, 3, 40)
-  flip = lambda x, _: x[:, :, ::-1]  # the training augmentation: a horizontal flip
-  data = input_pipeline.ArrayDataset({'train': (images, labels)}, 3, seed=1, augment=flip)
+  flip = lambda x, _: x[:, ::-1]  # the training augmentation of one (H, W, C) example: a horizontal flip
+  data = ArrayDataset({'train': (images, labels)}, 3, seed=1, train_transform=flip)
   batches = list(experiment.train_split_batches(data, 2, 16))
   assert len(batches) == 2  # 40 // 16: the last partial batch is not measured
   flipped = {x[:, ::-1].tobytes(): y for x, y in zip(images, labels)}

@@ -118,8 +118,8 @@ def sigterm_at(epoch: int, step: int) -> None:
 def nan_images_at(epoch: int, step: int) -> None:
   """Makes the training batch of (epoch, step) all NaN, so that its loss is NaN."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from autolora_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  original = input_pipeline.ArrayDataset.train_batches
+  from autolora_jax.data import memory  # pylint: disable=g-import-not-at-top
+  original = memory.ArrayDataset.train_batches
 
   def train_batches(self, e, global_batch, start_step=0):
     for s, batch in enumerate(original(self, e, global_batch, start_step), start=start_step):
@@ -127,7 +127,7 @@ def nan_images_at(epoch: int, step: int) -> None:
         batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
       yield batch
 
-  input_pipeline.ArrayDataset.train_batches = train_batches
+  memory.ArrayDataset.train_batches = train_batches
 
 
 def cli_code(argv, hook: str = '') -> str:

@@ -1,14 +1,12 @@
 """`ImageDataset`: splits of encoded images (or small decoded ones) served as batches, decoded on the fly.
 
-The interface is input_pipeline.ArrayDataset's, so the training loop knows no data set:
-``num_classes``, ``num_examples(split)``, ``steps_per_epoch(global_batch)``,
-``train_batches(epoch, global_batch, start_step=0)`` and ``eval_batches(split, global_batch)``, each batch a
-dict of numpy arrays with this process's rows of the global batch: ``image`` float32 (n, H, W, 3) in [0, 1],
-``label`` int32, ``index`` int32 (the row's position in the global batch) and, for evaluation, ``mask``.
+It serves data/core's interface and batch contract (``image`` float32 (n, H, W, 3) in [0, 1], ``label``,
+``index``, and ``mask`` for evaluation), so the training loop knows no data set.
 
-Determinism: the order of an epoch is a permutation drawn from (seed, epoch); the augmentation of the example
-at position p of that order is drawn from (seed, epoch, p). Neither depends on the process count, the thread
-count or where a resumed run starts, so every process computes the same global batch and feeds its rows.
+Determinism (core): the order of an epoch is `epoch_order(seed, epoch, n)`; the augmentation of the example
+at position p of that order is drawn from `example_rng(seed, epoch, p)`. Neither depends on the process
+count, the thread count or where a resumed run starts, so every process computes the same global batch and
+feeds its rows.
 
 Memory: the splits hold what the source gives (encoded bytes, file paths, or uint8 arrays for CIFAR);
 only the batches in flight are decoded, by a thread pool, `prefetch` batches ahead.
@@ -24,10 +22,9 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from autolora_jax.input_pipeline import Batch, process_rows
+from autolora_jax.data.core import Batch, TrainTransform, epoch_order, example_rng, process_rows
 
-# (record, rng) -> uint8 (H, W, 3); record -> uint8 (H, W, 3).
-TrainTransform = Callable[[object, np.random.Generator], np.ndarray]
+# TrainTransform (core): (record, rng) -> uint8 (H, W, 3); EvalTransform: record -> uint8 (H, W, 3).
 EvalTransform = Callable[[object], np.ndarray]
 
 
@@ -99,7 +96,7 @@ class ImageDataset:
 
   def train_order(self, epoch: int) -> np.ndarray:
     """The permutation of the training split that epoch `epoch` visits (a function of seed and epoch)."""
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples('train'))
+    return epoch_order(self.seed, epoch, self.num_examples('train'))
 
   def train_batches(self, epoch: int, global_batch: int, start_step: int = 0) -> Iterator[Batch]:
     """Shuffled, augmented, drop-remainder batches of one epoch from step `start_step` on."""
@@ -139,7 +136,7 @@ class ImageDataset:
   # -- decoding ----------------------------------------------------------------------------------------
 
   def _train_example(self, record, seed: int, epoch: int, position: int) -> np.ndarray:
-    return self.train_transform(record, np.random.default_rng([seed, epoch, position]))
+    return self.train_transform(record, example_rng(seed, epoch, position))
 
   def _eval_example(self, record, cache: Optional[dict], i: int) -> np.ndarray:
     if cache is not None and i in cache:

@@ -11,7 +11,7 @@ Read, in this order, from
 3. with config.dataset.download=True, TFDS downloads and prepares it in data_dir.
 
 `load` returns grey uint8 (N, 28, 28) images and int32 labels of the train (60,000) and test (10,000) splits;
-input_pipeline serves them in memory, replicated to RGB.
+data/memory.py serves them in memory, replicated to RGB.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from autolora_jax.data import sources
 from autolora_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,6 @@ def _from_tfds(data_dir: str, download: bool) -> Optional[Arrays]:
     import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
-  from autolora_jax.data import sources  # pylint: disable=g-import-not-at-top
   spec = sources.Spec('tfds', NUM_CLASSES, style='cifar')  # decoded uint8 arrays
   got = (sources.load_tfds(NAME, spec, data_dir, download=True) if download
          else sources.read_tfds_if_prepared(NAME, spec, data_dir))
@@ -134,7 +134,6 @@ def _from_tfds(data_dir: str, download: bool) -> Optional[Arrays]:
 
 
 def not_found(data_dir: str) -> DataError:
-  from autolora_jax.data import sources  # pylint: disable=g-import-not-at-top
   tfds_dir = os.path.expanduser(data_dir) if data_dir else sources.default_data_dir()
   return DataError(
       f'The data set fashion_mnist was not found: not prepared for TFDS in {tfds_dir}, and no idx files '

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from autolora_jax.data.core import split_off
 from autolora_jax.data.dataset import Split
 from autolora_jax.errors import DataError
 
@@ -183,7 +184,6 @@ def _check_one_size(scans: Sequence[ScannedFolder]) -> Tuple[int, int]:
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
   """Seeded (kept, taken) sorted indices: round(fraction * n_c) of each class c taken."""
-  from autolora_jax.input_pipeline import split_off  # pylint: disable=g-import-not-at-top
   kept, taken = [], []
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)

@@ -1,5 +1,5 @@
 """Every data set: where it is read from and how it is split. This module serves the paper's six data sets
-and `folder` (your own images) as `ImageDataset`s; the in-memory ones are served by input_pipeline.
+and `folder` (your own images) as `ImageDataset`s; the in-memory ones are served by data/memory.py.
 
 | config.dataset.name | source | classes | training pool | test |
 |---|---|---|---|---|
@@ -16,7 +16,7 @@ and `folder` (your own images) as `ImageDataset`s; the in-memory ones are served
 
 `classes` keeps those classes, relabelled 0, 1, ... in the given order (an index the data set does not
 have, or one given twice, is a ConfigError); `train_per_class_limit` keeps a seeded subset of at most that
-many examples of each class of the training pool (input_pipeline.per_class_limit); the validation split is
+many examples of each class of the training pool (core.per_class_limit); the validation split is
 then a seeded `val_fraction` (5%) of the training pool, never taken from test, and is evaluated with
 test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced instead where it
 differs (SPEC.md, "Where the public code differs", items 4 and 7).
@@ -34,7 +34,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from autolora_jax.data import folder, transforms
+from autolora_jax.data import core, folder, transforms
 from autolora_jax.data.dataset import ImageDataset, Split
 from autolora_jax.errors import DataError
 
@@ -237,17 +237,14 @@ def reference_running_split(counts: Sequence[int], per_class: int) -> Tuple[np.n
 
 def select_classes(split: Split, classes: Sequence[int]) -> Split:
   """Only the examples of `classes`, relabelled 0..len(classes)-1 in the given order."""
-  classes = [int(c) for c in classes]
-  keep = np.isin(split.labels, classes)
-  out = split.take(np.flatnonzero(keep))
-  lookup = {c: i for i, c in enumerate(classes)}
-  out.labels = np.array([lookup[int(c)] for c in out.labels], np.int32)
+  idx, labels = core.select_classes(split.labels, classes)
+  out = split.take(idx)
+  out.labels = labels
   return out
 
 
 def _train_validation(pool: Split, val_fraction: float, split_seed: int) -> Tuple[Split, Split]:
-  from autolora_jax.input_pipeline import split_off  # pylint: disable=g-import-not-at-top
-  keep, val = split_off(len(pool), val_fraction, split_seed)
+  keep, val = core.split_off(len(pool), val_fraction, split_seed)
   return pool.take(keep), pool.take(val)
 
 
@@ -256,7 +253,6 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
   """The `ImageDataset` of `data_config.name` (one of SPECS, or 'folder'), split and preprocessed as SPEC.md
   says; DataError / ConfigError, before anything is decoded, for data that is missing or malformed and for
   class indices the data set does not have."""
-  from autolora_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   name = data_config.name
   data_dir = data_config.get('data_dir', '') or ''
   classes = tuple(data_config.get('classes', ()) or ())
@@ -269,7 +265,7 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     spec = SPECS[name]
     style = spec.style
     if spec.source == 'tfds':
-      input_pipeline.check_classes(classes, spec.num_classes, name)  # before reading anything
+      core.check_classes(classes, spec.num_classes, name)  # before reading anything
       pool, test, num_classes = load_tfds(name, spec, data_dir, bool(data_config.get('download', False)))
     else:
       _, everything, counts = load_caltech256(data_dir)
@@ -280,14 +276,14 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
       else:
         train_idx, test_idx = per_class_split(counts, int(data_config.get('train_per_class', 60)))
       pool, test = everything.take(train_idx), everything.take(test_idx)
-  input_pipeline.check_classes(classes, num_classes, name)
+  core.check_classes(classes, num_classes, name)
 
   if classes:
     pool, test = select_classes(pool, classes), select_classes(test, classes)
     num_classes = len(classes)
   limit = int(data_config.get('train_per_class_limit', 0) or 0)
   if limit:
-    pool = pool.take(input_pipeline.per_class_limit(pool.labels, limit, data_config.split_seed))
+    pool = pool.take(core.per_class_limit(pool.labels, limit, data_config.split_seed))
   if reference_compat and name in ('dtd', 'caltech256'):
     # SPEC.md "Where the public code differs", item 4: the "validation" split is a copy of the test split,
     # and the whole training pool trains.
