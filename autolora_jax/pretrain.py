@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
 from autolora_jax import convert, input_pipeline, loop, models, steps
-from autolora_jax.errors import CheckpointError
+from autolora_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
     log.info('Loaded the in-process pre-trained FE from %s', folder)
     return restored['variables']
   if steps_per_epoch < 1:
-    raise CheckpointError(f'config.pretrain.batch_size={pc.batch_size} exceeds the pre-training data '
-                          f'({data.num_examples("train")} examples): lower it.')
+    raise ConfigError(f'config.pretrain.batch_size={pc.batch_size} exceeds the pre-training data '
+                      f'({data.num_examples("train")} examples): lower it.')
 
   # Cosine decay over the whole pre-training, set per epoch (the lr is constant within an epoch).
   schedule = optax.cosine_decay_schedule(pc.learning_rate, decay_steps=pc.epochs * steps_per_epoch)

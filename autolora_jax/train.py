@@ -25,7 +25,7 @@ import jax
 from autolora_jax import (checkpoints, config_checks, distributed, evaluation, input_pipeline, loop,
                           lr_policy, methods, preemption, pretrain, reporting, steps)
 from autolora_jax import workdir as workdirs
-from autolora_jax.errors import ConfigError, DataError, InputError, WorkdirError
+from autolora_jax.errors import ConfigError, DataError, InputError, Preempted, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +236,12 @@ class Run:
         raise self.preempted(epoch + 1, 0)
     return state
 
-  def preempted(self, epoch: int, step: int) -> preemption.Preempted:
+  def preempted(self, epoch: int, step: int) -> Preempted:
     """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved."""
     ckpt = (epoch - 1) * self.steps_per_epoch + step
     where = (f'before epoch {epoch}' if step == 0 else
              f'after step {step} of {self.steps_per_epoch} of epoch {epoch}')
-    return preemption.Preempted(
+    return Preempted(
         f'Stopped by {self.guard.signal_name or "request"} {where}; the state is saved in '
         f'{os.path.join(self.ckpts.managers["latest"].directory, str(ckpt))}. Run the same command again '
         f'(same config and --workdir={self.workdir}) to resume from there: the run then ends as an '
@@ -295,7 +295,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   A multi-process run initialises jax.distributed first (autolora_jax.distributed). A workdir holding a run
   of another config is refused unless `overwrite` (which moves that run to workdir/replaced/<time>/); bad
   input found at start-up leaves the workdir as it was (autolora_jax.workdir). SIGTERM/SIGINT stop after the
-  current step with a checkpoint and raise preemption.Preempted (autolora_jax.preemption).
+  current step with a checkpoint and raise errors.Preempted (autolora_jax.preemption).
 
   Returns the results dict written to workdir/results.json.
   """
