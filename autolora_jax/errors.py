@@ -9,6 +9,8 @@ with status 2. `input_errors()` adds AutoAttack's own `AutoAttackInputError`: au
 can be resumed from its newest checkpoint.
 """
 
+from typing import Optional
+
 
 class InputError(ValueError):
   """Bad input from the user; the message says what is wrong and how to fix it."""
@@ -24,6 +26,18 @@ class DataError(InputError):
 
 class CheckpointError(InputError):
   """A checkpoint that is missing, unreadable or of the wrong architecture."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint folder that cannot be read (truncated or missing files, undecodable JSON).
+
+  `folder` is the checkpoint's folder, `step` its id (None outside a run's checkpoints), `cause` a one-line
+  description of the read error.
+  """
+
+  def __init__(self, message: str, *, folder: str, step: Optional[int], cause: str):
+    super().__init__(message)
+    self.folder, self.step, self.cause = folder, step, cause
 
 
 class WorkdirError(InputError):

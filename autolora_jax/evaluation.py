@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from autolora_jax import autoattack, checkpoints, loop, methods, reporting
-from autolora_jax.errors import CheckpointError, WorkdirError
+from autolora_jax.errors import CheckpointError, DamagedCheckpointError, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,14 @@ def evaluate_workdir(config, workdir: str) -> dict:
   run = train.Run(config, path)
   try:
     try:
-      restored = run.ckpts.restore('latest', run.template())
+      restored = run.ckpts.restore('latest', run.template(), step=run.ckpts.latest_step())
+    except DamagedCheckpointError as e:  # not a mismatch: the files cannot be read
+      raise CheckpointError(
+          f'{e} --mode=eval evaluates the newest checkpoint only. Run the same command with --mode=train: it '
+          'moves the damaged checkpoint aside (kept), resumes from the newest intact one, trains the epochs '
+          'after it again and evaluates.') from None
+    except CheckpointError:  # the stored shapes do not fit this config: the message says so
+      raise
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f'The checkpoint in {path} does not fit this config ({type(e).__name__}: {str(e)[:200]}). Pass the '

@@ -22,11 +22,10 @@ from typing import Optional, Tuple
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import convert, input_pipeline, loop, models, steps
-from autolora_jax.errors import CheckpointError, ConfigError
+from autolora_jax import checkpoints, convert, input_pipeline, loop, models, steps
+from autolora_jax.errors import CheckpointError, ConfigError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -106,34 +105,32 @@ def cache_folder(config, workdir: str) -> str:
   return os.path.abspath(os.path.join(os.path.expanduser(base), digest))
 
 
-def _pretrain_manager(folder: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      folder,
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
-      item_names=('variables', 'meta'))
-
-
 def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   """PGD-AT pre-training of an FE on `config.pretrain.dataset`; returns {'params', 'batch_stats'}.
 
   Uses the fine-tuning model's architecture without LoRa and a head for the pre-training classes, SGD
   with a cosine learning rate (optax) and the config's attack; data order, initialisation and attack
-  noise are drawn from config.pretrain.seed. The result is cached in `cache_folder(config, workdir)`.
+  noise are drawn from config.pretrain.seed. The result is cached in `cache_folder(config, workdir)`, in
+  the folder <epochs> (checkpoints.save_variables); a cached FE that cannot be read is moved aside (kept)
+  and pre-trained again.
   """
   pc = config.pretrain
   data = input_pipeline.create_dataset(pc.dataset, seed=pc.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count())
   model = models.create_model(config.model, data.num_classes, lora_rank=0)
   folder = cache_folder(config, workdir)
-  manager = _pretrain_manager(folder)
+  cached = os.path.join(folder, str(pc.epochs))
   steps_per_epoch = data.steps_per_epoch(pc.batch_size)
   variables = init_variables(model, config.model.input_size, pc.seed + 1)
-  if manager.latest_step() == pc.epochs:
-    restored = manager.restore(pc.epochs, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(jax.device_get(variables)), meta=ocp.args.JsonRestore()))
-    manager.close()
-    log.info('Loaded the in-process pre-trained FE from %s', folder)
-    return restored['variables']
+  if os.path.exists(cached):
+    try:
+      restored, _ = checkpoints.restore_variables(cached, jax.device_get(variables))
+      log.info('Loaded the in-process pre-trained FE from %s', folder)
+      return restored
+    except DamagedCheckpointError as e:
+      moved = checkpoints.move_aside(cached, os.path.join(folder, f'damaged-{pc.epochs}'))
+      log.warning('The cached pre-trained FE %s cannot be read (%s); it is kept, moved to %s (nothing is '
+                  'deleted), and the FE is pre-trained again.', cached, e.cause, moved)
   if steps_per_epoch < 1:
     raise ConfigError(f'config.pretrain.batch_size={pc.batch_size} exceeds the pre-training data '
                       f'({data.num_examples("train")} examples): lower it.')
@@ -157,12 +154,9 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
     log.info('pre-train epoch %d: lr %.4f, loss %.4f, train robust acc %.3f, %.0f img/s', epoch, lr,
                  metrics['loss'], metrics['adv_acc'], timing['images_per_second'])
   result = jax.device_get(jax_utils.unreplicate({'params': state.params, 'batch_stats': state.batch_stats}))
-  manager.save(pc.epochs, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(result),
-      meta=ocp.args.JsonSave({'epochs': pc.epochs, 'dataset': pc.dataset.name,
-                              'train_robust_acc': metrics['adv_acc'], 'fingerprint': fingerprint(config)})))
-  manager.wait_until_finished()
-  manager.close()
+  checkpoints.save_variables(cached, result, {'epochs': pc.epochs, 'dataset': pc.dataset.name,
+                                             'train_robust_acc': metrics['adv_acc'],
+                                             'fingerprint': fingerprint(config)})
   return result
 
 

@@ -9,7 +9,8 @@ checkpoint, reload it when the policy says so, save the latest state, log. At th
 
 Starting it again on the same workdir resumes after the last completed epoch, or at the step where a
 SIGTERM/SIGINT stopped it, and ends with the same result as an uninterrupted run (the data order and every
-random draw are functions of seed, epoch, step).
+random draw are functions of seed, epoch, step). It resumes from the newest checkpoint that can be read: a
+damaged one is moved aside and kept (checkpoints.py), and the epochs after the intact one are trained again.
 """
 
 from __future__ import annotations
@@ -128,13 +129,16 @@ class Run:
     variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
     self.ckpts.save('best', epoch, variables, {'epoch': epoch, 'val': val})
 
-  def restore_best(self, state):
+  def restore_best(self, state, if_lost: str):
     """Replaces params and BN statistics of a replicated state by the best checkpoint's (the optimizer
-    state stays); returns (state, best metadata)."""
+    state stays); returns (state, best metadata). A best checkpoint that cannot be read is moved aside with
+    a warning that ends in `if_lost` (what the caller does instead); then (state unchanged, None)."""
     template = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
-    variables, meta = self.ckpts.restore('best', template)
-    variables = loop.replicate(variables)
-    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
+    restored = self.ckpts.restore('best', template, if_lost=if_lost)
+    if restored is None:
+      return state, None
+    variables = loop.replicate(restored[0])
+    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), restored[1]
 
   def compile_ahead(self, state) -> None:
     """Multi-process: compiles the train and eval steps on every process before any of them runs."""
@@ -210,7 +214,8 @@ class Run:
       if decision.new_best:
         self.save_best(state, epoch, val)
       if decision.reload_best:
-        state, _ = self.restore_best(state)
+        state, _ = self.restore_best(state, f'The run keeps the weights of epoch {epoch} instead of '
+                                     f'reloading those of epoch {decision.best_epoch}, and goes on.')
       record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
                 **{f'train_{k}': v for k, v in train_metrics.items()},
                 'train_seconds': timing['seconds'], 'images_per_second': timing['images_per_second'],
@@ -256,8 +261,11 @@ class Run:
     final_meta = self.ckpts.restore_meta('latest')
     for name in ('best', 'final'):
       if name == 'best':
-        state, meta = self.restore_best(final_state)
-        epoch = meta['epoch']
+        state, meta = self.restore_best(final_state, f'The test evaluates the final state (epoch '
+                                        f'{final_meta["epoch"]}) as "best" too (results.json: "best_lost").')
+        epoch = final_meta['epoch'] if meta is None else meta['epoch']
+        if meta is None:  # the best checkpoint cannot be read: "best" is the final state
+          results['best_lost'] = True
       else:
         state, epoch = final_state, final_meta['epoch']
         if epoch == results['best']['epoch']:
