@@ -33,8 +33,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import evaluation, host, loop, preemption, train  # pylint: disable=g-import-not-at-top
-  from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  from autolora_jax import errors, evaluation, host, preemption, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
   host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
@@ -46,11 +45,11 @@ def main(argv):
       evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-  except InputError as e:
+  except errors.input_errors() as e:
     cli.fail(str(e))
-  except loop.NonFiniteLossError as e:
+  except errors.NonFiniteLossError as e:
     cli.fail(str(e), status=1)
-  except preemption.Preempted as e:
+  except errors.Preempted as e:
     command = shlex.join(['python'] + [a for a in sys.argv if not a.startswith('--overwrite')])
     print(f'{e}\nTo resume: {command}', file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)

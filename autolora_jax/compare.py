@@ -275,7 +275,7 @@ def execute(jobs: Sequence[Job], runner: Runner) -> Dict[Tuple[str, int], dict]:
 
   A finished run is skipped and its results.json read; any other is handed to `runner(config, workdir)`
   (which resumes it). Results without 'wall_seconds' get this call's own timing. Logs one line per run.
-  Exceptions of the runner (InputError, preemption.Preempted) propagate: later runs do not start.
+  Exceptions of the runner (InputError, errors.Preempted) propagate: later runs do not start.
   """
   out: Dict[Tuple[str, int], dict] = {}
   total = len(jobs)
@@ -720,8 +720,7 @@ def _load_config(holder, config_file: str, fail):
 
 
 def main(argv, flag_values) -> None:
-  from autolora_jax import cli, host, loop, preemption  # pylint: disable=g-import-not-at-top
-  from autolora_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  from autolora_jax import cli, errors, host, preemption  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
@@ -740,11 +739,11 @@ def main(argv, flag_values) -> None:
             method_names=flag_values['methods'].value, seeds=flag_values['seeds'].value,
             sweep=flag_values['sweep'].value, sweep_lrs=flag_values['sweep_lr'].value,
             sweep_l2s=flag_values['sweep_l2'].value, config_file=config_file, command=command)
-  except InputError as e:
+  except errors.input_errors() as e:
     cli.fail(str(e))
-  except loop.NonFiniteLossError as e:
+  except errors.NonFiniteLossError as e:
     cli.fail(f'{e}\nRunning the same command again resumes the comparison: {command}', status=1)
-  except preemption.Preempted as e:
+  except errors.Preempted as e:
     print(f'{e}\nThe comparison stopped there. Running the same compare command again resumes it (finished '
           f'runs are skipped, the stopped one resumes): {command}', file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)

@@ -36,7 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from autolora_jax import models
-from autolora_jax.errors import CheckpointError
+from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +465,8 @@ def from_torch(path: str, arch: str, lora_rank: int = 8, *, normalization: Norma
 # ----------------------------------------------------------------------------------------------------------
 
 def save(directory: str, variables: dict, meta: dict, overwrite: bool = False) -> str:
-  """Writes converted variables and their meta as an Orbax checkpoint (items 'variables', 'meta')."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Writes converted variables and their meta as an Orbax checkpoint (checkpoints.save_variables)."""
+  from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top (Orbax only when needed)
   directory = os.path.abspath(os.path.expanduser(directory))
   if os.path.exists(directory):
     if not overwrite:
@@ -474,21 +474,18 @@ def save(directory: str, variables: dict, meta: dict, overwrite: bool = False) -
     if not is_converted(directory):
       raise CheckpointError(f'{directory} exists and is not a converted checkpoint: refusing to replace it.')
     shutil.rmtree(directory)
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  checkpointer.save(directory, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
-                                                       meta=ocp.args.JsonSave(meta)))
-  return directory
+  return checkpoints.save_variables(directory, variables, meta)
 
 
 def is_converted(directory: str) -> bool:
   """Whether `directory` looks like a checkpoint written by `save`."""
-  return all(os.path.isdir(os.path.join(directory, item)) for item in ('variables', 'meta'))
+  from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.has_variables(directory)
 
 
 def load(directory: str) -> Tuple[dict, dict]:
   """(variables, meta) of a checkpoint written by `save` (numpy arrays)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top (Orbax only when needed)
   directory = os.path.abspath(os.path.expanduser(directory))
   if not os.path.isdir(directory):
     raise CheckpointError(f'The converted checkpoint {directory} does not exist. Make it with `python -m '
@@ -496,11 +493,13 @@ def load(directory: str) -> Tuple[dict, dict]:
   if not is_converted(directory):
     raise CheckpointError(f'{directory} is not a converted checkpoint (no "variables" and "meta" items): make '
                           'it with `python -m autolora_jax.convert --src=FILE.ckpt --dst=DIR --arch=...`.')
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = checkpointer.restore(directory, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  variables = jax.tree_util.tree_map(np.asarray, restored['variables'])
-  return variables, dict(restored['meta'])
+  try:
+    return checkpoints.restore_variables(directory)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(
+        f'The converted checkpoint {directory} cannot be read ({e.cause}): convert the PyTorch file again '
+        f'(`python -m autolora_jax.convert --src=FILE.ckpt --dst={directory} --arch=... --overwrite`).',
+        folder=e.folder, step=e.step, cause=e.cause) from None
 
 
 def load_any(path: str, arch: str, allow_pickle: bool = False) -> Tuple[dict, dict]:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from autolora_jax import autoattack, checkpoints, config_checks, distributed, experiment, loop, reporting
-from autolora_jax.errors import CheckpointError, WorkdirError
+from autolora_jax.errors import CheckpointError, DamagedCheckpointError, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,11 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
   final_meta = ckpts.restore_meta('latest')
   for name in ('best', 'final'):
     if name == 'best':
-      state, meta = exp.restore_best(ckpts, final_state)
-      epoch = meta['epoch']
+      state, meta = exp.restore_best(ckpts, final_state, f'The test evaluates the final state (epoch '
+                                     f'{final_meta["epoch"]}) as "best" too (results.json: "best_lost").')
+      epoch = final_meta['epoch'] if meta is None else meta['epoch']
+      if meta is None:  # the best checkpoint cannot be read: "best" is the final state
+        results['best_lost'] = True
     else:
       state, epoch = final_state, final_meta['epoch']
       if epoch == results['best']['epoch']:
@@ -207,7 +210,14 @@ def evaluate_workdir(config, workdir: str) -> dict:
     # Checkpoints of earlier versions do not record the normalisation: read the pre-trained file for it.
     exp = experiment.Experiment(config, path, normalization=normalization, load_fe=normalization is None)
     try:
-      restored = ckpts.restore('latest', exp.template())
+      restored = ckpts.restore('latest', exp.template(), step=ckpts.latest_step())
+    except DamagedCheckpointError as e:  # not a mismatch: the files cannot be read
+      raise CheckpointError(
+          f'{e} --mode=eval evaluates the newest checkpoint only. Run the same command with --mode=train: it '
+          'moves the damaged checkpoint aside (kept), resumes from the newest intact one, trains the epochs '
+          'after it again and evaluates.') from None
+    except CheckpointError:  # the stored shapes do not fit this config: the message says so
+      raise
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f'The checkpoint in {path} does not fit this config ({type(e).__name__}: {str(e)[:200]}). Pass the '

@@ -326,13 +326,16 @@ class Experiment:
     ckpts.save('best', epoch, variables, {'epoch': epoch, 'val': val, **self.checkpoint_meta()})
 
   @staticmethod
-  def restore_best(ckpts: checkpoints.Checkpoints, state):
+  def restore_best(ckpts: checkpoints.Checkpoints, state, if_lost: str):
     """Replaces params and BN statistics of a replicated state by the best checkpoint's (the optimizer
-    state stays); returns (state, best metadata)."""
+    state stays); returns (state, best metadata). A best checkpoint that cannot be read is moved aside with
+    a warning that ends in `if_lost` (what the caller does instead); then (state unchanged, None)."""
     template = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
-    variables, meta = ckpts.restore('best', template)
-    variables = loop.replicate(variables)
-    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
+    restored = ckpts.restore('best', template, if_lost=if_lost)
+    if restored is None:
+      return state, None
+    variables = loop.replicate(restored[0])
+    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), restored[1]
 
   # -- evaluation --------------------------------------------------------------------------------------
 

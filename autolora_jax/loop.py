@@ -17,10 +17,7 @@ import tqdm
 from flax import jax_utils
 
 from autolora_jax import steps
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient became NaN/inf; the message names the epoch and step."""
+from autolora_jax.errors import NonFiniteLossError
 
 
 def pmap_train_step(train_step: Callable) -> Callable:

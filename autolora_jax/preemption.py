@@ -2,9 +2,10 @@
 
 `Guard` turns the signal into a stop request that the training loop polls after every step
 (`should_stop(position_id)`). The loop then saves the state with its position inside the epoch (and the
-epoch's running metric sums) and raises `Preempted`, whose message says how to resume; run.py prints it
-and exits with status `EXIT_CODE`. Starting the same command again resumes at that exact step: the data
-order and every random draw are functions of (seed, epoch, step), so the run ends as an uninterrupted one.
+epoch's running metric sums) and raises `errors.Preempted`, whose message says how to resume; run.py
+prints it and exits with status `EXIT_CODE`. Starting the same command again resumes at that exact step:
+the data order and every random draw are functions of (seed, epoch, step), so the run ends as an
+uninterrupted one.
 
 Multi-process runs must all stop after the same step (the checkpoint is saved collectively). There the
 notice goes through JAX's preemption service (`jax.distributed.initialize()` installs its SIGTERM handler,
@@ -26,14 +27,6 @@ import jax
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 75  # "temporary failure, try again" (sysexits.h EX_TEMPFAIL): a scheduler may requeue the job
-
-
-class Preempted(Exception):
-  """The run stopped on request after saving a checkpoint; the message says how to resume."""
-
-  def __init__(self, message: str, *, epoch: int, step: int, checkpoint_step: int):
-    super().__init__(message)
-    self.epoch, self.step, self.checkpoint_step = epoch, step, checkpoint_step
 
 
 def position_id(epoch: int, done_steps: int, steps_per_epoch: int) -> int:

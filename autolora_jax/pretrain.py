@@ -20,12 +20,11 @@ from typing import Any, NamedTuple, Tuple
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import convert, loop, models, steps
+from autolora_jax import checkpoints, convert, loop, models, steps
 from autolora_jax.data import create_dataset
-from autolora_jax.errors import CheckpointError, ConfigError
+from autolora_jax.errors import CheckpointError, ConfigError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +86,6 @@ def init_variables(model, input_size: int, seed: int) -> dict:
   return jax.device_get(variables)
 
 
-def _pretrain_manager(folder: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      folder,
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
-      item_names=('variables', 'meta'))
-
-
 class PretrainPlan(NamedTuple):
   """The in-process PGD-AT pre-training of an FE, as plain values (experiment.pretrain_plan makes it).
 
@@ -129,21 +121,26 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
 
   Uses the fine-tuning model's architecture without LoRa and a head for the pre-training classes, SGD
   with a cosine learning rate (optax) and the plan's attack; data order, initialisation and attack noise
-  are drawn from plan.seed. The result is cached in `plan.folder`: a second call loads it.
+  are drawn from plan.seed. The result is cached in `plan.folder`, in the folder <epochs>
+  (checkpoints.save_variables): a second call loads it; a cached FE that cannot be read is moved aside
+  (kept) and pre-trained again.
   """
   data = create_dataset(plan.data_config, seed=plan.seed, process_index=jax.process_index(),
                         process_count=jax.process_count())
   model = models.create_model(plan.model_config, data.num_classes, lora_rank=0)
   folder = plan.folder
-  manager = _pretrain_manager(folder)
+  cached = os.path.join(folder, str(plan.epochs))
   steps_per_epoch = data.steps_per_epoch(plan.batch_size)
   variables = init_variables(model, plan.input_size, plan.seed + 1)
-  if manager.latest_step() == plan.epochs:
-    restored = manager.restore(plan.epochs, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(jax.device_get(variables)), meta=ocp.args.JsonRestore()))
-    manager.close()
-    log.info('Loaded the in-process pre-trained FE from %s', folder)
-    return restored['variables']
+  if os.path.exists(cached):
+    try:
+      restored, _ = checkpoints.restore_variables(cached, jax.device_get(variables))
+      log.info('Loaded the in-process pre-trained FE from %s', folder)
+      return restored
+    except DamagedCheckpointError as e:
+      moved = checkpoints.move_aside(cached, os.path.join(folder, f'damaged-{plan.epochs}'))
+      log.warning('The cached pre-trained FE %s cannot be read (%s); it is kept, moved to %s (nothing is '
+                  'deleted), and the FE is pre-trained again.', cached, e.cause, moved)
   if steps_per_epoch < 1:
     raise ConfigError(f'config.pretrain.batch_size={plan.batch_size} exceeds the pre-training data '
                       f'({data.num_examples("train")} examples): lower it.')
@@ -167,12 +164,9 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
     log.info('pre-train epoch %d: lr %.4f, loss %.4f, train robust acc %.3f, %.0f img/s', epoch, lr,
              metrics['loss'], metrics['adv_acc'], timing['images_per_second'])
   result = jax.device_get(jax_utils.unreplicate({'params': state.params, 'batch_stats': state.batch_stats}))
-  manager.save(plan.epochs, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(result),
-      meta=ocp.args.JsonSave({'epochs': plan.epochs, 'dataset': name,
-                              'train_robust_acc': metrics['adv_acc'], 'fingerprint': plan.fingerprint})))
-  manager.wait_until_finished()
-  manager.close()
+  checkpoints.save_variables(cached, result, {'epochs': plan.epochs, 'dataset': name,
+                                             'train_robust_acc': metrics['adv_acc'],
+                                             'fingerprint': plan.fingerprint})
   return result
 
 

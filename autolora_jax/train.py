@@ -10,7 +10,8 @@ results.json.
 
 Starting it again on the same workdir resumes after the last completed epoch, or at the step where a
 SIGTERM/SIGINT stopped it, and ends with the same result as an uninterrupted run (the data order and every
-random draw are functions of seed, epoch, step).
+random draw are functions of seed, epoch, step). It resumes from the newest checkpoint that can be read: a
+damaged one is moved aside and kept (checkpoints.py), and the epochs after the intact one are trained again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 from autolora_jax import (checkpoints, config_checks, distributed, evaluation, experiment, loop, policy,
                           preemption, reporting, steps)
 from autolora_jax import workdir as workdirs
-from autolora_jax.errors import InputError, WorkdirError
+from autolora_jax.errors import InputError, Preempted, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,12 @@ class Writers:
 
 
 def preempted(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, guard: preemption.Guard,
-              epoch: int, step: int) -> preemption.Preempted:
+              epoch: int, step: int) -> Preempted:
   """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved."""
   spe = exp.steps_per_epoch
   ckpt = (epoch - 1) * spe + step
   where = f'before epoch {epoch}' if step == 0 else f'after step {step} of {spe} of epoch {epoch}'
-  return preemption.Preempted(
+  return Preempted(
       f'Stopped by {guard.signal_name or "request"} {where}; the state is saved in '
       f'{os.path.join(ckpts.managers["latest"].directory, str(ckpt))}. Run the same command again '
       f'(same config and --workdir={exp.workdir}) to resume from there: the run then ends as an '
@@ -127,7 +128,8 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     if decision.new_best:
       exp.save_best(ckpts, state, epoch, val)
     if decision.reload_best:
-      state, _ = exp.restore_best(ckpts, state)
+      state, _ = exp.restore_best(ckpts, state, f'The run keeps the weights of epoch {epoch} instead of '
+                                  f'reloading those of epoch {decision.best_epoch}, and goes on.')
     record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
               **{f'train_{k}': v for k, v in train_metrics.items()},
               'train_seconds': timing['seconds'], 'images_per_second': timing['images_per_second'],
@@ -160,7 +162,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   A multi-process run initialises jax.distributed first (autolora_jax.distributed). A workdir holding a run
   of another config is refused unless `overwrite` (which moves that run to workdir/replaced/<time>/); bad
   input found at start-up leaves the workdir as it was (autolora_jax.workdir). SIGTERM/SIGINT stop after the
-  current step with a checkpoint and raise preemption.Preempted (autolora_jax.preemption).
+  current step with a checkpoint and raise errors.Preempted (autolora_jax.preemption).
 
   Returns the results dict written to workdir/results.json.
   """

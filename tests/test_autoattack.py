@@ -4,7 +4,9 @@ The model is a small MLP trained here in a few seconds on scikit-learn's 8x8 dig
 targeted attacks get all nine targets); the attacks run with the original's defaults (cheap on this model).
 """
 
+import ast
 import inspect
+import os
 import warnings
 
 import jax
@@ -13,9 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from autolora_jax import attacks, autoattack
+from autolora_jax import attacks, autoattack, errors
 from autolora_jax.autoattack import cascade, checks, common
-from autolora_jax.errors import InputError
+from autolora_jax.autoattack.errors import AutoAttackInputError
 
 EPS = 16 / 255  # digits are nearly robust at 8/255 for this model: a larger budget separates the attacks
 TOL = common.BALL_TOL
@@ -103,11 +105,11 @@ def test_defaults_are_the_originals():
                                                                                        p_init=0.8)
 
 
-def test_apgd_checkpoints_are_the_originals():
+def test_apgd_step_size_checks_are_the_originals():
   # Checks after 22, 41, 57, 70, 80, 87, 93 and 99 of 100 steps (APGD paper: p_j = 0, 0.22, 0.41, ...).
-  assert [i + 1 for i, _ in autoattack.apgd_checkpoints(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
-  assert [k for _, k in autoattack.apgd_checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
-  assert [i + 1 for i, _ in autoattack.apgd_checkpoints(10)] == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+  assert [i + 1 for i, _ in autoattack.apgd_step_size_checks(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
+  assert [k for _, k in autoattack.apgd_step_size_checks(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
+  assert [i + 1 for i, _ in autoattack.apgd_step_size_checks(10)] == [2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def test_square_schedule_is_the_originals():
@@ -346,11 +348,26 @@ def test_warns_for_too_few_classes_and_square_success():
 
 def test_bad_input_is_an_input_error(model):
   logits_fn, _, x, y = model
-  with pytest.raises(InputError, match='version'):
+  # autoattack/ has its own error type; the entry points treat it as bad input (exit 2, one paragraph).
+  assert AutoAttackInputError in errors.input_errors() and issubclass(AutoAttackInputError, ValueError)
+  with pytest.raises(AutoAttackInputError, match='version'):
     autoattack.run(logits_fn, x, y, version='plus')
-  with pytest.raises(InputError, match=r'\[0, 1\]'):
+  with pytest.raises(AutoAttackInputError, match=r'\[0, 1\]'):
     autoattack.run(logits_fn, x * 255, y)
-  with pytest.raises(InputError, match='attacks'):
+  with pytest.raises(AutoAttackInputError, match='attacks'):
     autoattack.run(logits_fn, x, y, attacks=['pgd'])
-  with pytest.raises(InputError, match='shape'):
+  with pytest.raises(AutoAttackInputError, match='shape'):
     autoattack.run(logits_fn, x[:, :, :, 0], y)
+
+
+def test_the_package_is_self_contained():
+  # autoattack/ imports nothing of autolora_jax outside itself (the dependency points package -> autoattack).
+  folder = os.path.dirname(autoattack.__file__)
+  for name in sorted(os.listdir(folder)):
+    if name.endswith('.py'):
+      with open(os.path.join(folder, name)) as f:
+        tree = ast.parse(f.read())
+      imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+      imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+      inside = [m for m in imported if m.split('.')[0] == 'autolora_jax']
+      assert all(m.startswith('autolora_jax.autoattack') for m in inside), (name, inside)

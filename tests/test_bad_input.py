@@ -141,6 +141,27 @@ def test_pretrained_checkpoint_of_the_wrong_architecture(tmp_path, monkeypatch):
                  'The pre-trained FE does not fit the configured model')
 
 
+def test_pretrain_batch_larger_than_its_data(tmp_path):
+  config = tiny_runs.tiny_config(**{'pretrain.epochs': 1, 'pretrain.dataset.name': 'digits',
+                                    'pretrain.batch_size': 4096})
+  expect_refusal(config, [str(tmp_path / 'new' / 'run')], ConfigError,
+                 'config.pretrain.batch_size=4096 exceeds the pre-training data (')
+
+
+def test_run_py_prints_an_autoattack_input_error_alone(tmp_path):
+  # autoattack/ has its own error type (it imports nothing of the package); run.py treats it as bad input.
+  message = 'eps must lie in (0, 1] (images are in [0, 1]), got 2.0; e.g. 8/255.'
+  hook = ('from autolora_jax import train\n'
+          'from autolora_jax.autoattack.errors import AutoAttackInputError\n'
+          'def fail(*args, **kwargs):\n'
+          f'  raise AutoAttackInputError({message!r})\n'
+          'train.train_and_evaluate = fail')
+  argv = ['--config=tests/tiny_config.py', f'--workdir={tmp_path}']
+  p = tiny_runs.run_python(tiny_runs.cli_code(argv, hook))
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert p.stderr.strip().endswith(f'error: {message}') and 'Traceback' not in p.stderr, p.stderr[-3000:]
+
+
 def test_workdir_holding_a_run_of_another_config(tmp_path):
   base = tiny_runs.tiny_config()
   old = make_old_run(tmp_path / 'old', base)

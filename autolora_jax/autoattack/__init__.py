@@ -9,12 +9,13 @@ The standard version runs APGD-CE, APGD-T, FAB-T and Square as a cascade with th
 `logits_fn` (`apgd_ce`, `apgd_t`, `fab_t`, `square`), for use on its own.
 """
 
-from autolora_jax.autoattack.autopgd import apgd, apgd_ce, apgd_t, checkpoints as apgd_checkpoints
+from autolora_jax.autoattack.autopgd import apgd, apgd_ce, apgd_t, step_size_checks as apgd_step_size_checks
 from autolora_jax.autoattack.cascade import ATTACKS, DEFAULTS, VERSIONS, AutoAttackResult, run
 from autolora_jax.autoattack.checks import AutoAttackWarning
+from autolora_jax.autoattack.errors import AutoAttackInputError
 from autolora_jax.autoattack.fab import fab_t, project_to_hyperplane
 from autolora_jax.autoattack.square_attack import side_schedule, square
 
-__all__ = ['run', 'AutoAttackResult', 'AutoAttackWarning', 'ATTACKS', 'VERSIONS', 'DEFAULTS', 'apgd',
-           'apgd_ce', 'apgd_t', 'fab_t', 'square', 'apgd_checkpoints', 'project_to_hyperplane',
-           'side_schedule']
+__all__ = ['run', 'AutoAttackResult', 'AutoAttackWarning', 'AutoAttackInputError', 'ATTACKS', 'VERSIONS',
+           'DEFAULTS', 'apgd', 'apgd_ce', 'apgd_t', 'fab_t', 'square', 'apgd_step_size_checks',
+           'project_to_hyperplane', 'side_schedule']

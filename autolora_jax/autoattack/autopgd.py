@@ -6,10 +6,10 @@ The rules follow the original AutoAttack release:
 * step: z = P(x_k + eta * sign(grad)), x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})) with
   momentum a = 0.75 (a = 1 at the first step), eta starting at 2 eps, P the projection onto the ball and
   [0, 1];
-* step-size checkpoints at 22%, 41%, 57%, 70%, 80%, 87%, 93%, 99% of the iterations (`checkpoints`): at
-  each, an example's step size halves and it restarts from its best point if its loss rose in at most
-  rho = 75% of the steps since the last checkpoint, or if its step size was not halved at the last
-  checkpoint and its best loss has not improved since;
+* step-size checks (the paper's "checkpoints") at 22%, 41%, 57%, 70%, 80%, 87%, 93%, 99% of the
+  iterations (`step_size_checks`): at each, an example's step size halves and it restarts from its best
+  point if its loss rose in at most rho = 75% of the steps since the last check, or if its step size was
+  not halved at the last check and its best loss has not improved since;
 * the result of an example is the last iterate that was misclassified (if any).
 
 Each function is pure and jittable over `logits_fn(x) -> logits`; all shapes are static, and an `active`
@@ -30,8 +30,8 @@ from autolora_jax.autoattack import common
 LOSSES = ('ce', 'dlr', 'dlr-targeted')
 
 
-def checkpoints(n_iter: int) -> List[Tuple[int, int]]:
-  """The step-size checkpoints of an n_iter-step run: [(iteration index, window length), ...].
+def step_size_checks(n_iter: int) -> List[Tuple[int, int]]:
+  """The step-size checks of an n_iter-step run: [(iteration index, window length), ...].
 
   The first window is max(int(0.22 n), 1) steps long; each following one is shorter by
   max(int(0.03 n), 1) but at least max(int(0.06 n), 1). For n = 100 the checks fall after 22, 41, 57, 70,
@@ -68,7 +68,7 @@ def apgd(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, loss='ce', r
     logits_fn: maps images (N, H, W, C) in [0, 1] to logits (N, K).
     x: clean images (N, H, W, C) in [0, 1]. y: labels (N,).
     key: a PRNG key, or one per example (N, 2), for the random start.
-    eps: L-infinity radius. n_iter: iterations (static). rho: the checkpoint threshold.
+    eps: L-infinity radius. n_iter: iterations (static). rho: the step-size check threshold.
     loss: 'ce', 'dlr', 'dlr-targeted' (with `target`, (N,) target classes), or any function
       logits (N, K) -> per-example loss (N,).
     active: (N,) bool, the examples to attack (default all).
@@ -95,7 +95,7 @@ def apgd(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, loss='ce', r
   loss0, logits0, grad0 = loss_and_grad(x_adv)
   fooled0 = ~common.correct(logits0, y)
 
-  table = checkpoints(n_iter)
+  table = step_size_checks(n_iter)
   is_check = np.zeros(n_iter, bool)
   window = np.zeros(n_iter, np.int32)
   for i, k in table:
@@ -127,7 +127,7 @@ def apgd(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, loss='ce', r
     grad_best = jnp.where(mb, grad, s['grad_best'])
     loss_best = jnp.where(better, per, s['loss_best'])
 
-    # Step-size checkpoint (a no-op between checkpoints).
+    # Step-size check (a no-op between checks).
     k = window[i]
     rows = jnp.mod(i - lags, n_iter)
     prev = jnp.mod(i - lags - 1, n_iter)

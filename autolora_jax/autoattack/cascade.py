@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from autolora_jax.autoattack import autopgd, checks, common, fab, square_attack
-from autolora_jax.errors import InputError
+from autolora_jax.autoattack.errors import AutoAttackInputError
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +140,20 @@ def _attack_batch(fn, x, y, index, active, pass_key, pass_index, targeted, eps, 
 
 def _check_inputs(x, y, eps, version, attacks, batch_size):
   if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-    raise InputError(f'autoattack.run needs images x of shape (N, H, W, C) and labels y of shape (N,); got '
-                     f'{x.shape} and {y.shape}.')
+    raise AutoAttackInputError(f'autoattack.run needs images x of shape (N, H, W, C) and labels y of shape '
+                               f'(N,); got {x.shape} and {y.shape}.')
   if x.size and (x.min() < 0 or x.max() > 1):
-    raise InputError(f'autoattack.run needs images in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]. '
-                     'Normalise inside logits_fn, not before the attack.')
+    raise AutoAttackInputError(f'autoattack.run needs images in [0, 1]; got values in [{x.min():.3g}, '
+                               f'{x.max():.3g}]. Normalise inside logits_fn, not before the attack.')
   if not 0 < eps <= 1:
-    raise InputError(f'eps must lie in (0, 1] (images are in [0, 1]), got {eps!r}; e.g. 8/255.')
+    raise AutoAttackInputError(f'eps must lie in (0, 1] (images are in [0, 1]), got {eps!r}; e.g. 8/255.')
   if attacks is None and version not in VERSIONS:
-    raise InputError(f'version={version!r} is unknown: choose one of {tuple(VERSIONS)}, or pass attacks=... '
-                     f'(a sequence of {ATTACKS}) for a custom cascade.')
+    raise AutoAttackInputError(f'version={version!r} is unknown: choose one of {tuple(VERSIONS)}, or pass '
+                               f'attacks=... (a sequence of {ATTACKS}) for a custom cascade.')
   if attacks is not None and (not attacks or any(a not in ATTACKS for a in attacks)):
-    raise InputError(f'attacks={attacks!r}: give a non-empty sequence of names from {ATTACKS}.')
+    raise AutoAttackInputError(f'attacks={attacks!r}: give a non-empty sequence of names from {ATTACKS}.')
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise InputError(f'batch_size must be a positive integer, got {batch_size!r}.')
+    raise AutoAttackInputError(f'batch_size must be a positive integer, got {batch_size!r}.')
 
 
 def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'standard', seed: int = 0,
