@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from autolora_jax import checkpoints, evaluation, pretrain, train
+from autolora_jax import checkpoints, evaluation, experiment, pretrain, train
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 
@@ -210,13 +210,14 @@ def test_a_damaged_pretrain_cache_is_moved_aside_and_made_again(tmp_path, caplog
   config = tiny_runs.tiny_config(**{'pretrain.epochs': 1, 'pretrain.dataset.name': 'digits',
                                     'pretrain.dataset.classes': (5, 6, 7), 'pretrain.batch_size': 64})
   workdir = str(tmp_path)
-  first = pretrain.pretrain_in_process(config, workdir, progress=False)
-  cached = os.path.join(pretrain.cache_folder(config, workdir), '1')
+  plan = experiment.pretrain_plan(config, workdir)
+  first = pretrain.pretrain_in_process(plan, progress=False)
+  cached = os.path.join(plan.folder, '1')
   _truncate(os.path.join(cached, 'variables'))
   before = _files(cached)
   with caplog.at_level(logging.WARNING):
-    again = pretrain.pretrain_in_process(config, workdir, progress=False)
-  kept = os.path.join(pretrain.cache_folder(config, workdir), 'damaged-1')
+    again = pretrain.pretrain_in_process(plan, progress=False)
+  kept = os.path.join(plan.folder, 'damaged-1')
   (message,) = _warnings(caplog)
   assert message.startswith(f'The cached pre-trained FE {cached} cannot be read (OUT_OF_RANGE')
   assert message.endswith(f'it is kept, moved to {kept} (nothing is deleted), and the FE is pre-trained '
