@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterator, NamedTuple, Optional
 
+import jax
 import numpy as np
 
-from autolora_jax import models, steps
+from autolora_jax import models, ops, steps
 from autolora_jax.errors import ConfigError
 
 METHODS = steps.METHODS  # 'autolora', 'vanilla_rft', 'pgd_at'
@@ -82,8 +83,11 @@ def model_overrides(config) -> Dict[str, object]:
 
 
 def create_model(config, num_classes: int) -> models.ResNet:
-  """The fine-tuning model of a run: `config.model` with `model_overrides` applied."""
-  return models.create_model(config.model, num_classes, **model_overrides(config))
+  """The fine-tuning model of a run: `config.model` with `model_overrides` applied, its convolutions
+  those `config.model.conv_impl` chooses for this process's default backend."""
+  conv_fn, pool_fn = ops.convolutions(config.model.conv_impl, jax.default_backend())
+  return models.create_model(config.model, num_classes, conv_fn=conv_fn, pool_fn=pool_fn,
+                             **model_overrides(config))
 
 
 def kl_denominator(config, device_count: int) -> Optional[float]:

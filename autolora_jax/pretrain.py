@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import jax_utils, traverse_util
 
-from autolora_jax import convert, input_pipeline, loop, models, steps
+from autolora_jax import convert, input_pipeline, loop, models, ops, steps
 from autolora_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,14 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
 def init_variables(model, input_size: int, seed: int) -> dict:
   """Fresh {'params', 'batch_stats'} of `model` (host numpy arrays), drawn from `seed`.
 
-  Compiled for the host CPU with XLA's own convolution and XLA's random-bit generator (key impl 'rbg'):
-  the variables depend on neither the convolution nor the accelerator, and the default threefry keys made
-  this one program compile in 13.5 s for the demo's network against 5.7 s (2-core CPU).
+  Compiled for the host CPU with XLA's own convolution and max-pool and XLA's random-bit generator (key
+  impl 'rbg'): the variables depend on neither the convolution nor the accelerator, and the default
+  threefry keys made this one program compile in 13.5 s for the demo's network against 5.7 s (2-core CPU).
   """
   x = np.zeros((1, input_size, input_size, 3), np.float32)
-  plain = model.clone(conv_impl='native') if hasattr(model, 'conv_impl') else model
+  plain = model
+  if isinstance(model, models.ResNet):
+    plain = model.clone(conv_fn=models.native_conv2d, pool_fn=models.native_max_pool)
   try:
     device = jax.local_devices(backend='cpu')[0]  # this process's own (jax.devices() lists all processes')
   except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
@@ -123,7 +125,8 @@ def pretrain_in_process(config, workdir: str, *, progress: bool = True) -> dict:
   pc = config.pretrain
   data = input_pipeline.create_dataset(pc.dataset, seed=pc.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  model = models.create_model(config.model, data.num_classes, lora_rank=0)
+  conv_fn, pool_fn = ops.convolutions(config.model.conv_impl, jax.default_backend())
+  model = models.create_model(config.model, data.num_classes, conv_fn=conv_fn, pool_fn=pool_fn, lora_rank=0)
   folder = cache_folder(config, workdir)
   manager = _pretrain_manager(folder)
   steps_per_epoch = data.steps_per_epoch(pc.batch_size)

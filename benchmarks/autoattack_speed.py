@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, host, input_pipeline, methods, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, input_pipeline, methods, pretrain
+from autolora_jax.ops import host
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')
