@@ -33,11 +33,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  from autolora_jax import errors, evaluation, host, preemption, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import errors, evaluation, preemption, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax.ops import host  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # libraries: warnings only
   std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)  # this project: progress messages
-  host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/host.py)
-  host.set_xla_cpu_flags()  # XLA's own CPU convolution kernels (see autolora_jax/host.py)
+  # CPU runs only (both do nothing on GPU and TPU hosts), before the first computation:
+  host.retain_freed_memory()  # no page faults for XLA's per-step buffers (see autolora_jax/ops/host.py)
+  host.set_xla_cpu_flags()  # XLA's own CPU convolution kernels (see autolora_jax/ops/host.py)
   host.enable_compilation_cache(host.default_compilation_cache_dir() if _CACHE.value is None
                                 else _CACHE.value)
   try:

@@ -720,13 +720,14 @@ def _load_config(holder, config_file: str, fail):
 
 
 def main(argv, flag_values) -> None:
-  from autolora_jax import cli, errors, host, preemption  # pylint: disable=g-import-not-at-top
+  from autolora_jax import cli, errors, preemption  # pylint: disable=g-import-not-at-top
+  from autolora_jax.ops import host  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries: warnings only
   logging.getLogger('autolora_jax').setLevel(logging.INFO)  # this project: progress messages
-  host.retain_freed_memory()  # as run.py: see autolora_jax/host.py
+  host.retain_freed_memory()  # as run.py: see autolora_jax/ops/host.py
   host.set_xla_cpu_flags()
   host.enable_compilation_cache(host.default_compilation_cache_dir())  # as run.py's default
   command = shlex.join(['python', '-m', 'autolora_jax.compare'] + sys.argv[1:])

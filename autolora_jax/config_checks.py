@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import autoattack, distributed, models, steps
+from autolora_jax import autoattack, distributed, models, ops, steps
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import ConfigError
 
@@ -44,7 +44,7 @@ def validate(config) -> None:
   _choice('model.arch', m.arch, models.ARCHITECTURES)
   _choice('model.stem', m.stem, models.STEMS)
   _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
-  _choice('model.conv_impl', m.conv_impl, models.CONV_IMPLS)
+  _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
   _positive_int('model.width', m.width)
   _positive_int('model.input_size', m.input_size)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from autolora_jax import models
+from autolora_jax import models, ops
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,7 @@ def guess_arch(weights: Dict[str, np.ndarray]) -> str:
 
 def _template(model_arch: str, stem: str, width: int, num_classes: int) -> Dict[str, Tuple[int, ...]]:
   """{'params/...': shape, 'batch_stats/...': shape} of the model without LoRa (no computation)."""
-  model = models.ARCHITECTURES[model_arch](num_classes, width=width, lora_rank=0, stem=stem, input_size=32,
-                                           conv_impl='native')
+  model = models.ARCHITECTURES[model_arch](num_classes, width=width, lora_rank=0, stem=stem, input_size=32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
 
@@ -396,13 +395,15 @@ def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
   return variables, meta
 
 
-def build_model(meta: dict, lora_rank: int = 8, **overrides) -> models.ResNet:
+def build_model(meta: dict, lora_rank: int = 8, conv_impl: str = 'auto', **overrides) -> models.ResNet:
   """The model a converted checkpoint's meta describes (its head size and input normalisation).
 
-  `overrides` are `models.ResNet` attributes (input_size defaults to 224 for the ImageNet stem and 32 for
-  the CIFAR layout).
+  `conv_impl` (ops.CONV_IMPLS) gives the convolutions for this process's default backend; `overrides`
+  are `models.ResNet` attributes (input_size defaults to 224 for the ImageNet stem and 32 for the CIFAR
+  layout).
   """
-  kwargs = dict(width=meta['width'], lora_rank=lora_rank, stem=meta['stem'],
+  conv_fn, pool_fn = ops.convolutions(conv_impl, jax.default_backend())
+  kwargs = dict(width=meta['width'], lora_rank=lora_rank, stem=meta['stem'], conv_fn=conv_fn, pool_fn=pool_fn,
                 input_size=224 if meta['stem'] == 'imagenet' else 32,
                 mean=tuple(meta['mean']) if meta['mean'] is not None else None,
                 std=tuple(meta['std']) if meta['std'] is not None else None)
@@ -453,7 +454,8 @@ def from_torch(path: str, arch: str, lora_rank: int = 8, *, normalization: Norma
     lora_rank: LoRa rank r (0: no LoRa parameters).
     normalization: see `resolve_normalization`.
     allow_pickle: read files that hold Python objects besides tensors (runs code from the file).
-    **model_overrides: other `models.ResNet` attributes (input_size, conv_impl, lora_placement, dtype).
+    **model_overrides: `build_model`'s conv_impl and other `models.ResNet` attributes (input_size,
+      lora_placement, dtype).
   """
   variables, meta = convert_file(path, arch, normalization=normalization, allow_pickle=allow_pickle)
   model = build_model(meta, lora_rank=lora_rank, **model_overrides)

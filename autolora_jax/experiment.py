@@ -27,6 +27,7 @@ Methods (SPEC.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import checkpoints, distributed, loop, models, policy, pretrain, steps
+from autolora_jax import checkpoints, distributed, loop, models, ops, policy, pretrain, steps
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
@@ -114,11 +115,13 @@ def model_overrides(config) -> Dict[str, object]:
 
 
 def build_model(model_config, num_classes: int, normalization: Optional[Normalization] = None, **overrides):
-  """The one model builder of the package: `config.model` with `overrides`, normalising with
-  `normalization` (mean, std) instead of model_config.mean/std when it is given."""
+  """The one model builder of a run (fine-tuning and pre-training): `config.model` with `overrides`, its
+  convolutions those `config.model.conv_impl` chooses for this process's default backend (asked once,
+  here), normalising with `normalization` (mean, std) instead of model_config.mean/std when it is given."""
   if normalization is not None:
     overrides = {'mean': normalization[0], 'std': normalization[1], **overrides}
-  return models.create_model(model_config, num_classes, **overrides)
+  conv_fn, pool_fn = ops.convolutions(model_config.conv_impl, jax.default_backend())
+  return models.create_model(model_config, num_classes, conv_fn=conv_fn, pool_fn=pool_fn, **overrides)
 
 
 def create_model(config, num_classes: int, normalization: Optional[Normalization] = None):
@@ -182,7 +185,8 @@ def pretrain_plan(config, workdir: str) -> pretrain.PretrainPlan:
       data_config=pc.dataset, seed=int(pc.seed), epochs=int(pc.epochs), batch_size=int(pc.batch_size),
       learning_rate=float(pc.learning_rate), momentum=float(o.momentum), weight_decay=float(o.weight_decay),
       eps=float(a.eps), step_size=float(a.step_size), attack_steps=int(a.train_steps),
-      input_size=int(config.model.input_size), model_config=config.model, folder=pretrain_folder(config, workdir),
+      input_size=int(config.model.input_size),
+      make_model=functools.partial(build_model, config.model, lora_rank=0), folder=pretrain_folder(config, workdir),
       fingerprint=pretrain_fingerprint(config))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
 import numpy as np
@@ -71,12 +71,14 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
 def init_variables(model, input_size: int, seed: int) -> dict:
   """Fresh {'params', 'batch_stats'} of `model` (host numpy arrays), drawn from `seed`.
 
-  Compiled for the host CPU with XLA's own convolution and XLA's random-bit generator (key impl 'rbg'):
-  the variables depend on neither the convolution nor the accelerator, and the default threefry keys made
-  this one program compile in 13.5 s for the demo's network against 5.7 s (2-core CPU).
+  Compiled for the host CPU with XLA's own convolution and max-pool and XLA's random-bit generator (key
+  impl 'rbg'): the variables depend on neither the convolution nor the accelerator, and the default
+  threefry keys made this one program compile in 13.5 s for the demo's network against 5.7 s (2-core CPU).
   """
   x = np.zeros((1, input_size, input_size, 3), np.float32)
-  plain = model.clone(conv_impl='native') if hasattr(model, 'conv_impl') else model
+  plain = model
+  if isinstance(model, models.ResNet):
+    plain = model.clone(conv_fn=models.native_conv2d, pool_fn=models.native_max_pool)
   try:
     device = jax.local_devices(backend='cpu')[0]  # this process's own (jax.devices() lists all processes')
   except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
@@ -96,7 +98,7 @@ class PretrainPlan(NamedTuple):
     momentum, weight_decay: as the fine-tuning optimizer.
     eps, step_size, attack_steps: the training PGD.
     input_size: the model's input side.
-    model_config: the `config.model` sub-config; the FE is that model without LoRa.
+    make_model: num_classes -> the FE's model (the fine-tuning architecture without LoRa).
     folder: the cache folder (a function of `fingerprint`).
     fingerprint: everything the FE is a function of (JSON data), recorded with it.
   """
@@ -111,7 +113,7 @@ class PretrainPlan(NamedTuple):
   step_size: float
   attack_steps: int
   input_size: int
-  model_config: Any
+  make_model: Callable[[int], Any]
   folder: str
   fingerprint: dict
 
@@ -127,7 +129,7 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
   """
   data = create_dataset(plan.data_config, seed=plan.seed, process_index=jax.process_index(),
                         process_count=jax.process_count())
-  model = models.create_model(plan.model_config, data.num_classes, lora_rank=0)
+  model = plan.make_model(data.num_classes)
   folder = plan.folder
   cached = os.path.join(folder, str(plan.epochs))
   steps_per_epoch = data.steps_per_epoch(plan.batch_size)

@@ -21,8 +21,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from autolora_jax import autoattack, checkpoints, evaluation, experiment, host, pretrain
+from autolora_jax import autoattack, checkpoints, evaluation, experiment, pretrain
 from autolora_jax.data import memory
+from autolora_jax.ops import host
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The config the workdir was trained with.')

@@ -55,7 +55,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autolora_jax import autoattack, host, models, steps  # noqa: E402
+from autolora_jax import autoattack, models, ops, steps  # noqa: E402
+from autolora_jax.ops import host  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -77,7 +78,7 @@ flags.DEFINE_integer('num_classes', 10, 'Outputs of the head.')
 flags.DEFINE_integer('pgd_steps', 10, 'PGD steps of the train step and of the validation pass.')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions per implementation (after one warm-up call).')
 flags.DEFINE_string('conv_impl', 'auto', "Our model's conv_impl: auto | native | im2col | "
-                    '(whatever models.CONV_IMPLS offers).')
+                    '(whatever ops.CONV_IMPLS offers).')
 flags.DEFINE_string('dtype', 'float32', "Our model's compute dtype: float32 | bfloat16.")
 flags.DEFINE_enum('torch', 'auto', ['auto', 'off'], "'off' times ours alone.")
 flags.DEFINE_bool('torch_channels_last', False, 'Run the reference in channels_last memory format '
@@ -162,7 +163,7 @@ def _loadavg() -> List[float]:
 
 def forward_flops(model, variables, input_size: int) -> float:
   """FLOPs (2 per multiply-add) of the convolutions and dots of one forward pass on one image."""
-  native = model.clone(conv_impl='native', dtype=jnp.float32)
+  native = model.clone(conv_fn=models.native_conv2d, pool_fn=models.native_max_pool, dtype=jnp.float32)
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: native.apply(v, x))(variables, x)
   total = 0.0
@@ -195,9 +196,10 @@ def _gpu() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, data) -> tuple:
+  conv_fn, pool_fn = ops.convolutions(FLAGS.conv_impl, jax.default_backend())
   model = models.ARCHITECTURES[arch](
       FLAGS.num_classes, width=FLAGS.width, lora_rank=FLAGS.lora_rank, input_size=input_size,
-      stem=FLAGS.stem, conv_impl=FLAGS.conv_impl, dtype=jnp.dtype(FLAGS.dtype))
+      stem=FLAGS.stem, conv_fn=conv_fn, pool_fn=pool_fn, dtype=jnp.dtype(FLAGS.dtype))
   x, y = data
   variables = model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}

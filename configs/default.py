@@ -5,8 +5,7 @@ Dataset configs start from this one and change only what differs.
 
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from autolora_jax.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def robust_imagenet_fe(config):
@@ -54,7 +53,7 @@ def get_config():
   config.model.mean = IMAGENET_MEAN
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
-  #   | 'explicit' | 'winograd' (see models.resolve_conv_impl)
+  #   | 'explicit' | 'winograd' (see autolora_jax/ops/cpu.py)
   config.model.dtype = 'float32'
 
   # The pre-trained feature extractor: '' = random initialisation; a folder written by

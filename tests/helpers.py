@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autolora_jax import models
+from autolora_jax import models, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_resnet18(num_classes=5, **kwargs):
-  """A width-8 ResNet-18 with the CIFAR stem at 16x16: every layer type, a fraction of the cost."""
-  kw = dict(width=8, input_size=16, stem='cifar', conv_impl='native')
+def tiny_resnet18(num_classes=5, conv_impl='native', **kwargs):
+  """A width-8 ResNet-18 with the CIFAR stem at 16x16: every layer type, a fraction of the cost; its
+  convolutions those `conv_impl` (ops.CONV_IMPLS) gives on this backend."""
+  conv_fn, pool_fn = ops.convolutions(conv_impl, jax.default_backend())
+  kw = dict(width=8, input_size=16, stem='cifar', conv_fn=conv_fn, pool_fn=pool_fn)
   kw.update(kwargs)
   return models.resnet18(num_classes, **kw)
 

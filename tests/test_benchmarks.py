@@ -31,7 +31,7 @@ def _rel(a, b):
 
 @pytest.mark.skipif(torch is None, reason='torch is not installed')
 def test_reference_step_computes_our_step():
-  model = models.resnet18(10, width=8, input_size=32, conv_impl='native')
+  model = models.resnet18(10, width=8, input_size=32)  # XLA's convolution, as the reference's
   rng = np.random.default_rng(0)
   x = rng.random((4, 32, 32, 3), dtype=np.float32)
   y = rng.integers(0, 10, 4).astype(np.int32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from autolora_jax import models
+from autolora_jax import models, ops
 from tests import helpers
 
 
@@ -100,23 +100,27 @@ def test_convolution_paths_equal_native(impl, k, stride, padding, size):
   rng = np.random.default_rng(k + stride)
   x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(k, k, 5, 4)).astype(np.float32))
-  native = models.conv2d(x, w, stride, padding, 'native')
-  other = models.conv2d(x, w, stride, padding, impl)
+  conv_fn = ops.cpu.CONVS[impl]
+  native = models.native_conv2d(x, w, stride, padding)
+  other = conv_fn(x, w, stride, padding)
   np.testing.assert_allclose(np.asarray(other), np.asarray(native), rtol=1e-4, atol=1e-4)
 
-  def grads(impl):
-    return jax.grad(lambda x, w: jnp.sum(models.conv2d(x, w, stride, padding, impl) ** 2), (0, 1))(x, w)
+  def grads(conv_fn):
+    return jax.grad(lambda x, w: jnp.sum(conv_fn(x, w, stride, padding) ** 2), (0, 1))(x, w)
 
-  for g_other, g_native in zip(grads(impl), grads('native')):  # input and kernel gradients
+  for g_other, g_native in zip(grads(conv_fn), grads(models.native_conv2d)):  # input and kernel gradients
     np.testing.assert_allclose(np.asarray(g_other), np.asarray(g_native), rtol=1e-3, atol=1e-3)
 
 
 def test_max_pool_paths_agree():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 3)).astype(np.float32))
+  native = lambda x: models.native_max_pool(x, 3, 2, 1)  # noqa: E731
   for impl in ('im2col', 'explicit'):
-    np.testing.assert_array_equal(np.asarray(models.max_pool(x, impl)), np.asarray(models.max_pool(x, 'native')))
-    g = jax.grad(lambda x: jnp.sum(models.max_pool(x, impl) ** 2))(x)
-    g_native = jax.grad(lambda x: jnp.sum(models.max_pool(x, 'native') ** 2))(x)
+    pool_fn = ops.convolutions(impl, 'cpu')[1]
+    pool = lambda x: pool_fn(x, 3, 2, 1)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(pool(x)), np.asarray(native(x)))
+    g = jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+    g_native = jax.grad(lambda x: jnp.sum(native(x) ** 2))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_native), rtol=1e-6, atol=1e-6)
 
 
@@ -129,6 +133,21 @@ def test_models_agree_across_conv_impls():
       a = native.apply(variables, x, branch=branch)
       b = helpers.tiny_resnet18(conv_impl=impl).apply(variables, x, branch=branch)
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_never_asks_for_the_backend(monkeypatch):
+  # The CPU per-layer choice at 64 x 64 with the ImageNet stem: im2col, Winograd and explicit layers, and
+  # ops' max-pool; tracing init and a gradient must not call jax.default_backend().
+  conv_fn, pool_fn = ops.convolutions('auto', 'cpu')
+  model = models.resnet18(3, width=64, input_size=64, conv_fn=conv_fn, pool_fn=pool_fn)
+
+  def refuse():
+    raise AssertionError('jax.default_backend() called while tracing the model')
+
+  monkeypatch.setattr(jax, 'default_backend', refuse)
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  jax.eval_shape(jax.grad(lambda v, x: jnp.sum(model.apply(v, x, branch='nat'))), variables, x)
 
 
 def test_nearest_resize_follows_pytorch_index_rule():

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 
-from autolora_jax import experiment, models, pretrain
+from autolora_jax import experiment, models, ops, pretrain
 
 import tiny_runs
 
@@ -30,7 +30,7 @@ def test_cache_folder_is_shared_by_seeds_and_methods_and_changes_with_the_fe(tmp
 
 def test_init_variables_depend_on_the_seed_alone_not_the_convolution():
   a = pretrain.init_variables(models.resnet18(3, width=4, input_size=8, stem='cifar'), 8, 0)
-  im2col = models.resnet18(3, width=4, input_size=8, stem='cifar', conv_impl='im2col')
+  im2col = models.resnet18(3, width=4, input_size=8, stem='cifar', conv_fn=ops.conv.im2col_conv)
   b = pretrain.init_variables(im2col, 8, 0)
   c = pretrain.init_variables(models.resnet18(3, width=4, input_size=8, stem='cifar'), 8, 1)
   leaves = lambda v: [np.asarray(x) for x in jax.tree_util.tree_leaves(v)]  # noqa: E731

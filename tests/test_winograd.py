@@ -1,5 +1,5 @@
-"""winograd: F(2 x 2, 3 x 3) and F(4 x 4, 3 x 3) are exact (float64), and in float32 their values and both
-gradients stay within a stated tolerance of XLA's convolution; models pick the tile by the output side.
+"""ops.winograd: F(2 x 2, 3 x 3) and F(4 x 4, 3 x 3) are exact (float64), and in float32 their values and
+both gradients stay within a stated tolerance of XLA's convolution; ops.cpu picks the tile by the output side.
 
 Float32 tolerances, relative to the largest entry: 1e-5 for m = 2 and 5e-5 for m = 4 (observed on
 random data: ~6e-7 and ~6e-6; the transforms of F(4 x 4) multiply by up to 8 and 1/24).
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from autolora_jax import models, winograd
+from autolora_jax.ops import conv, cpu, winograd
 
 TOLERANCE = {2: 1e-5, 4: 5e-5}
 
@@ -59,16 +59,15 @@ def test_winograd_rejects_other_tiles_and_kernels():
     winograd.conv3x3(x, jnp.zeros((5, 5, 2, 2)), 2)
 
 
-def test_models_pick_the_winograd_tile_by_output_side():
-  assert jax.default_backend() == 'cpu'
-  tiles = {side: models.winograd_tile(side) for side in (3, 4, 7, 14, 19, 20, 28, 39, 40, 56, 112)}
+def test_the_cpu_choice_picks_the_winograd_tile_by_output_side():
+  tiles = {side: cpu.winograd_tile(side) for side in (3, 4, 7, 14, 19, 20, 28, 39, 40, 56, 112)}
   assert tiles == {3: 0, 4: 2, 7: 2, 14: 2, 19: 2, 20: 4, 28: 4, 39: 4, 40: 2, 56: 2, 112: 2}
-  assert models.resolve_conv_impl('auto', 28, 3, stride=1) == 'winograd'
-  assert models.resolve_conv_impl('auto', 28, 3, stride=2) == 'explicit'
-  assert models.resolve_conv_impl('auto', 112, 7, stride=2) == 'explicit'
+  assert cpu.choose_conv(28, 3, stride=1) == 'winograd'
+  assert cpu.choose_conv(28, 3, stride=2) == 'explicit'
+  assert cpu.choose_conv(112, 7, stride=2) == 'explicit'
   # conv_impl='winograd' runs other convolutions as 'explicit': same values as XLA's.
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 9, 9, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
   for stride, padding in [(2, 1), (1, 0)]:
-    ref = models.conv2d(x, w, stride, padding, 'native')
-    assert _rel(ref, models.conv2d(x, w, stride, padding, 'winograd')) < 1e-6
+    ref = conv.xla_conv(x, w, stride, padding)
+    assert _rel(ref, cpu.winograd_conv(x, w, stride, padding)) < 1e-6

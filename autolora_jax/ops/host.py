@@ -1,4 +1,4 @@
-"""Process-wide host settings that make the CPU side of a run faster.
+"""Process-wide host settings that make a run on the CPU faster, and the persistent compilation cache.
 
 XLA's CPU backend (and PyTorch's) allocates fresh buffers of tens to hundreds of MB for every step. glibc's
 malloc serves allocations above its mmap threshold (at most 32 MB) with a new mmap and returns them to the
@@ -16,14 +16,22 @@ unmaps as soon as they are wholly free, whatever the trim threshold; so all thre
 0.10 sends them to by default (matrix products stay with YNNPACK). On a 2-core AVX2 machine, batch 32: a
 56 x 56 x 64 3 x 3 convolution 96 -> 50 ms, the ResNet-18 stem 99 -> 75 ms, a 7 x 7 x 512 one 60 -> 46 ms
 (see README, Benchmarks). Turning YNNPACK off for matrix products as well made no difference to the step.
+
+Both settings are for runs whose computations are on the CPU: on GPU and TPU hosts they change nothing
+(`cpu_backend_expected` decides without starting a JAX backend, so that the XLA flags can still take
+effect). The compilation cache (`enable_compilation_cache`) serves every backend.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
 import warnings
+from typing import Optional
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -31,14 +39,52 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-def retain_freed_memory() -> bool:
+def _accelerator_plugin_installed() -> bool:
+  """Whether JAX would find a GPU or TPU runtime to start: a PJRT plugin (the CUDA and ROCm ones, under
+  the jax_plugins namespace or entry-point group), one named in PJRT_NAMES_AND_LIBRARY_PATHS, or libtpu.
+  Looks at what is installed only; imports and starts nothing."""
+  if os.environ.get('PJRT_NAMES_AND_LIBRARY_PATHS') or os.environ.get('TPU_LIBRARY_PATH'):
+    return True
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return True
+  namespace = importlib.util.find_spec('jax_plugins')
+  paths = list(namespace.submodule_search_locations or []) if namespace is not None else []
+  return any(True for _ in pkgutil.iter_modules(paths))
+
+
+def cpu_backend_expected(backend: Optional[str] = None) -> bool:
+  """Whether this process's computations will run on the CPU, decided without starting a JAX backend.
+
+  `backend` (e.g. 'cpu', 'gpu', 'tpu'), where the caller knows it, decides. Otherwise: JAX's default
+  backend if JAX has started its backends; else the first platform of JAX_PLATFORMS (jax.config's
+  jax_platforms) if set; else the CPU exactly when no GPU or TPU runtime is installed (JAX prefers one).
+  A host with an accelerator runtime but no device gets False: set JAX_PLATFORMS=cpu there.
+  """
+  if backend is not None:
+    return backend == 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    return jax.default_backend() == 'cpu'
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not _accelerator_plugin_installed()
+
+
+def retain_freed_memory(backend: Optional[str] = None) -> bool:
   """Makes glibc's malloc reuse freed memory instead of unmapping it (no mmap, no trimming of the heap,
-  one arena for all threads).
+  one arena for all threads), for runs on the CPU.
 
   Freed memory stays in the process (its resident size stays at its peak) and is reused by the next
   allocations, which then need no page faults. Affects every later allocation of the process, XLA's and
-  others'. Returns False where the C library is not glibc (nothing is changed there).
+  others'. Returns whether it did: False, changing nothing, off the CPU (`cpu_backend_expected(backend)`)
+  and where the C library is not glibc.
   """
+  if not cpu_backend_expected(backend):
+    return False
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
   try:
@@ -55,14 +101,16 @@ def retain_freed_memory() -> bool:
 XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',)
 
 
-def set_xla_cpu_flags() -> bool:
+def set_xla_cpu_flags(backend: Optional[str] = None) -> bool:
   """Adds XLA_CPU_FLAGS to the XLA_FLAGS environment variable, keeping every flag the user set there (a
-  flag already named in XLA_FLAGS is not added again). Flags for XLA's CPU backend only: GPU and TPU
-  programs are unaffected.
+  flag already named in XLA_FLAGS is not added again), for runs on the CPU.
 
   Takes effect only when called before JAX starts its backends (before the first computation); returns
-  whether the flags are in force (False, with a warning, when the backends had started already).
+  whether the flags are in force: False, changing nothing, off the CPU (`cpu_backend_expected(backend)`)
+  and, with a warning, when the backends had started already.
   """
+  if not cpu_backend_expected(backend):
+    return False
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     started = xla_bridge.backends_are_initialized()

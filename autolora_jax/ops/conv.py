@@ -1,20 +1,23 @@
-"""Convolution and max-pooling written for speed on CPUs, with the same results as XLA's own ops.
+"""Convolutions and max-pooling written for speed on CPUs, with the same results as XLA's own ops.
 
 XLA's CPU backend runs some convolutions and gradients far below what the machine can do: the input
 gradient of a convolution (a convolution with the kernel's input and output axes swapped) sometimes gets
 a kernel layout that falls back to a generic loop (200 ms where the forward takes 10 ms, inside the
 AutoLoRa train step of ResNet-18), strided input gradients become slow "lhs-dilated" convolutions, and
 the gradient of a max-pool becomes a select-and-scatter that cost a third of a PGD step at 224 x 224.
-Everything here is plain jax.numpy and lax, so any backend runs it; models.py uses it on CPUs only.
+Everything here is plain jax.numpy and lax, so any backend runs it; ops.cpu picks it on CPUs only.
+Layouts: NHWC inputs, HWIO kernels, square windows, symmetric padding.
 
 * `tap_views` / `scatter_taps`: the k*k strided views of a padded input that a k x k window with stride s
   reads, and the exact transpose of that (summing per-tap arrays back onto the input grid), written per
   stride phase so that XLA fuses it into a few elementwise loops.
-* `conv_explicit`: the native forward convolution with the gradients written out: for the input, a
-  stride-1 convolution with the flipped, transposed kernel materialised in HWIO order (stride 1) or one
+* `im2col_conv`: the k*k tap views concatenated along channels and one matmul (1 x 1 kernels: the matmul
+  alone); far faster than XLA's convolution on CPUs for small feature maps.
+* `conv_explicit`: XLA's forward convolution (`xla_conv`) with the gradients written out: for the input,
+  a stride-1 convolution with the flipped, transposed kernel materialised in HWIO order (stride 1) or one
   matmul followed by `scatter_taps` (strided); for the kernel, XLA's own rule (`conv_kernel_grad`).
-* `max_pool`: max-pooling whose gradient goes, as PyTorch's and XLA's do, to the first maximum of each
-  window in row-major order.
+* `max_pool`: max-pooling whose gradient goes, as PyTorch's and XLA's do (`xla_max_pool`), to the first
+  maximum of each window in row-major order.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 from typing import List, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -73,9 +77,27 @@ def scatter_taps(taps: Sequence[jax.Array], k: int, stride: int, padded_hw: Sequ
   return grid.reshape(n, blocks_h * s, blocks_w * s, c)[:, :hp, :wp]
 
 
-def _native(x, kernel, stride, padding):
+def xla_conv(x, kernel, stride: int, padding: int):
+  """XLA's convolution with `padding` on every side (the model's default convolution, as an op here)."""
   return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
                                   dimension_numbers=DIMENSION_NUMBERS)
+
+
+def xla_max_pool(x, k: int, stride: int, padding: int):
+  """XLA's max-pooling (reduce-window, via Flax), the model's default; `max_pool` has its values."""
+  return nn.max_pool(x, (k, k), strides=(stride, stride), padding=((padding, padding), (padding, padding)))
+
+
+def im2col_conv(x, kernel, stride: int, padding: int):
+  """The convolution as one matmul: (N, Ho, Wo, k*k*C_in) tap views, row-major over the window, times
+  the kernel reshaped to (k*k*C_in, C_out). Gradients are JAX's (slices and a matmul)."""
+  k, _, c_in, c_out = kernel.shape
+  if k == 1 and padding == 0:
+    return x[:, ::stride, ::stride, :] @ kernel.reshape(c_in, c_out)
+  out_hw = [out_size(side, k, stride, padding) for side in x.shape[1:3]]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  patches = tap_views(xp, k, stride, out_hw)
+  return jnp.concatenate(patches, axis=-1) @ kernel.reshape(k * k * c_in, c_out)
 
 
 def conv_input_grad(g, kernel, stride: int, padding: int, in_hw: Sequence[int]):
@@ -97,16 +119,16 @@ def conv_input_grad(g, kernel, stride: int, padding: int, in_hw: Sequence[int]):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_explicit(x, kernel, stride: int, padding: int):
   """XLA's convolution (NHWC x HWIO, symmetric padding) with the gradients written out (module docstring)."""
-  return _native(x, kernel, stride, padding)
+  return xla_conv(x, kernel, stride, padding)
 
 
 def _conv_fwd(x, kernel, stride, padding):
-  return _native(x, kernel, stride, padding), (x, kernel)
+  return xla_conv(x, kernel, stride, padding), (x, kernel)
 
 
 def conv_kernel_grad(x, g, kernel_shape, stride: int, padding: int):
   """d(conv(x, kernel))/dkernel applied to g (N, Ho, Wo, C_out) -> (k, k, C_in, C_out): XLA's own rule."""
-  _, vjp = jax.vjp(lambda w: _native(x, w, stride, padding), jnp.zeros(kernel_shape, x.dtype))
+  _, vjp = jax.vjp(lambda w: xla_conv(x, w, stride, padding), jnp.zeros(kernel_shape, x.dtype))
   return vjp(g)[0]
 
 

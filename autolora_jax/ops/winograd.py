@@ -10,12 +10,12 @@ one's (benchmarks: relative error ~6e-7 for m = 2, ~6e-6 for m = 4 on random dat
 precision inputs (bfloat16) are computed in float32 and rounded at the end.
 
 XLA's CPU convolutions run the ResNet-18 3 x 3 layers at 14 x 14 and 28 x 28 at about the speed of a plain
-matmul of the direct convolution's size; F(2 x 2) is a third faster there (layer timings in models.py).
-GPUs and TPUs have their own convolution algorithms, so models.py uses this on CPUs only.
+matmul of the direct convolution's size; F(2 x 2) is a third faster there (layer timings in ops/cpu.py).
+GPUs and TPUs have their own convolution algorithms, so ops.cpu picks this on CPUs only.
 
 `conv3x3(x, kernel, m)` is differentiable: the input gradient of a stride-1, padding-1 3 x 3 convolution is
 the same convolution of the output cotangent with the flipped kernel (input and output channels swapped),
-so it also runs as F(m x m, 3 x 3); the kernel gradient is XLA's own rule (conv_ops.conv_kernel_grad).
+so it also runs as F(m x m, 3 x 3); the kernel gradient is XLA's own rule (ops.conv.conv_kernel_grad).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from autolora_jax import conv_ops
+from autolora_jax.ops import conv
 
 # (B^T, G, A^T) of F(m x m, 3 x 3), interpolation points 0, +-1 (m = 2) and 0, +-1, +-2 (m = 4), and infinity.
 TRANSFORMS = {
@@ -132,7 +132,7 @@ def _bwd(m, res, g):
   x, kernel = res
   dx = _conv(g, jnp.flip(kernel, (0, 1)), m, transposed=True)
   # Unused kernel gradients (PGD differentiates with respect to the input only) are removed by XLA.
-  dw = conv_ops.conv_kernel_grad(x, g, kernel.shape, 1, 1)
+  dw = conv.conv_kernel_grad(x, g, kernel.shape, 1, 1)
   return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 

@@ -1,0 +1,241 @@
+"""ResNet-18/-50 in torchvision's layout, with AutoLoRa's low-rank branch on the block convolutions.
+
+Every model takes images in [0, 1], NHWC, and does inside itself what the reference model does: a
+nearest-neighbour resize to `input_size` (PyTorch's `F.interpolate(mode='nearest')` index rule), a clamp
+to [0, 1] and the input normalisation. Two branches share every weight and BatchNorm:
+
+* ``branch='adv'``: the feature extractor (FE) as it is, W. This is the deployed model.
+* ``branch='nat'``: every LoRa-carrying convolution uses W + dW, dW = reshape(B @ A) * alpha / rank.
+
+Parameter names mirror torchvision's state-dict keys (``conv1``, ``bn1``, ``layer1_0/conv1``, ...,
+``downsample_conv``, ``downsample_bn``) with the classifier called ``head``; LoRa parameters are
+``lora_A`` and ``lora_B`` inside the convolution that owns them.
+
+The convolution and the stem's max-pool are attributes (`conv_fn`, `pool_fn`; XLA's by default), as the
+Flax ImageNet example passes its `conv` module: the model computes the same function with any of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autolora_jax.models.batchnorm import BatchNorm
+from autolora_jax.models.lora import ConvFn, LoRaConv, native_conv2d
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BRANCHES = ('adv', 'nat')
+STEMS = ('imagenet', 'cifar')
+LORA_PLACEMENTS = ('all', 'last_block')
+
+# pool_fn(x, window, stride, padding) -> y: max-pooling of NHWC x with symmetric -inf padding.
+PoolFn = Callable[[jax.Array, int, int, int], jax.Array]
+
+
+def native_max_pool(x, window: int, stride: int, padding: int):
+  """XLA's max-pooling (reduce-window) of NHWC x: PyTorch's MaxPool2d(window, stride, padding)."""
+  pads = ((padding, padding), (padding, padding))
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+def _torch_linear_uniform(fan_in):
+  """nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_nearest_resize(x, size):
+  """Resizes NHWC images to (size, size) with PyTorch's legacy 'nearest' rule src = floor(dst * in / out)."""
+  h, w = x.shape[1], x.shape[2]
+  if (h, w) == (size, size):
+    return x
+
+  def index(n_in):
+    scale = np.float32(n_in / size)
+    return np.minimum(np.floor(np.arange(size, dtype=np.float32) * scale).astype(np.int32), n_in - 1)
+
+  return x[:, index(h)][:, :, index(w)]
+
+
+
+class BasicBlock(nn.Module):
+  """torchvision's BasicBlock (expansion 1)."""
+  features: int
+  strides: int
+  conv: Any
+  norm: Any
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, branch):
+    residual = x
+    y = self.conv(self.features, 3, self.strides, 1, name='conv1')(x, branch)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, 3, 1, 1, name='conv2')(y, branch)
+    y = self.norm(name='bn2')(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = self.conv(self.features, 1, self.strides, 0, name='downsample_conv', shortcut=True)(
+          x, branch)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+  """torchvision's Bottleneck (v1.5: the stride sits on the 3x3 convolution; expansion 4)."""
+  features: int
+  strides: int
+  conv: Any
+  norm: Any
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, branch):
+    residual = x
+    out = self.features * self.expansion
+    y = self.conv(self.features, 1, 1, 0, name='conv1')(x, branch)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, 3, self.strides, 1, name='conv2')(y, branch)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(out, 1, 1, 0, name='conv3')(y, branch)
+    y = self.norm(name='bn3')(y)
+    if self.strides != 1 or x.shape[-1] != out:
+      residual = self.conv(out, 1, self.strides, 0, name='downsample_conv', shortcut=True)(x, branch)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """ResNet in torchvision's layout with a LoRa branch; see the module docstring.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block: 'basic' or 'bottleneck'.
+    num_classes: outputs of the linear head.
+    width: channels of the first stage (64 in the paper); stages use width * (1, 2, 4, 8).
+    lora_rank: LoRa rank r; 0 builds the FE without any LoRa parameters.
+    lora_alpha: LoRa scale numerator (dW is scaled by alpha / r).
+    lora_placement: 'all' (every block convolution and the projection shortcut) or 'last_block' (only
+      the convolutions of the last block of each stage, no shortcut: the authors' public code).
+    input_size: side the input is resized to inside the model.
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
+    mean, std: per-channel input normalisation; None for none.
+    bn_axis_name: the mapped axis BatchNorm reduces over in training (set by the train step under pmap).
+    conv_fn: the convolution of every layer, `lora.ConvFn` (default XLA's; ops.convolutions gives the
+      CPU ones).
+    pool_fn: the ImageNet stem's max-pool, `PoolFn`, called as pool_fn(x, 3, 2, 1) (default XLA's).
+    dtype: compute dtype of convolutions and the head (parameters stay float32); the logits are float32
+      (float64 for a float64 model).
+  """
+  stage_sizes: Sequence[int]
+  block: str
+  num_classes: int
+  width: int = 64
+  lora_rank: int = 8
+  lora_alpha: float = 1.0
+  lora_placement: str = 'all'
+  input_size: int = 224
+  stem: str = 'imagenet'
+  mean: Optional[Sequence[float]] = IMAGENET_MEAN
+  std: Optional[Sequence[float]] = IMAGENET_STD
+  bn_axis_name: Optional[str] = None
+  conv_fn: ConvFn = native_conv2d
+  pool_fn: PoolFn = native_max_pool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, branch='adv', train=False):
+    """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1]."""
+    if branch not in BRANCHES:
+      raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
+    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
+
+    def plain_conv(features, k, strides, padding, name):
+      return LoRaConv(features, k, strides, padding, conv_fn=self.conv_fn, dtype=self.dtype, name=name)
+
+    x = torch_nearest_resize(x, self.input_size)
+    x = jnp.clip(x, 0.0, 1.0)
+    if self.mean is not None:
+      x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+
+    if self.stem == 'imagenet':
+      x = plain_conv(self.width, 7, 2, 3, 'conv1')(x)
+      x = nn.relu(norm(name='bn1')(x))
+      x = self.pool_fn(x, 3, 2, 1)
+    elif self.stem == 'cifar':
+      x = plain_conv(self.width, 3, 1, 1, 'conv1')(x)
+      x = nn.relu(norm(name='bn1')(x))
+    else:
+      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}.')
+
+    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    for i, n_blocks in enumerate(self.stage_sizes):
+      for j in range(n_blocks):
+        if self.lora_placement == 'all':
+          in_block, on_shortcut = True, True
+        elif self.lora_placement == 'last_block':
+          in_block, on_shortcut = j == n_blocks - 1, False
+        else:
+          raise ValueError(f'lora_placement must be one of {LORA_PLACEMENTS}, got {self.lora_placement!r}.')
+
+        def block_conv(features, k, strides, padding, name, shortcut=False, _lora=in_block,
+                       _short=on_shortcut):
+          rank = self.lora_rank if (_short if shortcut else _lora) else 0
+          return LoRaConv(features, k, strides, padding, rank=rank, alpha=self.lora_alpha,
+                          conv_fn=self.conv_fn, dtype=self.dtype, name=name)
+
+        x = block_cls(self.width * 2**i, strides=2 if (i > 0 and j == 0) else 1, conv=block_conv,
+                      norm=norm, name=f'layer{i + 1}_{j}')(x, branch)
+
+    x = jnp.mean(x, axis=(1, 2))
+    fan_in = x.shape[-1]
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_torch_linear_uniform(fan_in),
+                 bias_init=_torch_linear_uniform(fan_in), name='head')(x)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+def resnet18(num_classes, **kwargs) -> ResNet:
+  """ResNet-18 (BasicBlock, 2-2-2-2). Keyword arguments are `ResNet`'s attributes."""
+  return ResNet(stage_sizes=(2, 2, 2, 2), block='basic', num_classes=num_classes, **kwargs)
+
+
+def resnet50(num_classes, **kwargs) -> ResNet:
+  """ResNet-50 (Bottleneck, 3-4-6-3). Keyword arguments are `ResNet`'s attributes."""
+  return ResNet(stage_sizes=(3, 4, 6, 3), block='bottleneck', num_classes=num_classes, **kwargs)
+
+
+ARCHITECTURES = {'resnet18': resnet18, 'resnet50': resnet50}
+
+
+def create_model(model_config, num_classes, *, conv_fn: Optional[ConvFn] = None,
+                 pool_fn: Optional[PoolFn] = None, **overrides) -> ResNet:
+  """Builds the model a `config.model` ConfigDict describes (see configs/default.py).
+
+  `model_config.conv_impl` is not read here: the caller turns it into `conv_fn` and `pool_fn`
+  (ops.convolutions); None means XLA's own. `overrides` are other `ResNet` attributes.
+  """
+  kwargs = dict(
+      width=model_config.width,
+      lora_rank=model_config.lora_rank,
+      lora_alpha=model_config.lora_alpha,
+      lora_placement=model_config.lora_placement,
+      input_size=model_config.input_size,
+      stem=model_config.stem,
+      mean=tuple(model_config.mean) if model_config.mean is not None else None,
+      std=tuple(model_config.std) if model_config.std is not None else None,
+      conv_fn=conv_fn or native_conv2d,
+      pool_fn=pool_fn or native_max_pool,
+      dtype=jnp.dtype(model_config.dtype),
+  )
+  kwargs.update(overrides)
+  return ARCHITECTURES[model_config.arch](num_classes, **kwargs)
