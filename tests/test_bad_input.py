@@ -136,8 +136,10 @@ def test_pretrained_checkpoint_of_the_wrong_architecture(tmp_path, monkeypatch):
     pretrain.transplant(_fake_variables('resnet50', 8), target)
   # End to end: the run stops where the FE is transplanted and leaves the workdir as it was.
   wrong = _fake_variables('resnet50', 8)
-  monkeypatch.setattr(pretrain, 'feature_extractor', lambda *args, **kwargs: wrong)
-  expect_refusal(tiny_runs.tiny_config(), [str(tmp_path / 'new' / 'run')], CheckpointError,
+  config = tiny_runs.tiny_config(pretrained=str(tmp_path / 'fe'))
+  meta = {'mean': config.model.mean, 'std': config.model.std}
+  monkeypatch.setattr(pretrain, 'load_pretrained', lambda *args, **kwargs: (wrong, meta))
+  expect_refusal(config, [str(tmp_path / 'new' / 'run')], CheckpointError,
                  'The pre-trained FE does not fit the configured model')
 
 
