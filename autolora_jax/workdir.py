@@ -22,6 +22,7 @@ from typing import List, Optional
 
 import jax
 
+from autolora_jax import distributed
 from autolora_jax.errors import WorkdirError
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,5 @@ def claim(workdir: Optional[str], config, overwrite: bool = False) -> Workdir:
     with open(tmp, 'w') as f:
       f.write(config.to_json_best_effort(indent=2) + '\n')
     os.replace(tmp, config_path)
-  from autolora_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.barrier('workdir claimed')
   return Workdir(path, created_root, before, moved_to, created_replaced, is_chief)
