@@ -373,8 +373,7 @@ class Experiment:
                                (self.p_eval_clean, (state, eval_batch))])
 
   def close(self) -> None:
-    if hasattr(self.data, 'close'):
-      self.data.close()  # the decoding threads of the image data sets
+    self.data.close()  # the decoding threads of the image data sets (nothing for the in-memory ones)
 
 
 def normalization_of(meta: Optional[dict]) -> Optional[Normalization]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -66,6 +66,22 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = 'img'):
                    disable=not enabled, mininterval=0.5)
 
 
+class EpochReport(NamedTuple):
+  """How an epoch (or the part of it run) went.
+
+  Attributes:
+    steps: train steps run, over the whole epoch when resumed from `carry`.
+    seconds, images_per_second: wall time of those steps and the training throughput.
+    stopped_at: None when the epoch ran to its end, else the step index to resume from (a preemption).
+    carry: {'sums', 'steps', 'seconds'} (JSON data): what a resumed part of the epoch goes on from.
+  """
+  steps: int
+  seconds: float
+  images_per_second: float
+  stopped_at: Optional[int]
+  carry: dict
+
+
 def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.ndarray]], *, seed: int,
                 epoch: int, steps: int, global_batch: int, start_step: int = 0, progress: bool = True,
                 desc: str = '', on_step: Optional[Callable] = None, carry: Optional[dict] = None):
@@ -73,12 +89,11 @@ def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.nd
 
   Metrics are read one step behind (so one step stays in flight) and checked for NaN/inf.
   `on_step(state, step)` runs after each step (e.g. to check for a preemption request); if it returns
-  True the epoch stops early. `carry` is timing['carry'] of an earlier, stopped part of the same epoch
-  (`start_step` = its 'stopped_at'): the sums go on from it, so the means cover the whole epoch exactly.
+  True the epoch stops early. `carry` is the `EpochReport.carry` of an earlier, stopped part of the same
+  epoch (`start_step` = its `stopped_at`): the sums go on from it, so the means cover the whole epoch exactly.
 
   Returns:
-    (state, mean metrics over the steps run, {'steps', 'seconds', 'images_per_second', 'stopped_at',
-    'carry'}), carry = {'sums', 'steps', 'seconds'} (JSON-serialisable).
+    (state, mean metrics over the steps run, EpochReport).
   """
   carry = carry or {}
   sums: Dict[str, float] = dict(carry.get('sums', {}))
@@ -120,10 +135,10 @@ def train_epoch(p_train_step: Callable, state, batches: Iterable[Dict[str, np.nd
     bar.close()
   seconds = time.time() - start
   means = {k: v / max(n_done, 1) for k, v in sums.items()}
-  timing = {'steps': n_done, 'seconds': seconds,
-            'images_per_second': n_done * global_batch / seconds if seconds > 0 else 0.0,
-            'stopped_at': stopped_at, 'carry': {'sums': dict(sums), 'steps': n_done, 'seconds': seconds}}
-  return state, means, timing
+  report = EpochReport(steps=n_done, seconds=seconds,
+                       images_per_second=n_done * global_batch / seconds if seconds > 0 else 0.0,
+                       stopped_at=stopped_at, carry={'sums': dict(sums), 'steps': n_done, 'seconds': seconds})
+  return state, means, report
 
 
 def evaluate(p_eval_step: Callable, state, batches: Iterable[Dict[str, np.ndarray]], *, total: int,

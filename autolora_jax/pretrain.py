@@ -159,12 +159,12 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
   for epoch in range(1, plan.epochs + 1):
     lr = float(schedule((epoch - 1) * steps_per_epoch))
     state = steps.set_learning_rate(state, lr)
-    state, metrics, timing = loop.train_epoch(
+    state, metrics, report = loop.train_epoch(
         p_step, state, data.train_batches(epoch, plan.batch_size), seed=plan.seed + 1, epoch=epoch,
         steps=steps_per_epoch, global_batch=plan.batch_size, progress=progress,
         desc=f'pre-train {epoch}/{plan.epochs}')
     log.info('pre-train epoch %d: lr %.4f, loss %.4f, train robust acc %.3f, %.0f img/s', epoch, lr,
-             metrics['loss'], metrics['adv_acc'], timing['images_per_second'])
+             metrics['loss'], metrics['adv_acc'], report.images_per_second)
   result = jax.device_get(jax_utils.unreplicate({'params': state.params, 'batch_stats': state.batch_stats}))
   checkpoints.save_variables(cached, result, {'epochs': plan.epochs, 'dataset': name,
                                              'train_robust_acc': metrics['adv_acc'],

@@ -112,14 +112,14 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     lr, l1, l2 = pstate.lr, pstate.l1, pstate.l2
     start_step, carry = (position['step'], position['carry']) if position else (0, None)
     position = None
-    state, train_metrics, timing = loop.train_epoch(
+    state, train_metrics, report = loop.train_epoch(
         exp.p_train_step, state, exp.data.train_batches(epoch, exp.batch_size, start_step),
         seed=exp.seed, epoch=epoch, steps=spe, global_batch=exp.batch_size, progress=exp.progress,
         desc=f'epoch {epoch}', start_step=start_step, carry=carry,
         on_step=lambda _, step, e=epoch: guard.should_stop(preemption.position_id(e, step + 1, spe)))
-    if timing['stopped_at'] is not None:  # preempted: save the position inside the epoch, then stop
-      stopped = timing['stopped_at']
-      position = {'epoch': epoch, 'step': stopped, 'carry': timing['carry']}
+    if report.stopped_at is not None:  # preempted: save the position inside the epoch, then stop
+      stopped = report.stopped_at
+      position = {'epoch': epoch, 'step': stopped, 'carry': report.carry}
       ckpts.save('latest', (epoch - 1) * spe + stopped, checkpoints.host_copy(state, True),
                  latest_meta(epoch - 1, False, position))
       raise preempted(exp, ckpts, guard, epoch, stopped)
@@ -132,7 +132,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
                                   f'reloading those of epoch {decision.best_epoch}, and goes on.')
     record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
               **{f'train_{k}': v for k, v in train_metrics.items()},
-              'train_seconds': timing['seconds'], 'images_per_second': timing['images_per_second'],
+              'train_seconds': report.seconds, 'images_per_second': report.images_per_second,
               'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'], 'val_pgd10': val['pgd'],
               **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
               'new_best': decision.new_best, 'best_epoch': decision.best_epoch,
@@ -147,7 +147,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     log.info(
         'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
         'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
-        timing['images_per_second'], val['clean_adv'], val['clean_nat'], val['pgd'],
+        report.images_per_second, val['clean_adv'], val['clean_nat'], val['pgd'],
         ' (best)' if decision.new_best else '',
         f' -> lr {decision.lr:.2e}, best of epoch {decision.best_epoch} reloaded (condition '
         f'{decision.condition})' if decision.reload_best else '')

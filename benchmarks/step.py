@@ -1,6 +1,6 @@
 r"""Times our AutoLoRa steps after compilation and, where torch is installed, the PyTorch reference step.
 
-    python benchmarks/step.py --arch=resnet18 --resolution=224 --batch=32 --json=OUT.json
+    python -m benchmarks.step --arch=resnet18 --resolution=224 --batch=32 --json=OUT.json
 
 For every (arch, resolution, batch) in the comma-separated flags and every part in --parts:
 
@@ -40,16 +40,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
 from absl import app, flags
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

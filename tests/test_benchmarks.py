@@ -29,6 +29,7 @@ def _rel(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch is None, reason='torch is not installed')
 def test_reference_step_computes_our_step():
   model = models.resnet18(10, width=8, input_size=32)  # XLA's convolution, as the reference's
@@ -64,9 +65,10 @@ def test_reference_step_computes_our_step():
       assert _rel(value.numpy(), ours[name].numpy()) < 1e-3, name
 
 
+@pytest.mark.slow
 def test_step_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
-  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'step.py'), '--arch=resnet18', '--width=8',
+  cmd = [sys.executable, '-m', 'benchmarks.step', '--arch=resnet18', '--width=8',
          '--resolution=32', '--batch=2', '--reps=1', '--parts=train', f'--json={out}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from autolora_jax import models, ops, steps
 
@@ -43,6 +44,7 @@ def _group_updates(old, new):
   return {g: np.concatenate(v) for g, v in groups.items()}
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_stays_close_to_float32():
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.random((8, 16, 16, 3), dtype=np.float32)),

@@ -67,6 +67,7 @@ def compared(tmp_path_factory):
   return workdir, p
 
 
+@pytest.mark.slow
 def test_comparison_outputs_match_the_runs(compared):
   workdir, p = compared
   with open(os.path.join(workdir, 'comparison.json')) as f:
@@ -113,6 +114,7 @@ def test_second_call_runs_nothing_and_gives_the_same_summary(compared):
     assert os.path.getmtime(os.path.join(workdir, m, 'seed0', 'results.json')) == t
 
 
+@pytest.mark.slow
 def test_a_stopped_comparison_resumes_to_the_uninterrupted_result(compared, tmp_path):
   reference, _ = compared
   workdir = str(tmp_path / 'stopped')
@@ -138,6 +140,7 @@ def test_a_stopped_comparison_resumes_to_the_uninterrupted_result(compared, tmp_
   assert summary['methods']['vanilla_rft']['best']['pgd10']['std'] == 0.0
 
 
+@pytest.mark.slow
 def test_sweep_writes_the_grid_beside_autolora(compared):
   workdir, _ = compared
   p = _cli(CONFIG + ['--sweep', '--sweep_lr=0.003,0.03', '--sweep_l2=6', '--seeds=0', f'--workdir={workdir}'])

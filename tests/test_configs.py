@@ -70,6 +70,7 @@ RUN_UNDER_MOCK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_run_py_end_to_end_with_mock_data_and_a_converted_checkpoint(tmp_path):
   torch = pytest.importorskip('torch')
   del torch

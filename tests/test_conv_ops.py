@@ -129,6 +129,7 @@ def _network_outputs(model, x, variables):
   return jax.device_get(outputs(variables))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stem', ['imagenet', 'cifar'])
 def test_network_gives_the_same_results_with_auto_and_native_convs(stem):
   # 'auto' on CPU: this width-8 network is narrow (cpu.NARROW_CHANNELS), so im2col everywhere and

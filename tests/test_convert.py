@@ -82,6 +82,7 @@ def test_resnet18_robustness_checkpoint_parity_224_and_32(ckpt_dir):
     check_parity(ref, model, full, 'resnet18', size, tr.IMAGENET_MEAN, tr.IMAGENET_STD, nat=size == 32)
 
 
+@pytest.mark.slow
 def test_resnet50_robustness_checkpoint_parity_224_and_32(ckpt_dir):
   ref = tr.resnet50(seed=2)
   path = str(ckpt_dir / 'resnet50_linf_eps4.0.ckpt')
@@ -216,6 +217,7 @@ def _cli(*args):
                         text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
 
 
+@pytest.mark.slow
 def test_cli_writes_orbax_that_config_pretrained_loads(tmp_path):
   ref = tr.resnet18(num_classes=10, width=8, stem='cifar', seed=9)
   src = str(tmp_path / 'cifar.ckpt')

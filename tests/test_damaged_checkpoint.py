@@ -71,6 +71,7 @@ def _copy(finished, tmp_path) -> str:
   return workdir
 
 
+@pytest.mark.slow
 def test_truncated_newest_latest_resumes_from_the_previous_one(finished, tmp_path, caplog):
   reference, (first, last) = finished
   workdir = _copy(finished, tmp_path)
@@ -206,6 +207,7 @@ def test_folders_of_variables(tmp_path):
     checkpoints.restore_variables(folder)
 
 
+@pytest.mark.slow
 def test_a_damaged_pretrain_cache_is_moved_aside_and_made_again(tmp_path, caplog):
   config = tiny_runs.tiny_config(**{'pretrain.epochs': 1, 'pretrain.dataset.name': 'digits',
                                     'pretrain.dataset.classes': (5, 6, 7), 'pretrain.batch_size': 64})

@@ -54,6 +54,7 @@ def check_splits(data, num_classes, pool_keys_prefixes):
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < num_classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(TFDS_CONFIGS))
 def test_tfds_data_sets_through_mock_data(name):
   module, num_classes = TFDS_CONFIGS[name]

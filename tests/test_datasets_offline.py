@@ -479,13 +479,14 @@ def test_class_indices_the_data_set_does_not_have(tmp_path):
 
 
 def test_pretrain_folder_classes_refused_before_the_model(tmp_path, monkeypatch):
-  from autolora_jax import methods, train  # pylint: disable=g-import-not-at-top
+  from autolora_jax import experiment, train  # pylint: disable=g-import-not-at-top
   write_split_layout(tmp_path / 'three', {'a': 1, 'b': 1, 'c': 1}, {'a': 1, 'b': 1, 'c': 1})
 
   def no_model(*args, **kwargs):
     raise AssertionError('a model was built')
 
-  monkeypatch.setattr(methods, 'create_model', no_model)
+  monkeypatch.setattr(experiment, 'create_model', no_model)
+  monkeypatch.setattr(experiment, 'build_model', no_model)
   config = demo.get_config()
   config.pretrain.dataset.name = 'folder'
   config.pretrain.dataset.data_dir = str(tmp_path / 'three')

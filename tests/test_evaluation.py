@@ -87,6 +87,7 @@ def test_eval_mode_needs_a_trained_workdir(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
   config = tiny_config()
   workdir = str(tmp_path / 'run')
@@ -124,6 +125,7 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_eval_mode_after_the_pretrained_checkpoint_is_gone(tmp_path):
   """The workdir records the input normalisation the pre-trained FE expects (in its checkpoints), the
   config is not changed by the run, and --mode=eval needs neither the FE's file nor a changed config."""

@@ -22,7 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAULTS = textwrap.dedent('''
     import resource, sys, threading
     import numpy as np
-    sys.path.insert(0, {root!r})
     from autolora_jax.ops import host
     if {retain}:
       assert host.retain_freed_memory('cpu')
@@ -42,9 +41,9 @@ _FAULTS = textwrap.dedent('''
 
 
 def _faults_per_allocation(retain):
-  code = _FAULTS.format(root=ROOT, retain=retain)
-  return float(subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
-                              text=True).stdout.split()[-1])
+  code = _FAULTS.format(retain=retain)
+  return float(subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True,
+                              env={**os.environ, 'PYTHONPATH': ROOT}).stdout.split()[-1])
 
 
 @pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc', reason='glibc only')

@@ -60,6 +60,7 @@ def test_baselines_have_no_lora_parameters(method):
   assert models.lora_params_count(shapes(experiment.create_model(tiny_config('autolora'), CLASSES))) > 0
 
 
+@pytest.mark.slow
 def test_vanilla_rft_natural_ce_gradient_reaches_the_fe():
   """With l1 = 1, l2 = 0 the loss is CE of the FE's own clean logits: its gradient updates the FE."""
   model = experiment.create_model(tiny_config('vanilla_rft'), CLASSES)

@@ -74,6 +74,7 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path, compile_cache):
   port = tiny_runs.free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')

@@ -9,6 +9,8 @@ synchronised BatchNorm, the averaged gradients and the update.
 
 import json
 
+import pytest
+
 from tests import helpers
 
 CODE = r'''
@@ -45,6 +47,7 @@ print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(o
 '''
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device():
   proc = helpers.run_python(CODE, devices=4)
   assert proc.returncode == 0, proc.stderr[-3000:]

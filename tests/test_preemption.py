@@ -63,6 +63,7 @@ def _assert_same_run(workdir, reference_dir, steps_per_epoch):
   assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, reference, compile_cache):
   reference_dir, spe = reference
   workdir = str(tmp_path / 'run')
@@ -85,6 +86,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, refer
   _assert_same_run(workdir, reference_dir, spe)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, reference, compile_cache):
   reference_dir, spe = reference
   workdir = str(tmp_path / 'run')

@@ -54,6 +54,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.slow
 def test_outputs_of_a_run(uninterrupted):
   workdir, results = uninterrupted
   records = reporting.MetricsLog(workdir).read()
@@ -84,6 +85,7 @@ def test_scalars_follow_the_natural_branch_accuracy(uninterrupted):
     assert cur['lr'] == prev['next_lr']
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_matches_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
   straight_dir, straight_results = uninterrupted
   workdir = str(tmp_path / 'resumed')

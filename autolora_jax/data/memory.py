@@ -41,6 +41,9 @@ class ArrayDataset:
   process_index: int = 0
   process_count: int = 1
 
+  def close(self) -> None:
+    """Nothing to release (the interface of data.dataset.ImageDataset, whose threads close)."""
+
   def num_examples(self, split: str) -> int:
     return len(self.splits[split][1])
 
