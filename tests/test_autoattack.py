@@ -132,6 +132,7 @@ ATTACK_FNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(ATTACK_FNS))
 def test_attack_stays_in_the_ball_and_never_raises_accuracy(model, name):
   logits_fn, _, x, y = model

@@ -90,6 +90,7 @@ def test_unknown_data_set(tmp_path):
   expect_refusal(config, workdirs(tmp_path, with_run=False), DataError, "Unknown data set 'imagenet21k'")
 
 
+@pytest.mark.slow
 def test_batch_must_divide_the_devices_of_all_processes(tmp_path):
   config = tiny_runs.tiny_config(batch_size=66)
   with pytest.raises(ConfigError, match=re.escape('config.batch_size=66 does not divide over the 4 devices '

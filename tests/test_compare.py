@@ -247,6 +247,7 @@ def test_sweep_and_methods_together_share_the_autolora_runs(tmp_path):
     assert os.path.getsize(tmp_path / name) > 0, name
 
 
+@pytest.mark.slow
 def test_unknown_method_and_missing_config_file_are_clear_errors(tmp_path):
   workdir = tmp_path / 'never'
   p = _cli(CONFIG + ['--methods=autolora,twinz', f'--workdir={workdir}'])

@@ -46,6 +46,7 @@ def _faults_per_allocation(retain):
                               env={**os.environ, 'PYTHONPATH': ROOT}).stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_retain_freed_memory_removes_the_page_faults_of_a_worker_threads_allocations():
   assert _faults_per_allocation(retain=False) > 0

@@ -61,6 +61,7 @@ def test_placement_last_block_only():
   assert owners == {f'layer{i}_1/conv{j}' for i in range(1, 5) for j in (1, 2)}
 
 
+@pytest.mark.slow
 def test_resnet50_lora_on_bottleneck_convs():
   model = models.resnet50(3, width=8, input_size=16, stem='cifar', lora_rank=2)
   params = _flat(helpers.init(model)['params'])

@@ -127,6 +127,7 @@ print('STOPPED', position, guard.signal_name)
 '''
 
 
+@pytest.mark.slow
 def test_processes_agree_where_to_stop():
   port = tiny_runs.free_port()
   procs = [tiny_runs.start_python(AGREE.format(port=port, pid=i), devices=1) for i in range(2)]

@@ -167,6 +167,7 @@ def test_item5_eps_is_0_0314():
 
 # -- item 6: KL over the configured batch size -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_item6_kl_divided_by_the_configured_batch_on_a_short_batch_on_any_device_count():
   """A short batch of 6 with a configured batch of 8: the public code's KL weight is 1/8 per example (not
   1/6). On two devices of 3 examples each (vmap standing in for pmap) each device divides by 8 / 2."""

@@ -27,6 +27,7 @@ def _rel(a, b):
 SHAPES = [(2, 8, 8, 3, 5), (1, 7, 7, 4, 6), (2, 9, 6, 2, 3), (1, 3, 5, 3, 2), (1, 1, 1, 2, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('m', [2, 4])
 def test_winograd_is_exact_in_float64(m):
   with jax.enable_x64(True):
