@@ -129,6 +129,13 @@ def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
   """
   data = create_dataset(plan.data_config, seed=plan.seed, process_index=jax.process_index(),
                         process_count=jax.process_count())
+  try:
+    return _cached_or_trained(plan, data, progress)
+  finally:
+    data.close()  # an image data set's decoding threads
+
+
+def _cached_or_trained(plan: PretrainPlan, data, progress: bool) -> dict:
   model = plan.make_model(data.num_classes)
   folder = plan.folder
   cached = os.path.join(folder, str(plan.epochs))
