@@ -16,7 +16,7 @@ def robust_imagenet_fe(config):
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.method = 'autolora'  # 'autolora' | 'vanilla_rft' | 'pgd_at' (see autolora_jax/methods.py)
+  config.method = 'autolora'  # 'autolora' | 'vanilla_rft' | 'pgd_at' (see autolora_jax/experiment.py)
   # True: the authors' public code where it differs from the paper (SPEC.md, README "Reference
   # compatibility"): LoRa in the last block of each stage, scalars from the training split, its scheduler
   # condition 2, eps 0.0314, KL over the configured batch, DTD/Caltech-256 validation = test, the 57-way
