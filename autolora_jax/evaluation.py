@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from autolora_jax import autoattack, checkpoints, config_checks, distributed, experiment, loop, reporting
-from autolora_jax.errors import CheckpointError, DamagedCheckpointError, WorkdirError
+from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +205,19 @@ def evaluate_workdir(config, workdir: str) -> dict:
   ckpts = checkpoints.Checkpoints(path)
   exp = None
   try:
-    meta = ckpts.restore_meta('latest')
-    normalization = experiment.normalization_of(meta)
-    # Checkpoints of earlier versions do not record the normalisation: read the pre-trained file for it.
-    exp = experiment.Experiment(config, path, normalization=normalization, load_fe=normalization is None)
-    try:
-      restored = ckpts.restore('latest', exp.template(), step=ckpts.latest_step())
+    newest = ckpts.latest_step()
+    try:  # the newest checkpoint only, and nothing moved aside (that is for --mode=train)
+      meta = ckpts.restore_meta('latest', step=newest) if newest is not None else None
+      normalization = experiment.normalization_of(meta)
+      # Checkpoints of earlier versions do not record the normalisation: read the pre-trained file for it.
+      exp = experiment.Experiment(config, path, normalization=normalization, load_fe=normalization is None)
+      restored = ckpts.restore('latest', exp.template(), step=newest) if newest is not None else None
     except DamagedCheckpointError as e:  # not a mismatch: the files cannot be read
       raise CheckpointError(
           f'{e} --mode=eval evaluates the newest checkpoint only. Run the same command with --mode=train: it '
           'moves the damaged checkpoint aside (kept), resumes from the newest intact one, trains the epochs '
           'after it again and evaluates.') from None
-    except CheckpointError:  # the stored shapes do not fit this config: the message says so
+    except InputError:  # e.g. stored shapes that do not fit this config, or bad data: the message says so
       raise
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(

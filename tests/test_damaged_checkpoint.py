@@ -145,6 +145,26 @@ def test_no_readable_latest_is_a_clear_error_and_moves_nothing(finished, tmp_pat
   assert not any('Damaged' in m for m in _warnings(caplog))
 
 
+def test_eval_mode_with_a_damaged_newest_latest_moves_nothing(finished, tmp_path, caplog):
+  """--mode=eval evaluates the newest checkpoint or says why it cannot; it never falls back to an older one
+  (its metadata, read first for the input normalisation, included)."""
+  last = finished[1][-1]
+  for item in ('state', 'meta'):
+    newest = _copy(finished, tmp_path / item)
+    if item == 'state':
+      _truncate(os.path.join(newest, 'checkpoints', 'latest', str(last), 'state'))
+    else:
+      for path in glob.glob(os.path.join(newest, 'checkpoints', 'latest', str(last), 'meta', '*')):
+        with open(path, 'w') as f:
+          f.write('{"epoch": ')  # JSON cut short
+    before = _files(newest)
+    with pytest.raises(CheckpointError, match=rf'{last}.* cannot be read .*--mode=eval evaluates the newest '
+                       r'checkpoint only'):
+      evaluation.evaluate_workdir(_config(), newest)
+    assert _files(newest) == before, item
+  assert not any('Damaged' in m for m in _warnings(caplog))
+
+
 # -- Checkpoints on small trees ---------------------------------------------------------------------------
 
 def _tree(value):
