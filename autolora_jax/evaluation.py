@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import autoattack, checkpoints, config_checks, distributed, experiment, loop, reporting
+from autolora_jax import autoattack, checkpoints, experiment, loop, reporting
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
                        'checkpoints/latest. Train first (--mode=train, the default) or point --workdir at '
                        'the folder of a finished run.')
   start = time.time()
-  config_checks.validate(config)
-  distributed.initialize(config.distributed)
-  config_checks.check_devices(config, jax.device_count(), jax.process_count())
+  experiment.start(config)
   ckpts = checkpoints.Checkpoints(path)
   exp = None
   try:

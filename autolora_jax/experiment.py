@@ -38,7 +38,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import checkpoints, distributed, loop, models, ops, policy, pretrain, steps
+from autolora_jax import checkpoints, config_checks, distributed, loop, models, ops, policy, pretrain, steps
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
@@ -74,6 +74,14 @@ Normalization = Tuple[Optional[Tuple[float, ...]], Optional[Tuple[float, ...]]] 
 
 
 # -- the config, resolved ---------------------------------------------------------------------------------
+
+def start(config) -> None:
+  """What every entry point does first, before anything expensive: validates the config, joins a
+  multi-process job (jax.distributed, config.distributed) and checks every batch against its devices."""
+  config_checks.validate(config)
+  distributed.initialize(config.distributed)
+  config_checks.check_devices(config, jax.device_count(), jax.process_count())
+
 
 def attack_settings(config) -> Attack:
   """The attack of the run: `config.attack`, with item 5 applied under `reference_compat`.
@@ -190,13 +198,18 @@ def pretrain_plan(config, workdir: str) -> pretrain.PretrainPlan:
       fingerprint=pretrain_fingerprint(config))
 
 
+def configured_normalization(model_config) -> Normalization:
+  """`config.model`'s (mean, std) as tuples (or Nones)."""
+  as_tuple = lambda v: tuple(v) if v is not None else None  # noqa: E731
+  return as_tuple(model_config.mean), as_tuple(model_config.std)
+
+
 def resolve_normalization(model_config, meta: dict, source: str) -> Normalization:
   """The input normalisation a pre-trained checkpoint expects (its `meta`), which the fine-tuning model must
   apply; model_config.mean/std when they agree with it (logged when they do not)."""
   mean = tuple(meta['mean']) if meta.get('mean') is not None else None
   std = tuple(meta['std']) if meta.get('std') is not None else None
-  configured = (tuple(model_config.mean) if model_config.mean is not None else None,
-                tuple(model_config.std) if model_config.std is not None else None)
+  configured = configured_normalization(model_config)
 
   def same(a, b):
     return (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=0, atol=1e-6))
@@ -274,10 +287,7 @@ class Experiment:
       self._pretrained = pretrain.load_pretrained(config.pretrained, m.arch, m.stem, m.width)
       if normalization is None:
         normalization = resolve_normalization(m, self._pretrained[1], config.pretrained)
-    if normalization is None:
-      normalization = (tuple(config.model.mean) if config.model.mean is not None else None,
-                       tuple(config.model.std) if config.model.std is not None else None)
-    self.normalization = normalization
+    self.normalization = normalization or configured_normalization(config.model)
     self.model = create_model(config, self.data.num_classes, normalization)  # no LoRa for the baselines
     self.input_size = int(config.model.input_size)
     self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, config.optim.weight_decay)

@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-import jax
 
-from autolora_jax import (checkpoints, config_checks, distributed, evaluation, experiment, loop, policy,
-                          preemption, reporting, steps)
+from autolora_jax import checkpoints, evaluation, experiment, loop, policy, preemption, reporting, steps
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import InputError, Preempted, WorkdirError
 
@@ -167,9 +165,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   Returns the results dict written to workdir/results.json.
   """
   start = time.time()
-  config_checks.validate(config)
-  distributed.initialize(config.distributed)
-  config_checks.check_devices(config, jax.device_count(), jax.process_count())
+  experiment.start(config)
   claimed = workdirs.claim(workdir, config, overwrite=overwrite)
   exp = ckpts = writers = None
   try:
