@@ -21,6 +21,7 @@ nothing, unless the caller says what it does instead (`if_lost`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,10 +61,18 @@ def _cause(error: BaseException) -> str:
   return text if len(text) <= 240 else text[:237] + '...'
 
 
-def _damaged(folder: str, step: Optional[int], error: BaseException) -> DamagedCheckpointError:
-  cause = _cause(error)
-  return DamagedCheckpointError(f'The checkpoint {folder} cannot be read ({cause}).', folder=folder,
-                                step=step, cause=cause)
+@contextlib.contextmanager
+def _reading(folder: str, step: Optional[int] = None):
+  """Turns a read error (`is_read_error`) inside the block into DamagedCheckpointError(folder, step); any
+  other error passes as it is."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except (sorted by is_read_error; the rest is re-raised)
+    if not is_read_error(e):
+      raise
+    cause = _cause(e)
+    raise DamagedCheckpointError(f'The checkpoint {folder} cannot be read ({cause}).', folder=folder,
+                                 step=step, cause=cause) from e
 
 
 def verify_item(item_dir: str) -> None:
@@ -182,14 +191,10 @@ class Checkpoints:
     items = {'meta': ocp.args.JsonRestore()}
     if template is not None:
       items['state'] = ocp.args.StandardRestore(template)
-    try:
+    with _reading(self.folder(which, step), step):
       if template is not None:
         verify_item(os.path.join(self.folder(which, step), 'state'))
       restored = self.managers[which].restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except (sorted by is_read_error; the rest is re-raised)
-      if is_read_error(e):
-        raise _damaged(self.folder(which, step), step, e) from e
-      raise
     if template is None:
       return None, dict(restored['meta'])
     _check_shapes(self.folder(which, step), template, restored['state'])
@@ -272,15 +277,11 @@ def restore_variables(directory: str, template: Any = None) -> Tuple[Any, dict]:
   """(variables, meta) of a folder written by `save_variables`, as numpy arrays (shaped like `template` if
   given). Raises DamagedCheckpointError if its files cannot be read."""
   directory = os.path.abspath(os.path.expanduser(directory))
-  try:
+  with _reading(directory):
     verify_item(os.path.join(directory, 'variables'))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(directory, args=ocp.args.Composite(
           variables=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-  except Exception as e:  # pylint: disable=broad-except (sorted by is_read_error; the rest is re-raised)
-    if is_read_error(e):
-      raise _damaged(directory, None, e) from e
-    raise
   variables = jax.tree_util.tree_map(np.asarray, restored['variables'])
   if template is not None:
     _check_shapes(directory, template, variables)
