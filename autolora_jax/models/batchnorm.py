@@ -9,6 +9,35 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def batch_statistics(xf, axis_name: Optional[str]):
+  """(mean, biased var, count) per channel of NHWC xf over N, H, W and the devices of `axis_name`."""
+  count = xf.shape[0] * xf.shape[1] * xf.shape[2]
+  mean = jnp.mean(xf, axis=(0, 1, 2))
+  if axis_name is not None:
+    mean = lax.pmean(mean, axis_name)
+  var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))  # two passes: exact for large activations
+  if axis_name is not None:
+    var = lax.pmean(var, axis_name)
+    count = count * lax.psum(1, axis_name)
+  return mean, var, count
+
+
+def update_running(ra_mean, ra_var, mean, var, count, momentum: float):
+  """PyTorch's running-statistics update: the unbiased batch variance, Flax's momentum convention."""
+  unbiased = var * (count / jnp.maximum(count - 1, 1))
+  ra_mean.value = momentum * ra_mean.value + (1.0 - momentum) * mean
+  ra_var.value = momentum * ra_var.value + (1.0 - momentum) * unbiased
+
+
+def normalize(x, mean, var, scale, bias, epsilon: float):
+  """scale * (x - mean) / sqrt(var + eps) + bias, computed in at least float32, returned in x's dtype."""
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  mul = scale * lax.rsqrt(var + epsilon)
+  # Normalised in float32 whatever x's dtype: in training, BatchNorm's input gradient is a difference
+  # of nearly equal terms, which bfloat16 would turn into noise (30% error in every FE gradient).
+  return (x.astype(compute) * mul + (bias - mean * mul)).astype(x.dtype)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm2d with PyTorch's semantics (eps 1e-5, momentum 0.1 in PyTorch terms).
 
@@ -35,20 +64,7 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      xf = x.astype(compute)
-      count = x.shape[0] * x.shape[1] * x.shape[2]
-      mean = jnp.mean(xf, axis=(0, 1, 2))
-      if self.axis_name is not None:
-        mean = lax.pmean(mean, self.axis_name)
-      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))  # two passes: exact for large activations
-      if self.axis_name is not None:
-        var = lax.pmean(var, self.axis_name)
-        count = count * lax.psum(1, self.axis_name)
+      mean, var, count = batch_statistics(x.astype(compute), self.axis_name)
       if not self.is_initializing():
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
-    mul = scale * lax.rsqrt(var + self.epsilon)
-    # Normalised in float32 whatever x's dtype: in training, BatchNorm's input gradient is a difference
-    # of nearly equal terms, which bfloat16 would turn into noise (30% error in every FE gradient).
-    return (x.astype(compute) * mul + (bias - mean * mul)).astype(x.dtype)
+        update_running(ra_mean, ra_var, mean, var, count, self.momentum)
+    return normalize(x, mean, var, scale, bias, self.epsilon)
