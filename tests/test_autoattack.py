@@ -12,7 +12,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import helpers
 import pytest
 
 from autolora_jax import attacks, autoattack, errors
@@ -24,9 +24,7 @@ TOL = common.BALL_TOL
 N_POINTS = 160
 
 
-def _mlp(params, x):
-  h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params['w1'] + params['b1'])
-  return h @ params['w2'] + params['b2']
+_mlp = helpers.digits_mlp
 
 
 @pytest.fixture(scope='module')
@@ -40,22 +38,7 @@ def digits():
 def model(digits):
   """(logits_fn, params, x_test, y_test): an MLP 64-64-10 trained on all but the first N_POINTS digits."""
   images, labels = digits
-  x_train, y_train = jnp.asarray(images[N_POINTS:]), jnp.asarray(labels[N_POINTS:])
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  params = {'w1': jax.random.normal(k1, (64, 64)) / 8, 'b1': jnp.zeros(64),
-            'w2': jax.random.normal(k2, (64, 10)) / 8, 'b2': jnp.zeros(10)}
-  tx = optax.adam(1e-2)
-
-  @jax.jit
-  def step(params, opt_state):
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        _mlp(p, x_train), y_train).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for _ in range(300):
-    params, opt_state = step(params, opt_state)
+  params = helpers.train_digits_mlp(images, labels, N_POINTS)
   return jax.tree_util.Partial(_mlp, params), params, images[:N_POINTS], labels[:N_POINTS]
 
 
@@ -92,8 +75,14 @@ def test_defaults_are_the_originals():
                   alpha_max=0.1, eta=1.05, beta=0.9)
   assert autoattack.DEFAULTS == original
   run = _defaults(autoattack.run)
-  assert run['eps'] == 8 / 255 and run['version'] == 'standard' and run['seed'] == 0
-  assert {k: run[k] for k in original} == original
+  assert run['eps'] == 8 / 255 and run['version'] == 'standard' and run['seed'] == 0 and run['norm'] == 'Linf'
+  fixed = ('n_iter', 'rho', 'p_init', 'alpha_max', 'eta', 'beta')
+  assert {k: run[k] for k in fixed} == {k: original[k] for k in fixed}
+  # The per-version numbers (the original's set_version); None in run() means "the version's".
+  assert all(run[k] is None for k in ('n_restarts', 'n_target_classes', 'n_queries', 'eot_iter'))
+  std = autoattack.version_settings('standard', 'Linf')
+  assert (std['apgd-ce']['n_restarts'], std['apgd-t']['n_target_classes'], std['fab-t']['n_target_classes'],
+          std['square']['n_queries']) == (1, 9, 9, 5000)
   assert {k: _defaults(autoattack.apgd_ce)[k] for k in ('n_iter', 'n_restarts', 'rho')} == dict(
       n_iter=100, n_restarts=1, rho=0.75)
   assert {k: _defaults(autoattack.apgd_t)[k] for k in ('n_iter', 'n_target_classes', 'first_target')} == dict(
@@ -228,11 +217,11 @@ def test_cascade_never_attacks_a_broken_point(model, standard, monkeypatch):
   calls = []
   inner = cascade._attack_batch
 
-  def recording(fn, xb, yb, index, active, pass_key, pass_index, targeted, eps, *, kernel, options):
-    attack = ('apgd-t' if targeted else 'apgd-ce') if kernel == 'apgd' else kernel
+  def recording(fn, xb, yb, index, active, pass_key, pass_index, loss_id, eps, model_key, **static):
+    names = {v: k for k, v in cascade.LOSS_ID.items()}
+    attack = names[int(loss_id)] if static['kernel'] == 'apgd' else static['kernel']
     calls.append((attack, np.asarray(index)[np.asarray(active)]))
-    return inner(fn, xb, yb, index, active, pass_key, pass_index, targeted, eps, kernel=kernel,
-                 options=options)
+    return inner(fn, xb, yb, index, active, pass_key, pass_index, loss_id, eps, model_key, **static)
 
   monkeypatch.setattr(cascade, '_attack_batch', recording)
   result = autoattack.run(logits_fn, x, y, eps=EPS, version='standard', seed=0, batch_size=64,
@@ -352,7 +341,13 @@ def test_bad_input_is_an_input_error(model):
   # autoattack/ has its own error type; the entry points treat it as bad input (exit 2, one paragraph).
   assert AutoAttackInputError in errors.input_errors() and issubclass(AutoAttackInputError, ValueError)
   with pytest.raises(AutoAttackInputError, match='version'):
-    autoattack.run(logits_fn, x, y, version='plus')
+    autoattack.run(logits_fn, x, y, version='ultra')
+  with pytest.raises(AutoAttackInputError, match='norm'):
+    autoattack.run(logits_fn, x, y, norm='Linfinity')
+  with pytest.raises(AutoAttackInputError, match='square does not run under norm L1'):
+    autoattack.run(logits_fn, x, y, norm='L1', eps=5.0, attacks=['apgd-ce', 'square'])
+  with pytest.raises(AutoAttackInputError, match='eps'):
+    autoattack.run(logits_fn, x, y, norm='L2', eps=100.0)  # > sqrt(64): no image pair is that far apart
   with pytest.raises(AutoAttackInputError, match=r'\[0, 1\]'):
     autoattack.run(logits_fn, x * 255, y)
   with pytest.raises(AutoAttackInputError, match='attacks'):

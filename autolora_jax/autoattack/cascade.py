@@ -21,19 +21,72 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax import lax
 
 from autolora_jax.autoattack import autopgd, checks, common, fab, square_attack
 from autolora_jax.autoattack.errors import AutoAttackInputError
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
-VERSIONS = {'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'), 'fast': ('apgd-ce', 'apgd-t')}
+NORMS = common.NORMS
+ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
+# The norms each attack runs under (the original also has an L1 Square, which is not implemented here).
+ATTACK_NORMS = {'apgd-ce': NORMS, 'apgd-dlr': NORMS, 'apgd-t': NORMS, 'fab': NORMS, 'fab-t': NORMS,
+                'square': ('Linf', 'L2')}
+# The L-infinity cascades of the versions; `version_attacks` gives them per norm.
+VERSIONS = {'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'), 'fast': ('apgd-ce', 'apgd-t'),
+            'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
+            'rand': ('apgd-ce', 'apgd-dlr')}
 TARGETED = ('apgd-t', 'fab-t')
 
 # The original's settings for the standard L-infinity version.
 DEFAULTS = dict(n_iter=100, n_restarts=1, rho=0.75, n_target_classes=9, n_queries=5000, p_init=0.8,
                 alpha_max=0.1, eta=1.05, beta=0.9)
+
+
+def version_attacks(version: str, norm: str = 'Linf') -> Tuple[str, ...]:
+  """The attacks of a version under a norm, in order. Standard L1 drops Square (the original's L1 Square is
+  not implemented here)."""
+  attacks = VERSIONS[version]
+  return tuple(a for a in attacks if norm in ATTACK_NORMS[a])
+
+
+def version_settings(version: str, norm: str = 'Linf') -> Dict[str, dict]:
+  """Per attack, the original's settings of a version under a norm (its `set_version`):
+
+  * standard: APGD-CE 1 restart, APGD-T 9 targets (L1: APGD-CE 5 restarts and APGD-T 5 targets, both with
+    the 3 eps, 2 eps, eps schedule), FAB-T 9 targets, Square 5000 queries;
+  * plus: APGD-CE, APGD-DLR and FAB 5 restarts each, Square 5000 queries, APGD-T and FAB-T 9 targets;
+  * rand: APGD-CE and APGD-DLR, 1 restart, gradients averaged over 20 calls (EOT);
+  * fast (not the original's): APGD-CE and APGD-T as in standard.
+  'custom' (a list of attacks) takes the standard settings of the norm.
+  """
+  l1 = norm == 'L1'
+  restarts = {'standard': 5 if l1 else 1, 'fast': 5 if l1 else 1, 'plus': 5, 'rand': 1}[version]
+  return {'apgd-ce': dict(n_restarts=restarts, eot_iter=20 if version == 'rand' else 1,
+                          use_largereps=l1 and version in ('standard', 'fast')),
+          'apgd-dlr': dict(n_restarts=restarts, eot_iter=20 if version == 'rand' else 1, use_largereps=False),
+          'apgd-t': dict(n_target_classes=5 if l1 and version in ('standard', 'fast') else 9,
+                         use_largereps=l1 and version in ('standard', 'fast')),
+          'fab': dict(n_restarts=5), 'fab-t': dict(n_target_classes=9), 'square': dict(n_queries=5000)}
+
+
+def buckets(batch_size: int, multiple: int = 1, smallest: int = 8) -> Tuple[int, ...]:
+  """The padded batch sizes: batch_size and the powers of two from `smallest` below it, each rounded up to
+  a multiple of `multiple` (the device count). A batch of m points runs at the smallest bucket >= m."""
+  sizes = {batch_size}
+  p = smallest
+  while p < batch_size:
+    sizes.add(p)
+    p *= 2
+  return tuple(sorted({-(-b // multiple) * multiple for b in sizes}))
+
+
+def bucket_for(m: int, sizes: Sequence[int]) -> int:
+  for b in sizes:
+    if b >= m:
+      return b
+  return sizes[-1]
 
 
 @dataclasses.dataclass
@@ -49,7 +102,8 @@ class AutoAttackResult:
     accuracy: robust accuracy after each stage, in order: {'clean': ..., 'apgd-ce': ..., ...}.
     attacked: per attack, the (N,) bool of points it was run on.
     seconds: wall time per stage.
-    version, attacks, eps, seed: the settings.
+    version, attacks, eps, seed, norm: the settings; settings: per attack, what it ran with (restarts,
+      targets, eot_iter, ...).
   """
   x_adv: np.ndarray
   robust: np.ndarray
@@ -62,6 +116,8 @@ class AutoAttackResult:
   attacks: Tuple[str, ...]
   eps: float
   seed: int
+  norm: str = 'Linf'
+  settings: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
   @property
   def num_points(self) -> int:
@@ -77,11 +133,11 @@ class AutoAttackResult:
 
   def summary(self) -> dict:
     """A JSON-serialisable summary: settings, accuracies per stage, points broken per attack, seconds."""
-    return {'version': self.version, 'attacks': list(self.attacks), 'eps': self.eps, 'seed': self.seed,
-            'num_points': self.num_points, 'clean': self.clean_accuracy, 'robust': self.robust_accuracy,
-            'accuracy_after': dict(self.accuracy),
+    return {'version': self.version, 'norm': self.norm, 'attacks': list(self.attacks), 'eps': self.eps,
+            'seed': self.seed, 'num_points': self.num_points, 'clean': self.clean_accuracy,
+            'robust': self.robust_accuracy, 'accuracy_after': dict(self.accuracy),
             'broken_by': {a: int(np.sum(self.fell_to == a)) for a in self.attacks},
-            'seconds': dict(self.seconds)}
+            'settings': {a: dict(v) for a, v in self.settings.items()}, 'seconds': dict(self.seconds)}
 
 
 def _as_partial(logits_fn):
@@ -90,11 +146,15 @@ def _as_partial(logits_fn):
   return logits_fn if isinstance(logits_fn, jax.tree_util.Partial) else jax.tree_util.Partial(logits_fn)
 
 
+def _call(fn, x, model_key):
+  return fn(x) if model_key is None else fn(x, model_key)
+
+
 @jax.jit
-def _clean(fn, x, y):
+def _clean(fn, x, y, model_key):
   """Clean predictions and the input gradient of the margin (for the zero-gradient check) of a batch."""
   def total(z):
-    logits = fn(z)
+    logits = _call(fn, z, model_key)
     return jnp.sum(common.margin(logits, y)), logits
   (_, logits), grad = jax.value_and_grad(total, has_aux=True)(x)
   zero_grad = jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=1)
@@ -102,14 +162,18 @@ def _clean(fn, x, y):
 
 
 def _kernel(attack: str) -> str:
-  """APGD-CE and APGD-T share one compiled APGD (the loss is chosen by a traced flag)."""
-  return 'apgd' if attack in ('apgd-ce', 'apgd-t') else attack
+  """APGD-CE, APGD-DLR and APGD-T share one compiled APGD (the loss is chosen by a traced flag)."""
+  return 'apgd' if attack.startswith('apgd') else attack
 
 
-@functools.partial(jax.jit, static_argnames=('kernel', 'options'))
-def _attack_batch(fn, x, y, index, active, pass_key, pass_index, targeted, eps, *, kernel: str,
-                  options: tuple):
-  """One pass of an attack (a restart of APGD-CE, a target class of APGD-T or FAB-T) on a padded batch.
+LOSS_ID = {'apgd-ce': 0, 'apgd-dlr': 1, 'apgd-t': 2}
+
+
+@functools.partial(jax.jit, static_argnames=('kernel', 'options', 'norm'))
+def _attack_batch(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, model_key, *, kernel: str,
+                  options: tuple, norm: str):
+  """One pass of an attack (a restart of APGD-CE, APGD-DLR or FAB, a target class of APGD-T or FAB-T) on a
+  padded batch.
 
   Returns (x_adv, fooled): fooled = active, misclassified at x_adv and x_adv within the eps-ball; x_adv is
   x wherever fooled is False.
@@ -117,66 +181,105 @@ def _attack_batch(fn, x, y, index, active, pass_key, pass_index, targeted, eps, 
   o = dict(options)
   keys = jax.vmap(lambda i: jax.random.fold_in(pass_key, i))(index)
   rank = 2 + pass_index  # target passes attack the classes ranked 2, 3, ... by the clean logits
+  det = fn if model_key is None else (lambda z: fn(z, model_key))  # FAB and Square: one draw per batch
   if kernel == 'apgd':
-    clean_logits = fn(x)
-    if clean_logits.shape[-1] >= 4:
-      target = common.ranked_class(clean_logits, jnp.minimum(rank, clean_logits.shape[-1]))
-      loss = lambda z: jnp.where(targeted, common.dlr_targeted_loss(z, y, target), common.ce_loss(z, y))
-    else:  # the targeted DLR loss needs 4 classes; the cascade skips APGD-T then
-      loss = lambda z: common.ce_loss(z, y)
-    adv, _ = autopgd.apgd(fn, x, y, keys, eps=eps, n_iter=o['n_iter'], loss=loss, rho=o['rho'],
-                          active=active)
+    clean_logits = _call(fn, x, model_key)
+    k = clean_logits.shape[-1]
+    losses = [lambda z: common.ce_loss(z, y)]
+    if k >= 3:
+      losses.append(lambda z: common.dlr_loss(z, y))
+    if k >= 4:
+      target = common.ranked_class(clean_logits, jnp.minimum(rank, k))
+      losses.append(lambda z: common.dlr_targeted_loss(z, y, target))
+    loss = lambda z: lax.switch(jnp.minimum(loss_id, len(losses) - 1), losses, z)
+    adv, _ = autopgd.apgd(fn, x, y, keys, eps=eps, n_iter=o['n_iter'], loss=loss, rho=o['rho'], active=active,
+                          norm=norm, use_largereps=o['use_largereps'] and norm == 'L1',
+                          eot_iter=o['eot_iter'], model_key=model_key)
   elif kernel == 'fab-t':
-    adv, _ = fab.fab_t(fn, x, y, keys, eps=eps, n_iter=o['n_iter'], n_target_classes=1, first_target=rank,
-                       alpha_max=o['alpha_max'], eta=o['eta'], beta=o['beta'], active=active)
+    adv, _ = fab.fab_t(det, x, y, keys, eps=eps, n_iter=o['n_iter'], n_target_classes=1, first_target=rank,
+                       alpha_max=o['alpha_max'], eta=o['eta'], beta=o['beta'], active=active, norm=norm)
+  elif kernel == 'fab':
+    adv, _ = fab.fab_single(det, x, y, keys, eps=eps, norm=norm, rand_start=pass_index > 0, n_iter=o['n_iter'],
+                            alpha_max=o['alpha_max'], eta=o['eta'], beta=o['beta'], active=active)
   elif kernel == 'square':
-    adv, _ = square_attack.square(fn, x, y, keys, eps=eps, n_queries=o['n_queries'], p_init=o['p_init'],
-                                  active=active)
+    adv, _ = square_attack.square(det, x, y, keys, eps=eps, n_queries=o['n_queries'], p_init=o['p_init'],
+                                  active=active, norm=norm)
   else:
     raise ValueError(kernel)
-  fooled = active & ~common.correct(fn(adv), y) & (common.linf(adv - x) <= eps + common.BALL_TOL)
+  fooled = active & ~common.correct(_call(fn, adv, model_key), y) & common.in_ball(adv, x, eps, norm)
   return jnp.where(common.bcast(fooled, x), adv, x), fooled
 
 
-def _check_inputs(x, y, eps, version, attacks, batch_size):
+def _check_inputs(x, y, eps, version, attacks, batch_size, norm):
   if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise AutoAttackInputError(f'autoattack.run needs images x of shape (N, H, W, C) and labels y of shape '
                                f'(N,); got {x.shape} and {y.shape}.')
   if x.size and (x.min() < 0 or x.max() > 1):
     raise AutoAttackInputError(f'autoattack.run needs images in [0, 1]; got values in [{x.min():.3g}, '
                                f'{x.max():.3g}]. Normalise inside logits_fn, not before the attack.')
-  if not 0 < eps <= 1:
-    raise AutoAttackInputError(f'eps must lie in (0, 1] (images are in [0, 1]), got {eps!r}; e.g. 8/255.')
+  if norm not in NORMS:
+    raise AutoAttackInputError(f'norm={norm!r} is unknown: choose one of {NORMS} (the original\'s names).')
+  top = {'Linf': 1.0, 'L2': float(np.sqrt(np.prod(x.shape[1:]))), 'L1': float(np.prod(x.shape[1:]))}[norm]
+  if not 0 < eps <= top:
+    raise AutoAttackInputError(f'eps must lie in (0, {top:.4g}] for norm {norm} on these images (in [0, 1]), '
+                               f'got {eps!r}; e.g. 8/255 (Linf), 0.5 (L2 on CIFAR) or 12 (L1 on CIFAR).')
   if attacks is None and version not in VERSIONS:
     raise AutoAttackInputError(f'version={version!r} is unknown: choose one of {tuple(VERSIONS)}, or pass '
                                f'attacks=... (a sequence of {ATTACKS}) for a custom cascade.')
   if attacks is not None and (not attacks or any(a not in ATTACKS for a in attacks)):
     raise AutoAttackInputError(f'attacks={attacks!r}: give a non-empty sequence of names from {ATTACKS}.')
+  for a in (attacks or ()):
+    if norm not in ATTACK_NORMS[a]:
+      raise AutoAttackInputError(f'{a} does not run under norm {norm}: it runs under '
+                                 f'{", ".join(ATTACK_NORMS[a])} (the L1 Square of the original is not '
+                                 'implemented here). Leave it out of attacks=....')
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise AutoAttackInputError(f'batch_size must be a positive integer, got {batch_size!r}.')
 
 
-def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'standard', seed: int = 0,
-        batch_size: int = 250, attacks: Optional[Sequence[str]] = None, n_iter: int = DEFAULTS['n_iter'],
-        n_restarts: int = DEFAULTS['n_restarts'], rho: float = DEFAULTS['rho'],
-        n_target_classes: int = DEFAULTS['n_target_classes'], n_queries: int = DEFAULTS['n_queries'],
+def _placement(devices):
+  """(put_points, put_replicated, count): shardings of the points over `devices` (a 1-D mesh) and of the
+  weights (replicated)."""
+  devices = list(devices)
+  if len(devices) == 1:
+    put = lambda a: jax.device_put(a, devices[0])
+    return put, put, 1
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('points',))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('points'))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (lambda a: jax.device_put(a, rows)), (lambda a: jax.device_put(a, whole)), len(devices)
+
+
+def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', version: str = 'standard',
+        seed: int = 0, batch_size: int = 250, attacks: Optional[Sequence[str]] = None,
+        n_iter: int = DEFAULTS['n_iter'], n_restarts: Optional[int] = None, rho: float = DEFAULTS['rho'],
+        n_target_classes: Optional[int] = None, n_queries: Optional[int] = None,
         p_init: float = DEFAULTS['p_init'], alpha_max: float = DEFAULTS['alpha_max'],
-        eta: float = DEFAULTS['eta'], beta: float = DEFAULTS['beta'], progress: bool = True,
-        sanity_checks: bool = True, desc: str = 'AA') -> AutoAttackResult:
-  """L-infinity AutoAttack of `logits_fn` on (x, y).
+        eta: float = DEFAULTS['eta'], beta: float = DEFAULTS['beta'], eot_iter: Optional[int] = None,
+        randomized: bool = False, devices=None, progress: bool = True, sanity_checks: bool = True,
+        desc: str = 'AA') -> AutoAttackResult:
+  """AutoAttack of `logits_fn` on (x, y) under the `norm` budget eps.
 
   Args:
     logits_fn: maps images (B, H, W, C) in [0, 1] to logits (B, K); deterministic, in inference mode. Pass
       `jax.tree_util.Partial(f, variables)` (f(variables, x) -> logits) to keep the variables out of the
-      compiled code.
+      compiled code (they are then placed on the devices once per call of `run`). With randomized=True,
+      `logits_fn(x, key)` draws its randomness from the PRNG key it is given.
     x: images (N, H, W, C) in [0, 1] (numpy or jax). y: integer labels (N,).
-    eps: L-infinity radius.
-    version: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'fast' (APGD-CE, APGD-T).
+    eps: the radius. norm: 'Linf', 'L2' or 'L1'.
+    version: 'standard' (APGD-CE, APGD-T, FAB-T, Square; L1 without Square), 'plus' (APGD-CE, APGD-DLR,
+      FAB, Square, APGD-T, FAB-T with more restarts), 'rand' (APGD-CE and APGD-DLR with 20 EOT calls per
+      gradient, for randomised models) or 'fast' (APGD-CE, APGD-T); `version_settings` has the numbers.
     seed: the random seed; the same seed gives the same result.
-    batch_size: points per attack batch (static shape); the last batch is padded and masked.
-    attacks: a custom cascade (names from ATTACKS, in order) instead of `version`.
-    n_iter, n_restarts, rho: APGD (and FAB's n_iter). n_target_classes: APGD-T and FAB-T (capped at K - 1).
-    n_queries, p_init: Square. alpha_max, eta, beta: FAB. The defaults are the original's (`DEFAULTS`).
+    batch_size: the most points per attack batch; a batch of fewer points is padded to the next bucket
+      (`buckets`: batch_size and the powers of two from 8 below it, rounded up to the device count).
+    attacks: a custom cascade (names from ATTACKS, in order) instead of `version` (version 'custom').
+    n_iter, rho: APGD (and FAB's n_iter). n_restarts, n_target_classes, n_queries, eot_iter: override the
+      version's settings for every attack that has them (None: the version's; capped at K - 1 targets).
+    p_init: Square. alpha_max, eta, beta: FAB. The defaults are the original's (`DEFAULTS`).
+    randomized: logits_fn is a randomised model `logits_fn(x, key)`; every call gets a fresh key, and the
+      gradients of APGD average over eot_iter calls.
+    devices: the devices to shard the points over (default: all local devices).
     progress: tqdm bars per attack (points done, robust so far).
     sanity_checks: warn (`checks.AutoAttackWarning`) for randomised models, probability outputs, zero
       gradients, too few classes, and Square beating the gradient attacks.
@@ -185,18 +288,40 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'stan
   """
   x = np.asarray(x, np.float32)
   y = np.asarray(y).astype(np.int32)
-  _check_inputs(x, y, eps, version, attacks, batch_size)
-  cascade = tuple(attacks) if attacks is not None else VERSIONS[version]
+  _check_inputs(x, y, eps, version, attacks, batch_size, norm)
+  cascade = tuple(attacks) if attacks is not None else version_attacks(version, norm)
+  base_version = 'standard' if attacks is not None else version
   version = 'custom' if attacks is not None else version
-  fn = _as_partial(logits_fn)
+  if version == 'plus' and norm == 'L1' and sanity_checks:
+    checks.warn_version_norm(version, norm)
+  per_attack = version_settings(base_version, norm)
+  for a, o in per_attack.items():
+    for k, v in (('n_restarts', n_restarts), ('n_target_classes', n_target_classes),
+                 ('n_queries', n_queries), ('eot_iter', eot_iter)):
+      if v is not None and k in o:
+        o[k] = int(v)
+    if not randomized and 'eot_iter' in o:
+      o['eot_iter'] = 1  # averaging a deterministic model's gradient changes nothing
+  n_target_classes = max(per_attack['apgd-t']['n_target_classes'] if 'apgd-t' in cascade else 0,
+                         per_attack['fab-t']['n_target_classes'] if 'fab-t' in cascade else 0)
+  put_points, put_whole, n_dev = _placement(jax.local_devices() if devices is None else devices)
+  fn = put_whole(_as_partial(logits_fn))  # the weights go to the devices once per evaluation
   n = x.shape[0]
   bs = int(min(batch_size, max(n, 1)))
+  sizes = buckets(bs, n_dev)
   eps_arr = jnp.float32(eps)
-  options = {'apgd': (('n_iter', int(n_iter)), ('rho', float(rho))),
-             'fab-t': (('alpha_max', float(alpha_max)), ('beta', float(beta)), ('eta', float(eta)),
-                       ('n_iter', int(n_iter))),
-             'square': (('n_queries', int(n_queries)), ('p_init', float(p_init)))}
   base_key = jax.random.PRNGKey(seed)
+  model_base = jax.random.fold_in(base_key, 10_000) if randomized else None
+
+  def model_key(stage: int, p: int, first: int):
+    if model_base is None:
+      return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(model_base, stage), p), first)
+
+  def padded(idx):
+    b = bucket_for(len(idx), sizes)
+    pad = np.concatenate([idx, np.full(b - len(idx), idx[0])])
+    return pad, np.arange(b) < len(idx)
 
   # Clean predictions, and the sanity checks (on the first batch; zero gradients on every point).
   start = time.time()
@@ -205,16 +330,18 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'stan
   num_classes = 0
   for s in range(0, n, bs):
     idx = np.arange(s, min(s + bs, n))
-    pad = np.concatenate([idx, np.full(bs - len(idx), idx[0])])
-    logits, zero = _clean(fn, x[pad], y[pad])
+    pad, _ = padded(idx)
+    xb, yb = put_points(x[pad]), put_points(y[pad])
+    logits, zero = _clean(fn, xb, yb, model_key(0, 0, s))
     logits = np.asarray(logits)
     pred[idx] = np.argmax(logits, -1)[:len(idx)]
     zero_grad[idx] = np.asarray(zero)[:len(idx)]
     if s == 0:
       num_classes = logits.shape[-1]
       if sanity_checks:
-        again = [np.asarray(_clean(fn, x[pad], y[pad])[0]) for _ in range(2)]
-        checks.check_randomized([logits] + again, y[pad])
+        again = [np.asarray(_clean(fn, xb, yb, model_key(0, r, s))[0]) for r in (1, 2)]
+        if version != 'rand':  # the rand version is for randomised models (the original skips the check)
+          checks.check_randomized([logits] + again, y[pad])
         checks.check_probabilities(logits)
         checks.check_num_classes(num_classes, cascade, n_target_classes)
   if sanity_checks and n:
@@ -226,18 +353,36 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'stan
   accuracy = {'clean': float(np.mean(robust)) if n else float('nan')}
   seconds = {'clean': time.time() - start}
   attacked = {}
+  options = {'apgd': (('n_iter', int(n_iter)), ('rho', float(rho))),
+             'fab-t': (('alpha_max', float(alpha_max)), ('beta', float(beta)), ('eta', float(eta)),
+                       ('n_iter', int(n_iter))),
+             'square': (('p_init', float(p_init)),)}
+  options['fab'] = options['fab-t']
+  used = {}
 
   for attack in cascade:
     start = time.time()
     was_attacked = np.zeros(n, bool)
+    o = per_attack[attack]
+    kernel = _kernel(attack)
+    opts = options[kernel]
+    if kernel == 'apgd':
+      opts = opts + (('eot_iter', int(o['eot_iter']) if 'eot_iter' in o else 1),
+                     ('use_largereps', bool(o['use_largereps'])))
+    if kernel == 'square':
+      opts = opts + (('n_queries', int(o['n_queries'])),)
+    used[attack] = dict(o, **dict(opts))
     if attack in TARGETED:
-      n_passes = common.num_targets(n_target_classes, num_classes)
+      n_passes = common.num_targets(o['n_target_classes'], num_classes)
       if attack == 'apgd-t' and num_classes < 4:
         n_passes = 0  # the targeted DLR loss needs 4 classes (check_num_classes warned)
+    elif attack == 'apgd-dlr' and num_classes < 3:
+      n_passes = 0
     else:
-      n_passes = int(n_restarts) if attack == 'apgd-ce' else 1  # a restart runs on the points left
+      n_passes = int(o.get('n_restarts', 1))  # a restart runs on the points left
     bar = tqdm.tqdm(total=0, desc=f'{desc} {attack}', unit='pt', dynamic_ncols=True, disable=not progress,
                     mininterval=0.5, leave=True)
+    label = 'target' if attack in TARGETED else 'restart'
     try:
       for p in range(n_passes):
         todo = np.flatnonzero(robust)
@@ -245,20 +390,19 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'stan
           break
         bar.total += len(todo)
         if n_passes > 1:
-          bar.set_postfix({'robust': f'{int(robust.sum())}/{n}',
-                           'target' if attack in TARGETED else 'restart': f'{p + 1}/{n_passes}'})
+          bar.set_postfix({'robust': f'{int(robust.sum())}/{n}', label: f'{p + 1}/{n_passes}'})
         bar.refresh()
         # Keyed by the attack's name, not its place: a stage draws the same in any cascade.
-        pass_key = jax.random.fold_in(jax.random.fold_in(base_key, ATTACKS.index(attack)), p)
+        stage = ATTACKS.index(attack) + 1
+        pass_key = jax.random.fold_in(jax.random.fold_in(base_key, stage), p)
         for s in range(0, len(todo), bs):
           idx = todo[s:s + bs]
           m = len(idx)
-          pad = np.concatenate([idx, np.full(bs - m, idx[0])])
-          active = np.arange(bs) < m
-          kernel = _kernel(attack)
-          adv_b, fooled_b = _attack_batch(fn, x[pad], y[pad], pad.astype(np.int32), active, pass_key,
-                                          jnp.int32(p), attack == 'apgd-t', eps_arr, kernel=kernel,
-                                          options=options[kernel])
+          pad, active = padded(idx)
+          adv_b, fooled_b = _attack_batch(
+              fn, put_points(x[pad]), put_points(y[pad]), put_points(pad.astype(np.int32)),
+              put_points(active), pass_key, jnp.int32(p), jnp.int32(LOSS_ID.get(attack, 0)), eps_arr,
+              model_key(stage, p, int(idx[0])), kernel=kernel, options=opts, norm=norm)
           fooled_b = np.asarray(fooled_b)[:m]
           hit = idx[fooled_b]
           x_adv[hit] = np.asarray(adv_b)[:m][fooled_b]
@@ -268,17 +412,17 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, version: str = 'stan
           bar.update(m)
           postfix = {'robust': f'{int(robust.sum())}/{n}'}
           if n_passes > 1:
-            postfix['target' if attack in TARGETED else 'restart'] = f'{p + 1}/{n_passes}'
+            postfix[label] = f'{p + 1}/{n_passes}'
           bar.set_postfix(postfix, refresh=False)
     finally:
       bar.close()
     attacked[attack] = was_attacked
     accuracy[attack] = float(np.mean(robust)) if n else float('nan')
     seconds[attack] = time.time() - start
-    log.info('AutoAttack %s: robust accuracy %.2f%% (%d/%d) after %.1f s', attack, 100 * accuracy[attack],
-             int(robust.sum()), n, seconds[attack])
+    log.info('AutoAttack %s (%s): robust accuracy %.2f%% (%d/%d) after %.1f s', attack, norm,
+             100 * accuracy[attack], int(robust.sum()), n, seconds[attack])
   if sanity_checks:
     checks.check_square(accuracy)
   return AutoAttackResult(x_adv=x_adv, robust=robust, clean=clean, fell_to=fell_to, accuracy=accuracy,
                           attacked=attacked, seconds=seconds, version=version, attacks=cascade,
-                          eps=float(eps), seed=int(seed))
+                          eps=float(eps), seed=int(seed), norm=norm, settings=used)

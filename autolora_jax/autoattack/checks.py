@@ -75,6 +75,10 @@ def check_zero_gradients(zero) -> int:
 def check_num_classes(num_classes: int, attacks: Sequence[str], n_target_classes: int) -> bool:
   """Warns if a targeted attack asks for more target classes than exist (they are capped at K - 1)."""
   targeted = [a for a in attacks if a in ('apgd-t', 'fab-t')]
+  if 'apgd-dlr' in attacks and num_classes < 3:
+    _warn(f'APGD-DLR needs at least 3 classes (its DLR loss uses the 3 largest logits); the model has '
+          f'{num_classes}, so it is skipped.')
+    return True
   if 'apgd-t' in targeted and num_classes < 4:
     _warn(f'APGD-T needs at least 4 classes (its targeted DLR loss uses the 4 largest logits); the model has '
           f'{num_classes}. Use attacks without apgd-t.')
@@ -84,6 +88,12 @@ def check_num_classes(num_classes: int, attacks: Sequence[str], n_target_classes
           f'{num_classes} classes: using {num_classes - 1}.')
     return True
   return False
+
+
+def warn_version_norm(version: str, norm: str) -> None:
+  """Warns for a version the original tunes for other norms ('plus' is for L-infinity and L2)."""
+  _warn(f'The {version!r} version is meant for L-infinity and L2 (as in the original); with norm {norm} '
+        'check its settings, or use the standard version.')
 
 
 def check_square(accuracy: Dict[str, float], tol: float = 0.002) -> bool:

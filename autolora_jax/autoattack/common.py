@@ -89,3 +89,98 @@ def ranked_class(logits, rank):
 def num_targets(n_target_classes: int, num_classes: int) -> int:
   """Target classes a targeted attack can use: at most num_classes - 1 (every class but the true one)."""
   return max(0, min(int(n_target_classes), int(num_classes) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Threat models: 'Linf', 'L2', 'L1' (the original's names)
+# ---------------------------------------------------------------------------------------------------------
+
+NORMS = ('Linf', 'L2', 'L1')
+
+
+def check_norm(norm: str, allowed, who: str) -> None:
+  """Raises ValueError unless `norm` is one of `allowed` (the norms the original runs `who` with)."""
+  if norm not in NORMS:
+    raise ValueError(f'norm must be one of {NORMS}, got {norm!r}.')
+  if norm not in allowed:
+    raise ValueError(f'{who} runs under {", ".join(allowed)} only (as in the original AutoAttack), not '
+                     f'norm={norm!r}.')
+
+
+def lp(d, norm: str):
+  """Per-example norm of d (N, ...) -> (N,) for 'Linf', 'L2' or 'L1'."""
+  flat = d.reshape(d.shape[0], -1)
+  if norm == 'Linf':
+    return jnp.max(jnp.abs(flat), axis=1)
+  if norm == 'L2':
+    return jnp.sqrt(jnp.sum(flat * flat, axis=1))
+  if norm == 'L1':
+    return jnp.sum(jnp.abs(flat), axis=1)
+  raise ValueError(norm)
+
+
+def normalize(d, norm: str):
+  """d / (||d|| + 1e-12) per example."""
+  return d / (bcast(lp(d, norm), d) + 1e-12)
+
+
+def ball_tol(eps, norm: str):
+  """How far past eps a returned point may lie (float32 rounding): BALL_TOL, plus 1e-5 eps for the sums of
+  the L2 and L1 norms."""
+  return BALL_TOL if norm == 'Linf' else BALL_TOL + 1e-5 * eps
+
+
+def in_ball(x_adv, x, eps, norm: str):
+  """(N,) bool: x_adv within eps of x (up to `ball_tol`)."""
+  return lp(x_adv - x, norm) <= eps + ball_tol(eps, norm)
+
+
+def project_l2(x_adv, x, eps):
+  """x_adv pulled onto the L2 ball of radius eps around x (scaled towards x), then clipped to [0, 1]
+  (clipping only shortens the perturbation, so the point stays in the ball)."""
+  d = x_adv - x
+  r = lp(d, 'L2')
+  scale = jnp.minimum(eps, r) / (r + 1e-12)
+  return jnp.clip(x + d * bcast(scale, d), 0.0, 1.0)
+
+
+def project_l1(x_adv, x, eps, n_bisect: int = 40):
+  """The Euclidean projection of x_adv onto {z : ||z - x||_1 <= eps, 0 <= z <= 1} (x in [0, 1]).
+
+  Per example the problem separates given the multiplier lambda >= 0 of the L1 constraint: d_i =
+  clip(soft_threshold(v_i, lambda), -x_i, 1 - x_i), v = x_adv - x. ||d(lambda)||_1 falls with lambda, so
+  lambda is found by bisection (n_bisect halvings of [0, max |v|]), keeping the upper end: the point
+  returned always lies in the ball.
+  """
+  v = (x_adv - x).reshape(x.shape[0], -1)
+  lo, hi = -x.reshape(v.shape), 1.0 - x.reshape(v.shape)
+
+  def d_of(lam):
+    return jnp.clip(jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam[:, None], 0.0), lo, hi)
+
+  def l1_of(lam):
+    return jnp.sum(jnp.abs(d_of(lam)), axis=1)
+
+  n = v.shape[0]
+  inside = l1_of(jnp.zeros((n,), v.dtype)) <= eps
+
+  def halve(_, bounds):
+    a, b = bounds
+    mid = 0.5 * (a + b)
+    ok = l1_of(mid) <= eps
+    return jnp.where(ok, a, mid), jnp.where(ok, mid, b)
+
+  a, b = jax.lax.fori_loop(0, n_bisect, halve, (jnp.zeros((n,), v.dtype), jnp.max(jnp.abs(v), axis=1)))
+  lam = jnp.where(inside, 0.0, b)
+  return x + d_of(lam).reshape(x.shape)
+
+
+def project_ball(x_adv, x, eps, norm: str):
+  """x_adv moved into the eps-ball of `norm` around x and into [0, 1] (the attacks' projection)."""
+  if norm == 'Linf':
+    return project(x_adv, x, eps)
+  if norm == 'L2':
+    return project_l2(x_adv, x, eps)
+  if norm == 'L1':
+    return project_l1(x_adv, x, eps)
+  raise ValueError(norm)

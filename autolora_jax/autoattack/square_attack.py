@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al. 2020), L-infinity, untargeted margin loss, as in AutoAttack.
+"""Square Attack (Andriushchenko et al. 2020), L-infinity and L2, untargeted margin loss, as in AutoAttack.
 
 A score-based attack: it uses the logits only, never a gradient, so gradient masking does not stop it.
 
@@ -8,6 +8,12 @@ A score-based attack: it uses the logits only, never a gradient, so gradient mas
   +-1 per channel, move the window to x +- eps, keep the change if the margin loss
   z_y - max_{j != y} z_j decreased or the example became misclassified;
 * examples with a margin <= 0 are done; the attack stops when all are.
+
+L2 (`square_l2`): the start tiles the image with h // 5 squares of the pattern `eta_pattern` (a +-1 per
+example and channel), scaled to the eps-sphere; each query takes two windows of side s (at least 3, odd),
+moves window 2's mass into window 1 and adds a fresh signed pattern there, with the window's per-channel
+norm set so the whole perturbation stays on the eps-sphere (`square_l2` follows the original's update),
+then clips to [0, 1].
 
 AutoAttack runs 5000 queries with one restart and p_init = 0.8 (no rescaled schedule). Unlike the original,
 which draws one window and colour per query for the whole batch, every example draws its own (from its own
@@ -26,6 +32,9 @@ from jax import lax
 from autolora_jax.autoattack import common
 
 
+NORMS = ('Linf', 'L2')  # the original's L1 Square is not implemented here
+
+
 def p_schedule(i: int, p_init: float = 0.8) -> float:
   """The fraction p of the image a window covers at query i (0-based)."""
   for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
@@ -42,8 +51,9 @@ def side_schedule(n_queries: int, height: int, width: int, p_init: float = 0.8) 
   return np.asarray(sides, np.int32)
 
 
-def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init: float = 0.8, active=None):
-  """L-infinity Square Attack on the margin loss.
+def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init: float = 0.8, active=None,
+           norm: str = 'Linf'):
+  """Square Attack on the margin loss, L-infinity (below) or L2 (`square_l2`); norm 'L1' is refused.
 
   Args:
     logits_fn: maps images (N, H, W, C) in [0, 1] to logits (N, K); only its values are used.
@@ -55,6 +65,9 @@ def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init
     (x_adv, fooled): x_adv in the ball and [0, 1] (x where nothing was found or inactive) and the (N,) bool
     of examples whose margin reached <= 0.
   """
+  common.check_norm(norm, NORMS, 'Square')
+  if norm == 'L2':
+    return square_l2(logits_fn, x, y, key, eps=eps, n_queries=n_queries, p_init=p_init, active=active)
   x = jnp.asarray(x, jnp.float32)
   n, h, w, c = x.shape
   active = common.set_active(active, n)
@@ -69,7 +82,6 @@ def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init
   init_keys, query_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k))(keys), 1, 0)
   stripes = jax.vmap(lambda k: jax.random.rademacher(k, (1, w, c), jnp.float32))(init_keys)
   x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  margin_min = margin_of(x_best)
 
   def draws(k, i, side):
     k = jax.random.fold_in(k, i)
@@ -80,13 +92,22 @@ def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init
     colour = jax.random.rademacher(k3, (c,), jnp.float32)
     return vh, vw, colour
 
-  def body(s):
-    i, x_best, margin_min = s
+  def propose(i, x_best):
     side = sides[i]
     vh, vw, colour = jax.vmap(lambda k: draws(k, i, side))(query_keys)
     window = ((rows >= vh[:, None, None, None]) & (rows < vh[:, None, None, None] + side) &
               (cols >= vw[:, None, None, None]) & (cols < vw[:, None, None, None] + side))
-    x_new = common.project(x_best + window * (2.0 * eps) * colour[:, None, None, :], x, eps)
+    return common.project(x_best + window * (2.0 * eps) * colour[:, None, None, :], x, eps)
+
+  return _search(propose, margin_of, x, x_best, active, n_queries)
+
+
+def _search(propose, margin_of, x, x_best, active, n_queries: int):
+  """The queries of Square: x_new = propose(i, x_best) is kept where the margin fell or became <= 0; an
+  example with margin <= 0 is done. Returns (x_adv, fooled) as `square`."""
+  def body(s):
+    i, x_best, margin_min = s
+    x_new = propose(i, x_best)
     m = margin_of(x_new)
     todo = active & (margin_min > 0)
     better = todo & ((m < margin_min) | (m <= 0))
@@ -98,6 +119,127 @@ def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init
     i, _, margin_min = s
     return (i < n_queries) & jnp.any(active & (margin_min > 0))
 
-  _, x_best, margin_min = lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_min))
+  _, x_best, margin_min = lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_of(x_best)))
   fooled = active & (margin_min <= 0)
   return jnp.where(common.bcast(fooled, x), x_best, x), fooled
+
+
+def side_schedule_l2(n_queries: int, height: int, width: int, p_init: float = 0.8) -> np.ndarray:
+  """The L2 window side per query: round(sqrt(p * H * W)), at least 3, made odd, at most min(H, W)."""
+  out = []
+  for i in range(n_queries):
+    side = max(int(round(np.sqrt(p_schedule(i, p_init) * height * width))), 3)
+    side += 1 - side % 2
+    out.append(min(side, height, width))
+  return np.asarray(out, np.int32)
+
+
+def _rectangles(rows: int, cols: int) -> np.ndarray:
+  """Nested rectangles around the centre (rows // 2, cols // 2): a pixel at Chebyshev distance k from it
+  (rings clipped to the block) sums 1 / (j + 1)^2 over the rings j >= k; unit L2 norm."""
+  out = np.zeros((rows, cols))
+  if rows == 0 or cols == 0:
+    return out
+  r0, c0 = rows // 2, cols // 2
+  for k in range(max(r0, c0) + 1):
+    out[max(r0 - k, 0):min(r0 + k + 1, rows), max(c0 - k, 0):min(c0 + k + 1, cols)] += 1.0 / (k + 1) ** 2
+  return out / np.sqrt(np.sum(out ** 2))
+
+
+def eta_pattern(side: int) -> np.ndarray:
+  """The L2 Square pattern of a side x side window: positive rectangles on the top half, negative on the
+  bottom half, unit L2 norm."""
+  out = np.zeros((side, side))
+  out[:side // 2] = _rectangles(side // 2, side)
+  out[side // 2:] = -_rectangles(side - side // 2, side)
+  return out / np.sqrt(np.sum(out ** 2))
+
+
+def _per_channel_l2(d, mask):
+  """sqrt(sum over the masked pixels of d^2) per example and channel: (N, C)."""
+  return jnp.sqrt(jnp.sum(d * d * mask, axis=(1, 2)))
+
+
+def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init: float = 0.8,
+              active=None):
+  """L2 Square Attack on the margin loss; arguments and result as `square`. Every example draws its own
+  windows, signs and pattern orientation (the original draws one window per query for the batch)."""
+  x = jnp.asarray(x, jnp.float32)
+  n, h, w, c = x.shape
+  active = common.set_active(active, n)
+  keys = common.row_keys(key, n)
+  sides_np = side_schedule_l2(n_queries, h, w, p_init)
+  distinct = sorted(set(int(v) for v in sides_np))
+  big = max(distinct)
+  table = np.zeros((len(distinct), big, big), np.float32)
+  for j, side in enumerate(distinct):
+    table[j, :side, :side] = eta_pattern(side)
+  table = jnp.asarray(table)
+  sides = jnp.asarray(sides_np)
+  which = jnp.asarray(np.searchsorted(distinct, sides_np).astype(np.int32))
+  rows = jnp.arange(h)[None, :, None]
+  cols = jnp.arange(w)[None, None, :]
+
+  def margin_of(z):
+    return common.margin(logits_fn(z), y)
+
+  # The start: tiles of side h // 5 from ((h - 5 s) // 2, (h - 5 s) // 2), clipped to the image.
+  s0 = max(h // 5, 1)
+  off = (h - 5 * s0) // 2
+  tiles = []
+  for a in range(h // s0):
+    for b in range(w // s0):
+      vh, vw = off + a * s0, off + b * s0
+      if vh >= h or vw >= w or vh + s0 <= 0 or vw + s0 <= 0:
+        continue
+      tiles.append((vh, vw))
+  pat = eta_pattern(s0)
+  plain = np.zeros((len(tiles), h, w), np.float32)
+  turned = np.zeros((len(tiles), h, w), np.float32)
+  for t, (vh, vw) in enumerate(tiles):
+    for i in range(s0):
+      for j in range(s0):
+        if 0 <= vh + i < h and 0 <= vw + j < w:
+          plain[t, vh + i, vw + j], turned[t, vh + i, vw + j] = pat[i, j], pat[j, i]
+  plain, turned = jnp.asarray(plain), jnp.asarray(turned)
+  init_keys, query_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k))(keys), 1, 0)
+
+  def start(k):
+    k1, k2 = jax.random.split(k)
+    flip = jax.random.bernoulli(k1, 0.5, (len(tiles),))
+    signs = jax.random.rademacher(k2, (len(tiles), c), jnp.float32)
+    tile = jnp.where(flip[:, None, None], turned, plain)
+    return jnp.einsum('thw,tc->hwc', tile, signs)
+
+  delta0 = jax.vmap(start)(init_keys)
+  x_best = jnp.clip(x + eps * common.normalize(delta0, 'L2'), 0.0, 1.0)
+
+  def draws(k, i, side):
+    k = jax.random.fold_in(k, i)
+    k1, k2, k3, k4, k5, k6 = jax.random.split(k, 6)
+    pos = [jnp.floor(jax.random.uniform(kk) * (lim - side)).astype(jnp.int32)
+           for kk, lim in ((k1, h), (k2, w), (k3, h), (k4, w))]
+    return pos, jax.random.bernoulli(k5, 0.5), jax.random.rademacher(k6, (c,), jnp.float32)
+
+  def propose(i, x_best):
+    side = sides[i]
+    (vh, vw, vh2, vw2), flip, colour = jax.vmap(lambda k: draws(k, i, side))(query_keys)
+    e = lambda v: v[:, None, None]
+    r1, c1 = rows - e(vh), cols - e(vw)
+    in1 = (r1 >= 0) & (r1 < side) & (c1 >= 0) & (c1 < side)
+    in2 = ((rows >= e(vh2)) & (rows < e(vh2) + side) & (cols >= e(vw2)) & (cols < e(vw2) + side))
+    ri, ci = jnp.clip(r1, 0, big - 1), jnp.clip(c1, 0, big - 1)
+    ri, ci = jnp.where(e(flip), ci, ri), jnp.where(e(flip), ri, ci)
+    pattern = jnp.where(in1, table[which[i]][ri, ci], 0.0)  # (N, H, W)
+    m1, m2 = in1[..., None].astype(x.dtype), in2[..., None].astype(x.dtype)
+    delta = x_best - x
+    norm_w1 = _per_channel_l2(delta, m1)
+    norm_image = common.lp(delta, 'L2')
+    norm_windows = _per_channel_l2(delta, jnp.maximum(m1, m2))
+    new = pattern[..., None] * colour[:, None, None, :] + delta * m1 / (norm_w1[:, None, None, :] + 1e-12)
+    size = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0)[:, None] / c + norm_windows ** 2)
+    new = new / (_per_channel_l2(new, m1)[:, None, None, :] + 1e-12) * size[:, None, None, :]
+    delta_new = jnp.where(m1 > 0, new, delta * (1.0 - m2))
+    return jnp.clip(x + eps * common.normalize(delta_new, 'L2'), 0.0, 1.0)
+
+  return _search(propose, margin_of, x, x_best, active, n_queries)
