@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import autoattack, distributed, models, ops, steps
+from autolora_jax import attacks, autoattack, distributed, models, ops, steps
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import ConfigError
 
@@ -60,8 +60,10 @@ def validate(config) -> None:
     raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
                       f'std > 0, got mean={m.mean!r}, std={m.std!r}.')
   a = config.attack
-  _in_range('attack.eps', a.eps, 0.0, 1.0)
-  _in_range('attack.step_size', a.step_size, 0.0, 1.0)
+  _choice('attack.norm', a.get('norm', 'linf'), attacks.NORMS)
+  top = 1.0 if a.get('norm', 'linf') == 'linf' else 1000.0  # an L2 length in [0, 1] pixels, e.g. 0.5, 3.0
+  _in_range('attack.eps', a.eps, 0.0, top)
+  _in_range('attack.step_size', a.step_size, 0.0, top)
   _positive_int('attack.train_steps', a.train_steps)
   _positive_int('attack.eval_steps', a.eval_steps)
   _in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
@@ -96,7 +98,25 @@ def validate(config) -> None:
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   check_method_settings(config)  # reference_compat and the baselines' config.fixed
   aa = config.autoattack
-  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS))
+  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
+  _choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
+  from autolora_jax import experiment  # pylint: disable=g-import-not-at-top (experiment imports this module)
+  aa_norm = experiment.autoattack_norm(config)
+  listed = tuple(aa.get('attacks', ()))
+  if aa.version == 'custom' and (not listed or any(x not in autoattack.ATTACKS for x in listed)):
+    raise ConfigError(f'config.autoattack.version=custom runs config.autoattack.attacks, a non-empty list of '
+                      f'names from {autoattack.ATTACKS}; got {listed!r} (e.g. '
+                      "--config.autoattack.attacks=\"('apgd-ce','apgd-t')\").")
+  for name in (listed if aa.version == 'custom' else ()):
+    if aa_norm not in autoattack.ATTACK_NORMS[name]:
+      raise ConfigError(f'config.autoattack.attacks has {name}, which does not run under norm {aa_norm} (it '
+                        f'runs under {", ".join(autoattack.ATTACK_NORMS[name])}): leave it out.')
+  if not isinstance(aa.get('eps', 0.0), (int, float)) or aa.get('eps', 0.0) < 0:
+    raise ConfigError(f'config.autoattack.eps must be a number >= 0 (0: the run\'s attack.eps), got '
+                      f'{aa.get("eps")!r}.')
+  if aa.get('norm', 'auto') == 'L1' and not aa.get('eps', 0.0):
+    raise ConfigError('config.autoattack.norm=L1 needs its own radius: set config.autoattack.eps (e.g. 12 '
+                      'on CIFAR-10, the usual L1 budget); the PGD eps is an L-infinity or L2 length.')
   _positive_int('autoattack.batch_size', aa.batch_size)
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '

@@ -79,6 +79,8 @@ class AutoAttackEvaluation:
     self.batch_size = int(settings.batch_size)
     self.seed = int(settings.seed)
     self.eps = float(settings.eps)
+    self.norm = str(settings.norm)
+    self.attacks = tuple(settings.attacks) if self.version == 'custom' else None
     self.num_test = data.num_examples('test')
     self.num_points = self.num_test if settings.num_points == 0 else min(int(settings.num_points), self.num_test)
     self.progress = progress
@@ -97,8 +99,8 @@ class AutoAttackEvaluation:
     """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays)."""
     x, y = self.points()
     logits_fn = jax.tree_util.Partial(self._apply, variables)
-    return autoattack.run(logits_fn, x, y, eps=self.eps, version=self.version, seed=self.seed,
-                          batch_size=self.batch_size, progress=self.progress, desc=desc)
+    return autoattack.run(logits_fn, x, y, eps=self.eps, norm=self.norm, version=self.version, seed=self.seed,
+                          batch_size=self.batch_size, attacks=self.attacks, progress=self.progress, desc=desc)
 
   def add(self, entry: dict, state, name: str, replicated: bool = True) -> Optional[dict]:
     """Runs AA on a checkpoint's state and writes entry['test']['autoattack'] (robust accuracy, a fraction)
@@ -116,7 +118,7 @@ class AutoAttackEvaluation:
       summary.update(num_points=int(total), clean=counts[1] / total, robust=counts[2] / total,
                      broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
       summary.pop('accuracy_after')
-    for key in ('version', 'attacks', 'eps', 'seed', 'seconds'):
+    for key in ('version', 'norm', 'attacks', 'eps', 'seed', 'seconds', 'settings'):
       summary.pop(key)
     self.seconds[name] = float(sum(result.seconds.values()))
     entry['test']['autoattack'] = float(counts[2] / total) if total else float('nan')
@@ -127,7 +129,8 @@ class AutoAttackEvaluation:
     """The settings, for results.json's top level: {'autoattack': {...}} (empty when disabled)."""
     if not self.enabled:
       return {}
-    return {'autoattack': {'version': self.version, 'attacks': list(autoattack.VERSIONS[self.version]),
+    attacks = self.attacks or autoattack.version_attacks(self.version, self.norm)
+    return {'autoattack': {'version': self.version, 'norm': self.norm, 'attacks': list(attacks),
                            'eps': self.eps, 'num_points': self.num_points, 'num_test': self.num_test,
                            'seed': self.seed, 'seconds': dict(self.seconds)}}
 
@@ -135,7 +138,7 @@ class AutoAttackEvaluation:
     """One line for under the results table."""
     if not self.enabled:
       return 'autoattack: disabled (config.autoattack.enabled=False)'
-    return (f'autoattack: version {self.version}, eps {self.eps:.4f}, on the first {self.num_points} of '
+    return (f'autoattack: version {self.version}, {self.norm} eps {self.eps:.4f}, on the first {self.num_points} of '
             f'{self.num_test} test points (clean and pgd10: all {self.num_test})')
 
 

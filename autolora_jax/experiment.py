@@ -53,21 +53,25 @@ REFERENCE_EPS, REFERENCE_STEP_SIZE = 0.0314, 0.00784
 
 
 class Attack(NamedTuple):
-  """The L-infinity PGD a run uses, in [0, 1] pixel units."""
+  """The PGD a run uses, in [0, 1] pixel units: norm 'linf' or 'l2' (eps and step_size L2 lengths then)."""
   eps: float
   step_size: float
   train_steps: int
   eval_steps: int
+  norm: str = 'linf'
 
 
 class AutoAttackSettings(NamedTuple):
-  """AutoAttack at the end of a run: version, the first `num_points` test points (0: all), batch, seed, eps."""
+  """AutoAttack at the end of a run: version, the first `num_points` test points (0: all), batch, seed, eps,
+  norm ('Linf', 'L2' or 'L1')."""
   enabled: bool
   version: str
   num_points: int
   batch_size: int
   seed: int
   eps: float
+  norm: str = 'Linf'
+  attacks: Tuple[str, ...] = ()  # version 'custom'
 
 
 Normalization = Tuple[Optional[Tuple[float, ...]], Optional[Tuple[float, ...]]]  # (mean, std), or Nones
@@ -91,13 +95,14 @@ def attack_settings(config) -> Attack:
   """
   a = config.attack
   eps, step_size = float(a.eps), float(a.step_size)
-  if config.reference_compat:
+  norm = str(a.get('norm', 'linf'))
+  if config.reference_compat and norm == 'linf':
     # Item 5: eps = 0.0314 instead of 8/255 (and the step 0.00784 instead of 2/255).
     if math.isclose(eps, PAPER_EPS, rel_tol=1e-9):
       eps = REFERENCE_EPS
     if math.isclose(step_size, PAPER_STEP_SIZE, rel_tol=1e-9):
       step_size = REFERENCE_STEP_SIZE
-  return Attack(eps, step_size, int(a.train_steps), int(a.eval_steps))
+  return Attack(eps, step_size, int(a.train_steps), int(a.eval_steps), norm)
 
 
 def effective_eps(config) -> float:
@@ -105,10 +110,22 @@ def effective_eps(config) -> float:
   return attack_settings(config).eps
 
 
+# config.attack.norm -> AutoAttack's norm when config.autoattack.norm is 'auto'.
+AUTOATTACK_NORM = {'linf': 'Linf', 'l2': 'L2'}
+
+
+def autoattack_norm(config) -> str:
+  """AutoAttack's norm: config.autoattack.norm, or for 'auto' the training attack's (Linf, L2)."""
+  norm = str(config.autoattack.get('norm', 'auto'))
+  return AUTOATTACK_NORM.get(str(config.attack.get('norm', 'linf')), 'Linf') if norm == 'auto' else norm
+
+
 def autoattack_settings(config) -> AutoAttackSettings:
+  """config.autoattack with eps 0 = the run's PGD eps and norm 'auto' = the training attack's."""
   c = config.autoattack
+  eps = float(c.get('eps', 0.0)) or float(effective_eps(config))  # reference_compat: 0.0314, as for PGD
   return AutoAttackSettings(bool(c.enabled), str(c.version), int(c.num_points), int(c.batch_size), int(c.seed),
-                            float(effective_eps(config)))  # reference_compat: 0.0314, as for PGD
+                            eps, autoattack_norm(config), tuple(c.get('attacks', ())))
 
 
 def model_overrides(config) -> Dict[str, object]:
@@ -296,12 +313,12 @@ class Experiment:
     self.autoattack = autoattack_settings(config)
     self.kl_denominator = kl_denominator(config, jax.device_count())
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
-        self.model, method=self.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps,
+        self.model, method=self.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps, norm=a.norm,
         kl_denominator=self.kl_denominator))
     self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
-        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps))
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, norm=a.norm))
     self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(
-        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False))
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False, norm=a.norm))
     self._template = None
 
   # -- state -------------------------------------------------------------------------------------------

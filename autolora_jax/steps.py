@@ -81,7 +81,8 @@ def example_keys(rng, index):
 
 
 def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: float, steps: int,
-                    kl_denominator: Optional[int] = None, axis_name: Optional[str] = AXIS) -> Callable:
+                    kl_denominator: Optional[int] = None, axis_name: Optional[str] = AXIS,
+                    norm: str = 'linf') -> Callable:
   """Builds the per-device train step `(state, batch, rng) -> (state, metrics)`.
 
   Methods (SPEC.md):
@@ -94,7 +95,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
 
   Args:
     model: a `models.ResNet`.
-    eps, step_size, steps: the training attack.
+    eps, step_size, steps, norm: the training attack (norm 'linf' or 'l2', `attacks.pgd`).
     kl_denominator: divide the KL sum by this instead of the batch size.
     axis_name: the pmap axis to reduce over; None for an unmapped (single-device, jit) step.
   """
@@ -109,7 +110,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
     x, y = batch['image'], batch['label']
     eval_vars = {'params': state.params, 'batch_stats': state.batch_stats}
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch='adv', train=False), x, y, eps=eps,
-                        step_size=step_size, steps=steps, key=example_keys(rng, batch['index']))
+                        step_size=step_size, steps=steps, key=example_keys(rng, batch['index']), norm=norm)
     x_adv = lax.stop_gradient(x_adv)
 
     def loss_fn(params):
@@ -144,11 +145,12 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
 
 
 def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: bool = True,
-                   axis_name: Optional[str] = AXIS) -> Callable:
+                   axis_name: Optional[str] = AXIS, norm: str = 'linf') -> Callable:
   """Builds `eval_step(state, batch) -> counts`: correct-prediction counts summed over the batch and devices.
 
   Counts (masked): 'count' (real examples), 'clean_adv' and 'clean_nat' (clean accuracy of each branch)
-  and, with attack=True, 'pgd' (PGD robust accuracy of the adversarial branch, no random start). Everything
+  and, with attack=True, 'pgd' (PGD robust accuracy of the adversarial branch under `norm`, no random
+  start). Everything
   runs in evaluation mode.
   """
 
@@ -168,7 +170,7 @@ def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: b
     counts = {'count': jnp.sum(mask), 'clean_adv': correct(logits_fn('adv')(x)),
               'clean_nat': correct(logits_fn('nat')(x))}
     if attack:
-      x_adv = attacks.pgd(logits_fn('adv'), x, y, eps=eps, step_size=step_size, steps=steps)
+      x_adv = attacks.pgd(logits_fn('adv'), x, y, eps=eps, step_size=step_size, steps=steps, norm=norm)
       counts['pgd'] = correct(logits_fn('adv')(x_adv))
     return psum(counts)
 

@@ -84,8 +84,11 @@ def get_config():
   config.pretrain.dataset.train_per_class_limit = 0
   config.pretrain.dataset.preprocess = 'imagenet'
 
-  # PGD, L-infinity, in [0, 1] pixel space: random start in training, none in evaluation.
+  # PGD in [0, 1] pixel space: random start in training, none in evaluation. norm 'linf' (sign steps,
+  # clipping) or 'l2' (normalised-gradient steps, projection onto the L2 ball and the box; eps and step_size
+  # are then L2 lengths: the usual budgets are eps 0.5 on CIFAR and 3.0 on ImageNet, step eps / 4).
   config.attack = ml_collections.ConfigDict()
+  config.attack.norm = 'linf'
   config.attack.eps = 8 / 255
   config.attack.step_size = 2 / 255
   config.attack.train_steps = 10
@@ -121,11 +124,17 @@ def get_config():
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256
 
-  # AutoAttack (L-infinity, eps = attack.eps) on the test split, for the best and the final checkpoint, at
-  # the end of training and with --mode=eval.
+  # AutoAttack on the test split, for the best and the final checkpoint, at the end of training and with
+  # --mode=eval.
   config.autoattack = ml_collections.ConfigDict()
   config.autoattack.enabled = True
-  config.autoattack.version = 'standard'  # 'standard' (APGD-CE, APGD-T, FAB-T, Square) | 'fast'
+  # 'standard' (APGD-CE, APGD-T, FAB-T, Square; L1 without Square) | 'plus' | 'rand' | 'fast' (APGD-CE,
+  # APGD-T) | 'custom' (the attacks below); settings as the original's, autoattack.version_settings.
+  config.autoattack.version = 'standard'
+  config.autoattack.attacks = ()  # version 'custom': names from autoattack.ATTACKS, in order
+  # 'auto' (the training attack's: Linf for attack.norm 'linf', L2 for 'l2') | 'Linf' | 'L2' | 'L1'.
+  config.autoattack.norm = 'auto'
+  config.autoattack.eps = 0.0  # 0: attack.eps (0.0314 under reference_compat); else this radius
   config.autoattack.num_points = 0  # the first N test points; 0 = all
   config.autoattack.batch_size = 250
   config.autoattack.seed = 0

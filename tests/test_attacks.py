@@ -88,3 +88,25 @@ def test_random_start_is_uniform_in_the_ball_and_per_example_keys_are_independen
   halves = jnp.concatenate([attacks.random_start(keys[:32], x[:32], EPS),
                             attacks.random_start(keys[32:], x[32:], EPS)])
   np.testing.assert_array_equal(np.asarray(per_example), np.asarray(halves))  # split-independent
+
+
+def _l2(d):
+  return np.sqrt(np.sum(np.square(np.asarray(d)).reshape(d.shape[0], -1), axis=1))
+
+
+@pytest.mark.parametrize('start', [False, True])
+def test_l2_pgd_stays_in_the_l2_ball_and_box_and_raises_loss(trained_linear, start):
+  fn, x, y = trained_linear
+  eps = 0.5
+  key = jax.random.split(jax.random.PRNGKey(0), x.shape[0]) if start else None
+  x_adv = attacks.pgd(fn, x, y, eps=eps, step_size=eps / 4, steps=10, key=key, norm='l2')
+  assert np.all(_l2(x_adv - x) <= eps + 1e-5)
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert _ce(fn(x_adv), y) > _ce(fn(x), y) + 0.05
+  assert _acc(fn(x_adv), y) < _acc(fn(x), y)
+  # The L2 budget is not an L-infinity one: some pixel moves by more than eps / sqrt(d) * 4.
+  assert float(jnp.max(jnp.abs(x_adv - x))) > 4 * eps / np.sqrt(x[0].size)
+  start_point = attacks.random_start(jax.random.PRNGKey(1), x, eps, 'l2')
+  assert np.all(_l2(start_point - x) <= eps + 1e-5)
+  with pytest.raises(ValueError, match='norm'):
+    attacks.pgd(fn, x, y, eps=eps, step_size=0.1, steps=1, norm='L2')

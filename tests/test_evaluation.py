@@ -42,7 +42,7 @@ def tiny_config():
 def test_autoattack_config_is_validated():
   config = tiny_config()
   config_checks.validate(config)
-  config.autoattack.version = 'plus'
+  config.autoattack.version = 'ultra'
   with pytest.raises(ConfigError, match='autoattack.version'):
     config_checks.validate(config)
   config = tiny_config()
@@ -108,7 +108,7 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
     assert 0 <= trained[name]['test']['pgd10_autoattack_points'] <= 1
   settings = dict(trained['autoattack'])
   assert set(settings.pop('seconds')) == {'best'}
-  assert settings == {'version': 'fast', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': config.attack.eps,
+  assert settings == {'version': 'fast', 'norm': 'Linf', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': config.attack.eps,
                       'num_points': 16, 'num_test': trained['num_test'], 'seed': 0}
 
   # --mode=eval on the finished workdir: the same numbers again (same checkpoints, same seed), written into
@@ -154,3 +154,44 @@ def test_eval_mode_after_the_pretrained_checkpoint_is_gone(tmp_path):
   evaluated = evaluation.evaluate_workdir(config, workdir)
   for name in ('best', 'final'):
     assert evaluated[name]['test'] == trained[name]['test']  # the same model, normalisation included
+
+
+def test_l2_config_is_validated_and_resolved():
+  from autolora_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.attack.norm = 'l2'
+  config.attack.eps, config.attack.step_size = 0.5, 0.125
+  config_checks.validate(config)
+  assert experiment.attack_settings(config).norm == 'l2'
+  aa = experiment.autoattack_settings(config)
+  assert (aa.norm, aa.eps) == ('L2', 0.5)
+  config.autoattack.norm, config.autoattack.eps = 'L1', 12.0
+  config_checks.validate(config)
+  assert (experiment.autoattack_settings(config).norm, experiment.autoattack_settings(config).eps) == ('L1', 12.0)
+  for key, value, match in (('attack.norm', 'L2', 'attack.norm'), ('autoattack.norm', 'l1', 'autoattack.norm'),
+                            ('attack.eps', 2000.0, 'attack.eps')):
+    bad = tiny_runs.with_overrides(tiny_config(), {'attack.norm': 'l2', key: value})
+    with pytest.raises(ConfigError, match=match):
+      config_checks.validate(bad)
+  bad = tiny_runs.with_overrides(tiny_config(), {'autoattack.norm': 'L1'})
+  with pytest.raises(ConfigError, match='needs its own radius'):
+    config_checks.validate(bad)
+  bad = tiny_runs.with_overrides(tiny_config(), {'autoattack.version': 'custom', 'autoattack.norm': 'L1',
+                                                 'autoattack.eps': 12.0, 'autoattack.attacks': ('square',)})
+  with pytest.raises(ConfigError, match='square, which does not run under norm L1'):
+    config_checks.validate(bad)
+
+
+@pytest.mark.slow
+def test_l2_robust_fine_tuning_end_to_end(tmp_path):
+  """attack.norm='l2': L2 PGD in training and validation, AutoAttack L2 at the end, results.json says so."""
+  config = tiny_runs.with_overrides(tiny_config(), {'attack.norm': 'l2', 'attack.eps': 0.5,
+                                                    'attack.step_size': 0.125})
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['autoattack']['norm'] == 'L2' and results['autoattack']['version'] == 'fast'
+  assert results['autoattack']['eps'] == 0.5
+  entry = results['best']
+  assert 0 <= entry['test']['autoattack'] <= entry['test']['clean']
+  assert list(entry['autoattack']['accuracy_after']) == ['clean', 'apgd-ce', 'apgd-t']
+  with open(tmp_path / 'run' / 'results.json') as f:
+    assert json.load(f)['autoattack']['norm'] == 'L2'

@@ -163,3 +163,32 @@ def test_eval_step_counts_masked_examples():
   expected = np.sum((np.argmax(np.asarray(logits), -1) == batch['label'])[:5])
   assert float(counts['count']) == 5 and float(counts['clean_adv']) == expected
   assert float(counts['pgd']) <= float(counts['clean_adv'])
+
+
+def test_l2_train_step_attacks_inside_the_l2_ball(monkeypatch):
+  """config.attack.norm='l2': the train step's adversarial examples (PGD with a random start) lie in the L2
+  ball of radius eps and in the box; the eval step's PGD too."""
+  seen = []
+  inner = steps.attacks.pgd
+
+  def recording(*args, **kwargs):
+    out = inner(*args, **kwargs)
+    seen.append((kwargs['norm'], kwargs.get('key') is not None, np.asarray(args[1]), np.asarray(out)))
+    return out
+
+  monkeypatch.setattr(steps.attacks, 'pgd', recording)
+  model = helpers.tiny_resnet18()
+  state = steps.create_train_state(model, helpers.init(model), steps.make_optimizer(0.05, 0.9, 0.0))
+  batch = helpers.random_batch()
+  eps = 0.5
+  train_step = steps.make_train_step(model, eps=eps, step_size=0.2, steps=3, axis_name=None, norm='l2')
+  eval_step = steps.make_eval_step(model, eps=eps, step_size=0.2, steps=3, axis_name=None, norm='l2')
+  with jax.disable_jit():  # eager: the recorded arrays are concrete
+    _, metrics = train_step(state, batch, jax.random.PRNGKey(0))
+    eval_step(state, dict(batch, mask=np.ones(len(batch['label']), np.float32)))
+  assert np.isfinite(float(metrics['loss']))
+  assert [(n, k) for n, k, _, _ in seen] == [('l2', True), ('l2', False)]
+  for _, _, x, x_adv in seen:
+    norms = np.sqrt(np.sum(np.square(x_adv - x).reshape(len(x), -1), axis=1))
+    assert np.all(norms <= eps + 1e-5) and np.all(norms > 0)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
