@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autolora_jax import models, ops
+from benchmarks import digits_mlp as digits_mlp_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,29 +58,5 @@ def run_python(code, devices=1, timeout=600, env=None):
                         text=True, timeout=timeout)
 
 
-def digits_mlp(params, x):
-  """The AutoAttack tests' MLP 64-64-10 on 8x8 digits: logits of images (N, 8, 8, 1)."""
-  h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params['w1'] + params['b1'])
-  return h @ params['w2'] + params['b2']
-
-
-def train_digits_mlp(images, labels, skip: int, steps: int = 300):
-  """`digits_mlp`'s parameters trained (Adam 1e-2, full batch) on all digits but the first `skip`."""
-  import optax  # pylint: disable=g-import-not-at-top
-  x_train, y_train = jnp.asarray(images[skip:]), jnp.asarray(labels[skip:])
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  params = {'w1': jax.random.normal(k1, (64, 64)) / 8, 'b1': jnp.zeros(64),
-            'w2': jax.random.normal(k2, (64, 10)) / 8, 'b2': jnp.zeros(10)}
-  tx = optax.adam(1e-2)
-
-  @jax.jit
-  def step(params, opt_state):
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        digits_mlp(p, x_train), y_train).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for _ in range(steps):
-    params, opt_state = step(params, opt_state)
-  return params
+digits_mlp = digits_mlp_lib.logits  # the AutoAttack tests' model (benchmarks/digits_mlp.py)
+train_digits_mlp = digits_mlp_lib.train

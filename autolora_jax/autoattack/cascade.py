@@ -150,8 +150,17 @@ def _call(fn, x, model_key):
   return fn(x) if model_key is None else fn(x, model_key)
 
 
-@jax.jit
-def _clean(fn, x, y, model_key):
+# XLA CPU compile options for the attacks' programs: convolutions on XLA's own kernels, matrix products on
+# YNNPACK (what ops/host.py's process-wide XLA_FLAGS set for training), so that a library user gets the same
+# speed without setting XLA_FLAGS before JAX starts. Per program, so nothing else in the process changes.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def _compiler_options(devices) -> Optional[dict]:
+  return dict(CPU_COMPILER_OPTIONS) if devices[0].platform == 'cpu' and CPU_COMPILER_OPTIONS else None
+
+
+def _clean_impl(fn, x, y, model_key):
   """Clean predictions and the input gradient of the margin (for the zero-gradient check) of a batch."""
   def total(z):
     logits = _call(fn, z, model_key)
@@ -169,9 +178,8 @@ def _kernel(attack: str) -> str:
 LOSS_ID = {'apgd-ce': 0, 'apgd-dlr': 1, 'apgd-t': 2}
 
 
-@functools.partial(jax.jit, static_argnames=('kernel', 'options', 'norm'))
-def _attack_batch(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, model_key, *, kernel: str,
-                  options: tuple, norm: str):
+def _attack_batch_impl(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, model_key, *, kernel: str,
+                       options: tuple, norm: str):
   """One pass of an attack (a restart of APGD-CE, APGD-DLR or FAB, a target class of APGD-T or FAB-T) on a
   padded batch.
 
@@ -208,6 +216,26 @@ def _attack_batch(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, m
     raise ValueError(kernel)
   fooled = active & ~common.correct(_call(fn, adv, model_key), y) & common.in_ball(adv, x, eps, norm)
   return jnp.where(common.bcast(fooled, x), adv, x), fooled
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(options_items: Optional[tuple]):
+  """(clean, attack_batch) compiled with these XLA compile options (one pair per set of options)."""
+  opts = dict(options_items) if options_items else None
+  return (jax.jit(_clean_impl, compiler_options=opts),
+          jax.jit(_attack_batch_impl, static_argnames=('kernel', 'options', 'norm'), compiler_options=opts))
+
+
+def _clean(fn, x, y, model_key, compiler_options=None):
+  return _jitted(tuple(sorted(compiler_options.items())) if compiler_options else None)[0](fn, x, y, model_key)
+
+
+def _attack_batch(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, model_key, *, kernel: str,
+                  options: tuple, norm: str, compiler_options=None):
+  """One pass of an attack on a padded batch (`_attack_batch_impl`), compiled with `compiler_options`."""
+  run_batch = _jitted(tuple(sorted(compiler_options.items())) if compiler_options else None)[1]
+  return run_batch(fn, x, y, index, active, pass_key, pass_index, loss_id, eps, model_key, kernel=kernel,
+                   options=options, norm=norm)
 
 
 def _check_inputs(x, y, eps, version, attacks, batch_size, norm):
@@ -304,7 +332,9 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
       o['eot_iter'] = 1  # averaging a deterministic model's gradient changes nothing
   n_target_classes = max(per_attack['apgd-t']['n_target_classes'] if 'apgd-t' in cascade else 0,
                          per_attack['fab-t']['n_target_classes'] if 'fab-t' in cascade else 0)
-  put_points, put_whole, n_dev = _placement(jax.local_devices() if devices is None else devices)
+  devices = list(jax.local_devices() if devices is None else devices)
+  put_points, put_whole, n_dev = _placement(devices)
+  copts = _compiler_options(devices)
   fn = put_whole(_as_partial(logits_fn))  # the weights go to the devices once per evaluation
   n = x.shape[0]
   bs = int(min(batch_size, max(n, 1)))
@@ -332,14 +362,14 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
     idx = np.arange(s, min(s + bs, n))
     pad, _ = padded(idx)
     xb, yb = put_points(x[pad]), put_points(y[pad])
-    logits, zero = _clean(fn, xb, yb, model_key(0, 0, s))
+    logits, zero = _clean(fn, xb, yb, model_key(0, 0, s), copts)
     logits = np.asarray(logits)
     pred[idx] = np.argmax(logits, -1)[:len(idx)]
     zero_grad[idx] = np.asarray(zero)[:len(idx)]
     if s == 0:
       num_classes = logits.shape[-1]
       if sanity_checks:
-        again = [np.asarray(_clean(fn, xb, yb, model_key(0, r, s))[0]) for r in (1, 2)]
+        again = [np.asarray(_clean(fn, xb, yb, model_key(0, r, s), copts)[0]) for r in (1, 2)]
         if version != 'rand':  # the rand version is for randomised models (the original skips the check)
           checks.check_randomized([logits] + again, y[pad])
         checks.check_probabilities(logits)
@@ -402,7 +432,7 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
           adv_b, fooled_b = _attack_batch(
               fn, put_points(x[pad]), put_points(y[pad]), put_points(pad.astype(np.int32)),
               put_points(active), pass_key, jnp.int32(p), jnp.int32(LOSS_ID.get(attack, 0)), eps_arr,
-              model_key(stage, p, int(idx[0])), kernel=kernel, options=opts, norm=norm)
+              model_key(stage, p, int(idx[0])), kernel=kernel, options=opts, norm=norm, compiler_options=copts)
           fooled_b = np.asarray(fooled_b)[:m]
           hit = idx[fooled_b]
           x_adv[hit] = np.asarray(adv_b)[:m][fooled_b]
