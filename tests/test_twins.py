@@ -66,6 +66,19 @@ def test_twin_bn_model_is_the_plain_resnet_in_adaptive_mode():
     plain.apply(plain_vars, x, bn='frozen')
 
 
+@pytest.mark.parametrize('arch,stem', [('resnet18', 'imagenet'), ('resnet18', 'cifar'), ('resnet50', 'imagenet'),
+                                       ('resnet50', 'cifar')])
+def test_every_batchnorm_is_doubled_in_both_architectures_and_stems(arch, stem):
+  model = models.ARCHITECTURES[arch](CLASSES, width=4, input_size=32, stem=stem, lora_rank=0, twin_bn=True)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  params, stats = flat(shapes['params']), flat(shapes['batch_stats'])
+  bns = [n[:-len('/scale')] for n in params if n.endswith('/scale') and '/frozen_' not in n]
+  assert len(bns) == {'resnet18': 20, 'resnet50': 53}[arch]
+  for bn in bns:
+    assert {f'{bn}/frozen_scale', f'{bn}/frozen_bias'} <= set(params), bn
+    assert {f'{bn}/mean', f'{bn}/var', f'{bn}/frozen_mean', f'{bn}/frozen_var'} <= set(stats), bn
+
+
 def run_steps(n_steps=3, loss='at', seed=0):
   model = twin_model()
   variables = init(model, seed=seed)
