@@ -134,7 +134,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
                                     mutable=['batch_stats'], **kwargs)
     return logits, upd['batch_stats']
 
-  def autolora_loss(params, state, x, x_adv, y):
+  def autolora_loss_fn(params, state, x, x_adv, y):
     """The loss of 'autolora', 'vanilla_rft' and 'pgd_at': (loss, (parts, batch_stats, accuracies))."""
     stats, nat_logits = state.batch_stats, None
     if method != 'pgd_at':
@@ -168,7 +168,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
       accs['nat_acc'] = accuracy(nat_logits[half:], ya)
     return loss, (parts, stats, accs)
 
-  loss_fn = twins_loss_fn if method == 'twins' else autolora_loss
+  loss_fn = twins_loss_fn if method == 'twins' else autolora_loss_fn
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
     x, y = batch['image'], batch['label']
