@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autolora_jax.models.batchnorm import BatchNorm
+from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm
 from autolora_jax.models.lora import ConvFn, LoRaConv, native_conv2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,6 +136,8 @@ class ResNet(nn.Module):
     pool_fn: the ImageNet stem's max-pool, `PoolFn`, called as pool_fn(x, 3, 2, 1) (default XLA's).
     dtype: compute dtype of convolutions and the head (parameters stay float32); the logits are float32
       (float64 for a float64 model).
+    twin_bn: every BatchNorm doubled (`TwinBatchNorm`, TWINS): the call's `bn` picks the adaptive BNs
+      (the deployed model, the default), the frozen ones, or 'mix' (first half of the batch frozen).
   """
   stage_sizes: Sequence[int]
   block: str
@@ -152,13 +154,24 @@ class ResNet(nn.Module):
   conv_fn: ConvFn = native_conv2d
   pool_fn: PoolFn = native_max_pool
   dtype: Any = jnp.float32
+  twin_bn: bool = False
 
   @nn.compact
-  def __call__(self, x, branch='adv', train=False):
-    """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1]."""
+  def __call__(self, x, branch='adv', train=False, bn='adaptive'):
+    """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1].
+
+    `bn` ('adaptive' | 'frozen' | 'mix'): which BatchNorm of each doubled pair (twin_bn only).
+    """
     if branch not in BRANCHES:
       raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
-    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
+    if bn not in TWIN_MODES or (bn != 'adaptive' and not self.twin_bn):
+      raise ValueError(f"bn={bn!r}: a model with twin_bn=True takes one of {TWIN_MODES}; any other only "
+                       "'adaptive'.")
+    if self.twin_bn:
+      norm = functools.partial(TwinBatchNorm, mode=bn, use_running_average=not train,
+                               axis_name=self.bn_axis_name)
+    else:
+      norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
 
     def plain_conv(features, k, strides, padding, name):
       return LoRaConv(features, k, strides, padding, conv_fn=self.conv_fn, dtype=self.dtype, name=name)
