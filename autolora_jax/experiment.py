@@ -216,8 +216,11 @@ def pretrain_fingerprint(config) -> dict:
   settings and data, the attack and the optimizer; not config.seed (the FE has its own, pretrain.seed)."""
   pc = config.pretrain.to_dict()
   pc.pop('cache_dir', None)
+  attack = config.attack.to_dict()
+  if attack.get('norm') == 'linf':  # the default: the FEs cached before attack.norm existed stay valid
+    attack.pop('norm')
   return json.loads(json.dumps({'model': config.model.to_dict(), 'pretrain': pc,
-                                'attack': config.attack.to_dict(), 'optim': config.optim.to_dict()},
+                                'attack': attack, 'optim': config.optim.to_dict()},
                                sort_keys=True, default=list))
 
 
@@ -237,7 +240,7 @@ def pretrain_plan(config, workdir: str) -> pretrain.PretrainPlan:
       data_config=pc.dataset, seed=int(pc.seed), epochs=int(pc.epochs), batch_size=int(pc.batch_size),
       learning_rate=float(pc.learning_rate), momentum=float(o.momentum), weight_decay=float(o.weight_decay),
       eps=float(a.eps), step_size=float(a.step_size), attack_steps=int(a.train_steps),
-      input_size=int(config.model.input_size),
+      attack_norm=str(a.get('norm', 'linf')), input_size=int(config.model.input_size),
       make_model=functools.partial(build_model, config.model, lora_rank=0), folder=pretrain_folder(config, workdir),
       fingerprint=pretrain_fingerprint(config))
 

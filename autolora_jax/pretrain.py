@@ -105,7 +105,7 @@ class PretrainPlan(NamedTuple):
     seed: data order, initialisation and attack noise are drawn from it.
     epochs, batch_size, learning_rate: SGD with a cosine learning rate over all steps (set per epoch).
     momentum, weight_decay: as the fine-tuning optimizer.
-    eps, step_size, attack_steps: the training PGD.
+    eps, step_size, attack_steps, attack_norm: the training PGD ('linf' or 'l2').
     input_size: the model's input side.
     make_model: num_classes -> the FE's model (the fine-tuning architecture without LoRa).
     folder: the cache folder (a function of `fingerprint`).
@@ -125,6 +125,7 @@ class PretrainPlan(NamedTuple):
   make_model: Callable[[int], Any]
   folder: str
   fingerprint: dict
+  attack_norm: str = 'linf'
 
 
 def pretrain_in_process(plan: PretrainPlan, *, progress: bool = True) -> dict:
@@ -168,7 +169,8 @@ def _cached_or_trained(plan: PretrainPlan, data, progress: bool) -> dict:
   tx = steps.make_optimizer(plan.learning_rate, plan.momentum, plan.weight_decay)
   state = loop.replicate(steps.create_train_state(model, variables, tx))
   p_step = loop.pmap_train_step(steps.make_train_step(model, method='pgd_at', eps=plan.eps,
-                                                      step_size=plan.step_size, steps=plan.attack_steps))
+                                                      step_size=plan.step_size, steps=plan.attack_steps,
+                                                      norm=plan.attack_norm))
   name = plan.data_config.name
   log.info('PGD-AT pre-training: %d epochs of %d steps on %s (%d classes)', plan.epochs, steps_per_epoch,
            name, data.num_classes)
