@@ -4,9 +4,12 @@ Clean accuracy first; then each attack of the version, in order, only on the poi
 point broken by an attack keeps that attack's adversarial example (the worst case) and is never attacked
 again. The targeted attacks (APGD-T, FAB-T) run one target class at a time over all points still robust.
 
-Points are attacked in batches of a fixed size (the last one padded and masked), so each attack compiles
-once per run. Every point draws its randomness from its own key, a function of (seed, attack, restart or
-target, point index), so the result does not depend on the batch size or on the other attacks run.
+Points are attacked in batches of at most batch_size, each padded (and masked) to the next bucket
+(`buckets`: batch_size and the powers of two from 8 below it), so each attack compiles a handful of
+programs and the last few robust points do not run at the full batch. A batch is sharded over the local
+devices, the weights replicated once per run. Every point draws its randomness from its own key, a
+function of (seed, attack, restart or target, point index), so the result does not depend on the batch
+size, the device count or the other attacks run.
 """
 
 from __future__ import annotations
