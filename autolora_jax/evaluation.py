@@ -30,18 +30,22 @@ from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputEr
 log = logging.getLogger(__name__)
 
 
-def first_points(data, split: str, n: int, global_batch: int) -> Tuple[np.ndarray, np.ndarray]:
-  """This process's rows among the first n examples of a split: (images (m, H, W, C), labels (m,))."""
-  xs, ys = [], []
+def first_points(data, split: str, n: int, global_batch: int, with_index: bool = False) -> Tuple[np.ndarray, ...]:
+  """This process's rows among the first n examples of a split: (images (m, H, W, C), labels (m,)), and
+  with_index their positions in the split (m,)."""
+  xs, ys, idx = [], [], []
   for b, batch in enumerate(data.eval_batches(split, global_batch)):
     if b * global_batch >= n:
       break
     keep = (batch['mask'] > 0) & (b * global_batch + batch['index'] < n)
     xs.append(batch['image'][keep])
     ys.append(batch['label'][keep])
+    idx.append((b * global_batch + batch['index'])[keep])
   if not xs:
-    return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
-  return np.concatenate(xs), np.concatenate(ys)
+    out = (np.zeros((0,), np.float32), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
+  else:
+    out = (np.concatenate(xs), np.concatenate(ys), np.concatenate(idx).astype(np.int32))
+  return out if with_index else out[:2]
 
 
 def first_batches(data, split: str, n: int, global_batch: int):
@@ -90,17 +94,19 @@ class AutoAttackEvaluation:
     self.seconds: Dict[str, float] = {}
     self._apply = adversarial_logits(model)
 
-  def points(self) -> Tuple[np.ndarray, np.ndarray]:
+  def points(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, their indices in the test split): this process's share of the attacked points."""
     if self._points is None:
-      self._points = first_points(self._data, 'test', self.num_points, self._eval_batch)
+      self._points = first_points(self._data, 'test', self.num_points, self._eval_batch, with_index=True)
     return self._points
 
   def attack(self, variables: dict, desc: str = 'AA') -> autoattack.AutoAttackResult:
     """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays)."""
-    x, y = self.points()
+    x, y, index = self.points()  # keys from the points' test-split indices: any process count, same draws
     logits_fn = jax.tree_util.Partial(self._apply, variables)
     return autoattack.run(logits_fn, x, y, eps=self.eps, norm=self.norm, version=self.version, seed=self.seed,
-                          batch_size=self.batch_size, attacks=self.attacks, progress=self.progress, desc=desc)
+                          batch_size=self.batch_size, attacks=self.attacks, point_index=index, progress=self.progress,
+                          desc=desc)
 
   def add(self, entry: dict, state, name: str, replicated: bool = True) -> Optional[dict]:
     """Runs AA on a checkpoint's state and writes entry['test']['autoattack'] (robust accuracy, a fraction)

@@ -301,3 +301,19 @@ def test_four_devices_give_the_per_point_result_of_one():
     assert r['same_fell'], (norm, r)
     assert r['max_diff'] < 1e-4, (norm, r)
     assert r['broken'] > 0, (norm, r)
+
+
+@pytest.mark.slow
+def test_a_share_of_the_points_draws_as_in_the_whole_set(model):
+  # A process attacking its share passes the points' global indices: each point's result is the same as
+  # in a run on all points (the keys come from the index, not the position in the call).
+  fn, x, y = model
+  kw = dict(eps=EPS['L2'], norm='L2', attacks=['apgd-ce'], n_iter=10, batch_size=64, progress=False,
+            sanity_checks=False)
+  whole = autoattack.run(fn, x, y, **kw)
+  share = autoattack.run(fn, x[40:], y[40:], point_index=np.arange(40, len(x)), **kw)
+  np.testing.assert_array_equal(share.fell_to, whole.fell_to[40:])
+  np.testing.assert_allclose(share.x_adv, whole.x_adv[40:], atol=1e-6)
+  shifted = autoattack.run(fn, x[40:], y[40:], **kw)  # indices 0..: other random starts, other examples
+  both = (shifted.fell_to == 'apgd-ce') & (share.fell_to == 'apgd-ce')
+  assert both.any() and not np.allclose(shifted.x_adv[both], share.x_adv[both])

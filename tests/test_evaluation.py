@@ -74,6 +74,8 @@ def test_first_points_are_the_first_of_the_split_in_order():
     x, y = evaluation.first_points(data, 'test', n, global_batch=4)
     np.testing.assert_array_equal(x, images[:n])
     np.testing.assert_array_equal(y, labels[:n])
+    _, _, index = evaluation.first_points(data, 'test', n, global_batch=4, with_index=True)
+    np.testing.assert_array_equal(index, np.arange(min(n, 10)))
 
 
 def test_eval_mode_needs_a_trained_workdir(tmp_path):

@@ -287,8 +287,8 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
         n_target_classes: Optional[int] = None, n_queries: Optional[int] = None,
         p_init: float = DEFAULTS['p_init'], alpha_max: float = DEFAULTS['alpha_max'],
         eta: float = DEFAULTS['eta'], beta: float = DEFAULTS['beta'], eot_iter: Optional[int] = None,
-        randomized: bool = False, devices=None, progress: bool = True, sanity_checks: bool = True,
-        desc: str = 'AA') -> AutoAttackResult:
+        randomized: bool = False, devices=None, point_index=None, progress: bool = True,
+        sanity_checks: bool = True, desc: str = 'AA') -> AutoAttackResult:
   """AutoAttack of `logits_fn` on (x, y) under the `norm` budget eps.
 
   Args:
@@ -311,6 +311,9 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
     randomized: logits_fn is a randomised model `logits_fn(x, key)`; every call gets a fresh key, and the
       gradients of APGD average over eot_iter calls.
     devices: the devices to shard the points over (default: all local devices).
+    point_index: (N,) the points' global indices, from which their random keys are drawn (default
+      0..N-1); a process that attacks its share of a larger set passes its points' indices in the set, so
+      the result does not depend on the process count.
     progress: tqdm bars per attack (points done, robust so far).
     sanity_checks: warn (`checks.AutoAttackWarning`) for randomised models, probability outputs, zero
       gradients, too few classes, and Square beating the gradient attacks.
@@ -340,6 +343,9 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
   copts = _compiler_options(devices)
   fn = put_whole(_as_partial(logits_fn))  # the weights go to the devices once per evaluation
   n = x.shape[0]
+  gidx = np.arange(n, dtype=np.int32) if point_index is None else np.asarray(point_index, np.int32)
+  if gidx.shape != (n,):
+    raise AutoAttackInputError(f'point_index must hold one index per point, shape ({n},); got {gidx.shape}.')
   bs = int(min(batch_size, max(n, 1)))
   sizes = buckets(bs, n_dev)
   eps_arr = jnp.float32(eps)
@@ -433,9 +439,9 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
           m = len(idx)
           pad, active = padded(idx)
           adv_b, fooled_b = _attack_batch(
-              fn, put_points(x[pad]), put_points(y[pad]), put_points(pad.astype(np.int32)),
+              fn, put_points(x[pad]), put_points(y[pad]), put_points(gidx[pad]),
               put_points(active), pass_key, jnp.int32(p), jnp.int32(LOSS_ID.get(attack, 0)), eps_arr,
-              model_key(stage, p, int(idx[0])), kernel=kernel, options=opts, norm=norm, compiler_options=copts)
+              model_key(stage, p, int(gidx[idx[0]])), kernel=kernel, options=opts, norm=norm, compiler_options=copts)
           fooled_b = np.asarray(fooled_b)[:m]
           hit = idx[fooled_b]
           x_adv[hit] = np.asarray(adv_b)[:m][fooled_b]
