@@ -150,7 +150,7 @@ def get_config():
   # --mode=eval.
   config.autoattack = ml_collections.ConfigDict()
   config.autoattack.enabled = True
-  # 'standard' (APGD-CE, APGD-T, FAB-T, Square; L1 without Square) | 'plus' | 'rand' | 'fast' (APGD-CE,
+  # 'standard' (APGD-CE, APGD-T, FAB-T, Square) | 'plus' | 'rand' | 'fast' (APGD-CE,
   # APGD-T) | 'custom' (the attacks below); settings as the original's, autoattack.version_settings.
   config.autoattack.version = 'standard'
   config.autoattack.attacks = ()  # version 'custom': names from autoattack.ATTACKS, in order

@@ -178,9 +178,8 @@ def test_l2_config_is_validated_and_resolved():
   bad = tiny_runs.with_overrides(tiny_config(), {'autoattack.norm': 'L1'})
   with pytest.raises(ConfigError, match='needs its own radius'):
     config_checks.validate(bad)
-  bad = tiny_runs.with_overrides(tiny_config(), {'autoattack.version': 'custom', 'autoattack.norm': 'L1',
-                                                 'autoattack.eps': 12.0, 'autoattack.attacks': ('square',)})
-  with pytest.raises(ConfigError, match='square, which does not run under norm L1'):
+  bad = tiny_runs.with_overrides(tiny_config(), {'autoattack.version': 'custom', 'autoattack.attacks': ()})
+  with pytest.raises(ConfigError, match='autoattack.attacks'):
     config_checks.validate(bad)
 
 

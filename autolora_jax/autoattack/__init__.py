@@ -5,7 +5,7 @@
     result.robust_accuracy, result.robust, result.fell_to, result.x_adv
 
 The versions are the original's (`version_attacks`, `version_settings`): 'standard' (APGD-CE, APGD-T,
-FAB-T, Square; L1 without Square), 'plus', 'rand' (EOT, for randomised models) and 'custom'
+FAB-T, Square), 'plus', 'rand' (EOT, for randomised models) and 'custom'
 (attacks=[...]); 'fast' runs APGD-CE and APGD-T. Each attack is also a pure, jittable function over a
 `logits_fn` (`apgd`, `apgd_ce`, `apgd_t`, `fab`, `fab_t`, `square`), for use on its own.
 """

@@ -33,9 +33,8 @@ log = logging.getLogger(__name__)
 
 NORMS = common.NORMS
 ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
-# The norms each attack runs under (the original also has an L1 Square, which is not implemented here).
-ATTACK_NORMS = {'apgd-ce': NORMS, 'apgd-dlr': NORMS, 'apgd-t': NORMS, 'fab': NORMS, 'fab-t': NORMS,
-                'square': ('Linf', 'L2')}
+# The norms each attack runs under (the original's).
+ATTACK_NORMS = {a: NORMS for a in ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')}
 # The L-infinity cascades of the versions; `version_attacks` gives them per norm.
 VERSIONS = {'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'), 'fast': ('apgd-ce', 'apgd-t'),
             'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
@@ -48,8 +47,8 @@ DEFAULTS = dict(n_iter=100, n_restarts=1, rho=0.75, n_target_classes=9, n_querie
 
 
 def version_attacks(version: str, norm: str = 'Linf') -> Tuple[str, ...]:
-  """The attacks of a version under a norm, in order. Standard L1 drops Square (the original's L1 Square is
-  not implemented here)."""
+  """The attacks of a version under a norm, in order (every attack runs under every norm, as in the
+  original, so this is VERSIONS[version])."""
   attacks = VERSIONS[version]
   return tuple(a for a in attacks if norm in ATTACK_NORMS[a])
 
@@ -262,8 +261,7 @@ def _check_inputs(x, y, eps, version, attacks, batch_size, norm):
   for a in (attacks or ()):
     if norm not in ATTACK_NORMS[a]:
       raise AutoAttackInputError(f'{a} does not run under norm {norm}: it runs under '
-                                 f'{", ".join(ATTACK_NORMS[a])} (the L1 Square of the original is not '
-                                 'implemented here). Leave it out of attacks=....')
+                                 f'{", ".join(ATTACK_NORMS[a])}. Leave it out of attacks=....')
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise AutoAttackInputError(f'batch_size must be a positive integer, got {batch_size!r}.')
 
@@ -298,7 +296,7 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
       `logits_fn(x, key)` draws its randomness from the PRNG key it is given.
     x: images (N, H, W, C) in [0, 1] (numpy or jax). y: integer labels (N,).
     eps: the radius. norm: 'Linf', 'L2' or 'L1'.
-    version: 'standard' (APGD-CE, APGD-T, FAB-T, Square; L1 without Square), 'plus' (APGD-CE, APGD-DLR,
+    version: 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'plus' (APGD-CE, APGD-DLR,
       FAB, Square, APGD-T, FAB-T with more restarts), 'rand' (APGD-CE and APGD-DLR with 20 EOT calls per
       gradient, for randomised models) or 'fast' (APGD-CE, APGD-T); `version_settings` has the numbers.
     seed: the random seed; the same seed gives the same result.

@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al. 2020), L-infinity and L2, untargeted margin loss, as in AutoAttack.
+"""Square Attack (Andriushchenko et al. 2020), L-infinity, L2 and L1, untargeted margin loss, as in AutoAttack.
 
 A score-based attack: it uses the logits only, never a gradient, so gradient masking does not stop it.
 
@@ -13,7 +13,8 @@ L2 (`square_l2`): the start tiles the image with h // 5 squares of the pattern `
 example and channel), scaled to the eps-sphere; each query takes two windows of side s (at least 3, odd),
 moves window 2's mass into window 1 and adds a fresh signed pattern there, with the window's per-channel
 norm set so the whole perturbation stays on the eps-sphere (`square_l2` follows the original's update),
-then clips to [0, 1].
+then clips to [0, 1]. L1 follows the same steps with the L1 pattern and window norms, and projects onto the
+L1 ball and the box (the original's L1 Square).
 
 AutoAttack runs 5000 queries with one restart and p_init = 0.8 (no rescaled schedule). Unlike the original,
 which draws one window and colour per query for the whole batch, every example draws its own (from its own
@@ -32,7 +33,7 @@ from jax import lax
 from autolora_jax.autoattack import common
 
 
-NORMS = ('Linf', 'L2')  # the original's L1 Square is not implemented here
+NORMS = ('Linf', 'L2', 'L1')
 
 
 def p_schedule(i: int, p_init: float = 0.8) -> float:
@@ -53,7 +54,7 @@ def side_schedule(n_queries: int, height: int, width: int, p_init: float = 0.8) 
 
 def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init: float = 0.8, active=None,
            norm: str = 'Linf'):
-  """Square Attack on the margin loss, L-infinity (below) or L2 (`square_l2`); norm 'L1' is refused.
+  """Square Attack on the margin loss, L-infinity (below), L2 or L1 (`square_l2`).
 
   Args:
     logits_fn: maps images (N, H, W, C) in [0, 1] to logits (N, K); only its values are used.
@@ -66,8 +67,9 @@ def square(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init
     of examples whose margin reached <= 0.
   """
   common.check_norm(norm, NORMS, 'Square')
-  if norm == 'L2':
-    return square_l2(logits_fn, x, y, key, eps=eps, n_queries=n_queries, p_init=p_init, active=active)
+  if norm != 'Linf':
+    return square_l2(logits_fn, x, y, key, eps=eps, n_queries=n_queries, p_init=p_init, active=active,
+                     norm=norm)
   x = jnp.asarray(x, jnp.float32)
   n, h, w, c = x.shape
   active = common.set_active(active, n)
@@ -134,36 +136,48 @@ def side_schedule_l2(n_queries: int, height: int, width: int, p_init: float = 0.
   return np.asarray(out, np.int32)
 
 
-def _rectangles(rows: int, cols: int) -> np.ndarray:
+def _unit(a: np.ndarray, norm: str) -> np.ndarray:
+  return a / (np.sqrt(np.sum(a ** 2)) if norm == 'L2' else np.sum(np.abs(a)))
+
+
+def _rectangles(rows: int, cols: int, norm: str = 'L2') -> np.ndarray:
   """Nested rectangles around the centre (rows // 2, cols // 2): a pixel at Chebyshev distance k from it
-  (rings clipped to the block) sums 1 / (j + 1)^2 over the rings j >= k; unit L2 norm."""
+  (rings clipped to the block) sums 1 / (j + 1)^2 (L2; L1: ^4) over the rings j >= k; unit norm."""
   out = np.zeros((rows, cols))
   if rows == 0 or cols == 0:
     return out
   r0, c0 = rows // 2, cols // 2
+  power = 2 if norm == 'L2' else 4
   for k in range(max(r0, c0) + 1):
-    out[max(r0 - k, 0):min(r0 + k + 1, rows), max(c0 - k, 0):min(c0 + k + 1, cols)] += 1.0 / (k + 1) ** 2
-  return out / np.sqrt(np.sum(out ** 2))
+    out[max(r0 - k, 0):min(r0 + k + 1, rows), max(c0 - k, 0):min(c0 + k + 1, cols)] += 1.0 / (k + 1) ** power
+  return _unit(out, norm)
 
 
-def eta_pattern(side: int) -> np.ndarray:
-  """The L2 Square pattern of a side x side window: positive rectangles on the top half, negative on the
-  bottom half, unit L2 norm."""
+def eta_pattern(side: int, norm: str = 'L2') -> np.ndarray:
+  """The Square pattern of a side x side window (L2 or L1): positive rectangles on the top half, negative
+  on the bottom half, unit norm."""
   out = np.zeros((side, side))
-  out[:side // 2] = _rectangles(side // 2, side)
-  out[side // 2:] = -_rectangles(side - side // 2, side)
-  return out / np.sqrt(np.sum(out ** 2))
+  out[:side // 2] = _rectangles(side // 2, side, norm)
+  out[side // 2:] = -_rectangles(side - side // 2, side, norm)
+  return _unit(out, norm)
 
 
-def _per_channel_l2(d, mask):
-  """sqrt(sum over the masked pixels of d^2) per example and channel: (N, C)."""
-  return jnp.sqrt(jnp.sum(d * d * mask, axis=(1, 2)))
+def _per_channel(d, mask, norm: str):
+  """The norm over the masked pixels of d per example and channel: (N, C)."""
+  if norm == 'L2':
+    return jnp.sqrt(jnp.sum(d * d * mask, axis=(1, 2)))
+  return jnp.sum(jnp.abs(d) * mask, axis=(1, 2))
 
 
 def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_init: float = 0.8,
-              active=None):
-  """L2 Square Attack on the margin loss; arguments and result as `square`. Every example draws its own
-  windows, signs and pattern orientation (the original draws one window per query for the batch)."""
+              active=None, norm: str = 'L2'):
+  """L2 (or L1) Square Attack on the margin loss; arguments and result as `square`. Every example draws its
+  own windows, signs and pattern orientation (the original draws one window per query for the batch).
+
+  L1 differs from L2 in the pattern (`eta_pattern(side, 'L1')`), the window norms (L1 per channel), the
+  window's new mass (c (max(eps - ||delta||_1, 0) / c + its old mass)) and the map back to the ball: the
+  projection onto the L1 ball (radius eps (1 - 1e-6)) and the box instead of rescaling to the sphere.
+  """
   x = jnp.asarray(x, jnp.float32)
   n, h, w, c = x.shape
   active = common.set_active(active, n)
@@ -173,7 +187,7 @@ def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_i
   big = max(distinct)
   table = np.zeros((len(distinct), big, big), np.float32)
   for j, side in enumerate(distinct):
-    table[j, :side, :side] = eta_pattern(side)
+    table[j, :side, :side] = eta_pattern(side, norm)
   table = jnp.asarray(table)
   sides = jnp.asarray(sides_np)
   which = jnp.asarray(np.searchsorted(distinct, sides_np).astype(np.int32))
@@ -193,7 +207,7 @@ def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_i
       if vh >= h or vw >= w or vh + s0 <= 0 or vw + s0 <= 0:
         continue
       tiles.append((vh, vw))
-  pat = eta_pattern(s0)
+  pat = eta_pattern(s0, norm)
   plain = np.zeros((len(tiles), h, w), np.float32)
   turned = np.zeros((len(tiles), h, w), np.float32)
   for t, (vh, vw) in enumerate(tiles):
@@ -211,8 +225,12 @@ def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_i
     tile = jnp.where(flip[:, None, None], turned, plain)
     return jnp.einsum('thw,tc->hwc', tile, signs)
 
-  delta0 = jax.vmap(start)(init_keys)
-  x_best = jnp.clip(x + eps * common.normalize(delta0, 'L2'), 0.0, 1.0)
+  def to_ball(delta):
+    if norm == 'L2':
+      return jnp.clip(x + eps * common.normalize(delta, 'L2'), 0.0, 1.0)
+    return common.project_l1(x + delta, x, eps * (1.0 - 1e-6))
+
+  x_best = to_ball(jax.vmap(start)(init_keys))
 
   def draws(k, i, side):
     k = jax.random.fold_in(k, i)
@@ -233,13 +251,15 @@ def square_l2(logits_fn: Callable, x, y, key, *, eps, n_queries: int = 5000, p_i
     pattern = jnp.where(in1, table[which[i]][ri, ci], 0.0)  # (N, H, W)
     m1, m2 = in1[..., None].astype(x.dtype), in2[..., None].astype(x.dtype)
     delta = x_best - x
-    norm_w1 = _per_channel_l2(delta, m1)
-    norm_image = common.lp(delta, 'L2')
-    norm_windows = _per_channel_l2(delta, jnp.maximum(m1, m2))
+    norm_w1 = _per_channel(delta, m1, norm)
+    norm_image = common.lp(delta, norm)
+    norm_windows = _per_channel(delta, jnp.maximum(m1, m2), norm)
     new = pattern[..., None] * colour[:, None, None, :] + delta * m1 / (norm_w1[:, None, None, :] + 1e-12)
-    size = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0)[:, None] / c + norm_windows ** 2)
-    new = new / (_per_channel_l2(new, m1)[:, None, None, :] + 1e-12) * size[:, None, None, :]
-    delta_new = jnp.where(m1 > 0, new, delta * (1.0 - m2))
-    return jnp.clip(x + eps * common.normalize(delta_new, 'L2'), 0.0, 1.0)
+    if norm == 'L2':
+      size = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0)[:, None] / c + norm_windows ** 2)
+    else:
+      size = (jnp.maximum(eps - norm_image, 0.0)[:, None] / c + norm_windows) * c
+    new = new / (_per_channel(new, m1, norm)[:, None, None, :] + 1e-12) * size[:, None, None, :]
+    return to_ball(jnp.where(m1 > 0, new, delta * (1.0 - m2)))
 
   return _search(propose, margin_of, x, x_best, active, n_queries)
