@@ -152,10 +152,12 @@ def _call(fn, x, model_key):
   return fn(x) if model_key is None else fn(x, model_key)
 
 
-# XLA CPU compile options for the attacks' programs: convolutions on XLA's own kernels, matrix products on
-# YNNPACK (what ops/host.py's process-wide XLA_FLAGS set for training), so that a library user gets the same
-# speed without setting XLA_FLAGS before JAX starts. Per program, so nothing else in the process changes.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+# XLA compile options for the attacks' programs on the CPU (per program: nothing else in the process
+# changes, and no XLA_FLAGS need setting before JAX starts). Empty: `python -m benchmarks.autoattack_speed
+# --measure=cascade` found no gain from ops/host.py's convolution setting
+# ({'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}) on a small CNN, with or
+# without the process-wide flags, within the noise of a shared 2-core machine.
+CPU_COMPILER_OPTIONS: Dict[str, str] = {}
 
 
 def _compiler_options(devices) -> Optional[dict]:
