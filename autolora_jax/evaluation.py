@@ -2,8 +2,9 @@
 
 * `test(exp, ckpts, final_state)`: the end of every run: clean, PGD-10 and AutoAttack test accuracy of the
   best and the final checkpoint into results.json.
-* `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, the first `num_points` test
-  points, batch size, seed; eps = the run's PGD eps, 0.0314 under reference_compat) on the adversarial branch
+* `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, norm, the first `num_points`
+  test points, batch size, seed; eps = the run's PGD eps unless autoattack.eps says otherwise, 0.0314 under
+  reference_compat) on the adversarial branch
   (the deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and
   "pgd10".
 * `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
