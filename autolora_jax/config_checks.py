@@ -101,7 +101,17 @@ def validate(config) -> None:
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
+  check_host(config.host)
   distributed.check(config.distributed)
+
+
+def check_host(h) -> None:
+  """config.host: how the host feeds the devices (see configs/default.py)."""
+  _positive_int('host.metrics_every', h.metrics_every)
+  if not isinstance(h.prefetch, int) or isinstance(h.prefetch, bool) or not 1 <= h.prefetch <= 8:
+    raise ConfigError(f'config.host.prefetch must be an integer from 1 to 8 (batches put on the devices ahead '
+                      f'of the step; each one holds a global batch in device memory), got {h.prefetch!r}; '
+                      '2 is the default.')
 
 
 def check_data_config(key: str, data_config) -> None:

@@ -25,19 +25,21 @@ import jax
 import numpy as np
 
 from autolora_jax import autoattack, checkpoints, experiment, loop, reporting
+from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
 
 
 def first_points(data, split: str, n: int, global_batch: int) -> Tuple[np.ndarray, np.ndarray]:
-  """This process's rows among the first n examples of a split: (images (m, H, W, C), labels (m,))."""
+  """This process's rows among the first n examples of a split: (images float32 (m, H, W, C) in [0, 1],
+  labels (m,))."""
   xs, ys = [], []
   for b, batch in enumerate(data.eval_batches(split, global_batch)):
     if b * global_batch >= n:
       break
     keep = (batch['mask'] > 0) & (b * global_batch + batch['index'] < n)
-    xs.append(batch['image'][keep])
+    xs.append(to_unit(batch['image'][keep]))
     ys.append(batch['label'][keep])
   if not xs:
     return np.zeros((0,), np.float32), np.zeros((0,), np.int32)

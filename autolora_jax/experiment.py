@@ -244,7 +244,7 @@ class Experiment:
   """One run's data, model, compiled steps and policy, built from a validated config in `workdir`.
 
   Attributes (plain values once built): method, seed, reference_compat, dataset_name, batch_size,
-  eval_batch_size, progress, tensorboard, is_chief, attack, kl_denominator, autoattack, normalization,
+  eval_batch_size, progress, tensorboard, metrics_every, prefetch (config.host), is_chief, attack, kl_denominator, autoattack, normalization,
   data, model, tx, policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
@@ -266,6 +266,7 @@ class Experiment:
     self.is_chief = jax.process_index() == 0
     self.progress = bool(config.progress) and self.is_chief
     self.tensorboard = bool(config.tensorboard) and self.is_chief
+    self.metrics_every, self.prefetch = int(config.host.metrics_every), int(config.host.prefetch)
     self.data = datasets.create_dataset(config.dataset, seed=self.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count(), reference_compat=self.reference_compat)
     self.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)

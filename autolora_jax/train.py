@@ -113,7 +113,8 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     state, train_metrics, report = loop.train_epoch(
         exp.p_train_step, state, exp.data.train_batches(epoch, exp.batch_size, start_step),
         seed=exp.seed, epoch=epoch, steps=spe, global_batch=exp.batch_size, progress=exp.progress,
-        desc=f'epoch {epoch}', start_step=start_step, carry=carry,
+        desc=f'epoch {epoch}', start_step=start_step, carry=carry, metrics_every=exp.metrics_every,
+        prefetch=exp.prefetch,
         on_step=lambda _, step, e=epoch: guard.should_stop(preemption.position_id(e, step + 1, spe)))
     if report.stopped_at is not None:  # preempted: save the position inside the epoch, then stop
       stopped = report.stopped_at

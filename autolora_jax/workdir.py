@@ -35,7 +35,7 @@ RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.j
 # Keys that do not change what a run computes: they may differ between a run and its resumption (a key
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
-IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'pretrain.cache_dir')
+IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'host', 'pretrain.cache_dir')
 
 
 def config_dict(config) -> dict:

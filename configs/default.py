@@ -130,6 +130,11 @@ def get_config():
   config.autoattack.batch_size = 250
   config.autoattack.seed = 0
 
+  # How the host drives the devices (none of these changes what a run computes; README "Feeding the devices").
+  config.host = ml_collections.ConfigDict()
+  config.host.metrics_every = 10  # train steps between reads of the metrics the devices sum (and at the end)
+  config.host.prefetch = 2  # batches put on the devices ahead of the step, by a background thread (1-8)
+
   # Output.
   config.progress = True  # progress bars
   config.tensorboard = True

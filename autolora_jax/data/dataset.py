@@ -1,7 +1,7 @@
 """`ImageDataset`: splits of encoded images (or small decoded ones) served as batches, decoded on the fly.
 
-It serves data/core's interface and batch contract (``image`` float32 (n, H, W, 3) in [0, 1], ``label``,
-``index``, and ``mask`` for evaluation), so the training loop knows no data set.
+It serves data/core's interface and batch contract (``image`` uint8 (n, H, W, 3), scaled to [0, 1] on the
+device, ``label``, ``index``, and ``mask`` for evaluation), so the training loop knows no data set.
 
 Determinism (core): the order of an epoch is `epoch_order(seed, epoch, n)`; the augmentation of the example
 at position p of that order is drawn from `example_rng(seed, epoch, p)`. Neither depends on the process
@@ -156,10 +156,7 @@ class ImageDataset:
 
   @staticmethod
   def _assemble(images: Sequence[np.ndarray], extra: dict) -> Batch:
-    if images:
-      image = np.stack(images).astype(np.float32) * np.float32(1.0 / 255.0)
-    else:
-      image = np.zeros((0, 0, 0, 3), np.float32)
+    image = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
     return {'image': image, **extra}
 
   def _run(self, jobs) -> Iterator[Batch]:
