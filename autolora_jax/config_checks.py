@@ -46,6 +46,12 @@ def validate(config) -> None:
   _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
+  if m.precision not in models.PRECISIONS:
+    raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '
+                      f'{models.PRECISIONS}, the matmul precision of the convolutions on GPUs and TPUs '
+                      "('default': bfloat16 passes on TPUs and TF32 on A100/H100 GPUs for float32 "
+                      "convolutions; 'high': more exact; 'highest': float32), e.g. "
+                      '--config.model.precision=highest. CPUs compute float32 in float32 with any of them.')
   _positive_int('model.width', m.width)
   _positive_int('model.input_size', m.input_size)
   if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:

@@ -54,7 +54,10 @@ def get_config():
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
   #   | 'explicit' | 'winograd' (see autolora_jax/ops/cpu.py)
-  config.model.dtype = 'float32'
+  config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (the convolutions; head and loss stay float32)
+  # The convolutions' matmul precision on GPUs and TPUs: 'default' (TPU: bfloat16 passes, A100/H100: TF32)
+  # | 'high' | 'highest' (float32); no effect on CPUs (see autolora_jax/models/resnet.py, PRECISIONS).
+  config.model.precision = 'default'
 
   # The pre-trained feature extractor: '' = random initialisation; a folder written by
   # `python -m autolora_jax.convert`, or a PyTorch .ckpt/.pt/.pth file converted on the fly. Its input
