@@ -45,7 +45,7 @@ from autolora_jax.errors import ConfigError, WorkdirError
 
 log = logging.getLogger('autolora_jax.compare')  # also when run as __main__
 
-DEFAULT_METHODS = ('autolora', 'vanilla_rft', 'pgd_at')
+DEFAULT_METHODS = ('autolora', 'vanilla_rft', 'pgd_at', 'twins')
 DEFAULT_SEEDS = (0, 1, 2)  # the comparison's; the sweep's default is one seed, SWEEP_SEEDS
 SWEEP_SEEDS = (0,)
 SWEEP_LRS = (0.001, 0.003, 0.01, 0.03)

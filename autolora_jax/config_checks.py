@@ -138,6 +138,12 @@ def check_devices(config, device_count: int, process_count: int = 1) -> None:
   check_batch_divides('eval_batch_size', config.eval_batch_size, device_count)
   if config.pretrain.epochs > 0:
     check_batch_divides('pretrain.batch_size', config.pretrain.batch_size, device_count)
+  if config.method == 'twins' and (config.batch_size // device_count) % 2:
+    raise ConfigError(
+        f'TWINS splits every device\'s batch into two halves (frozen and adaptive BatchNorms), but '
+        f'config.batch_size={config.batch_size} gives each of the {device_count} devices '
+        f'{config.batch_size // device_count} examples, an odd number. Use a multiple of {2 * device_count}, '
+        f'e.g. --config.batch_size={max(2 * device_count, config.batch_size - config.batch_size % (2 * device_count))}.')
   if device_count % process_count:
     raise ConfigError(f'The {device_count} devices of this run do not split evenly over its {process_count} '
                       'processes: give every process the same number of devices.')
@@ -154,29 +160,43 @@ def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:
 
 
 def check_method_settings(config) -> None:
-  """Raises ConfigError for a bad `config.reference_compat` or `config.fixed` (the baselines' settings)."""
+  """Raises ConfigError for a bad `config.reference_compat`, `config.fixed` or `config.twins` (the
+  baselines' settings)."""
   if not isinstance(config.reference_compat, bool):
     raise ConfigError(f'config.reference_compat must be True or False, got {config.reference_compat!r}.')
   f = config.fixed
-  if f.lr_schedule not in LR_SCHEDULES:
-    raise ConfigError(f'config.fixed.lr_schedule={f.lr_schedule!r} is not supported: choose one of '
-                      f'{LR_SCHEDULES} (e.g. --config.fixed.lr_schedule=piecewise).')
-  if not isinstance(f.epochs, int) or isinstance(f.epochs, bool) or f.epochs <= 0:
-    raise ConfigError(f'config.fixed.epochs must be a positive integer (the length of a vanilla RFT or '
-                      f'PGD-AT run), got {f.epochs!r}.')
-  if not isinstance(f.lr, (int, float)) or not 0 < f.lr <= 10:
-    raise ConfigError(f'config.fixed.lr must lie in (0, 10], got {f.lr!r}.')
+  check_lr_schedule('fixed', f, 'a vanilla RFT or PGD-AT run')
   if not isinstance(f.l1, (int, float)) or not 0 <= f.l1 <= 1:
     raise ConfigError(f'config.fixed.l1 (weight of the natural cross-entropy) must lie in [0, 1], got '
                       f'{f.l1!r}.')
   if not isinstance(f.l2, (int, float)) or f.l2 < 0:
     raise ConfigError(f'config.fixed.l2 (weight of the KL term) must be >= 0, got {f.l2!r}.')
-  if not isinstance(f.decay, (int, float)) or not 0 < f.decay <= 1:
-    raise ConfigError(f'config.fixed.decay (the piecewise schedule\'s factor at each boundary) must lie in '
-                      f'(0, 1], got {f.decay!r}.')
-  b = tuple(f.boundaries)
+  t = config.twins
+  _choice('twins.loss', t.loss, steps.TWINS_LOSSES)
+  check_lr_schedule('twins', t, 'a TWINS run')
+  for name, what in (('lam', "the frozen-BN half's loss weight"), ('beta', "TWINS-TRADES's KL weight")):
+    if not isinstance(t[name], (int, float)) or isinstance(t[name], bool) or t[name] < 0:
+      raise ConfigError(f'config.twins.{name} ({what}) must be a number >= 0, got {t[name]!r}.')
+  _in_range('twins.weight_decay', t.weight_decay, 0.0, 1.0, low_open=False)
+
+
+def check_lr_schedule(key: str, c, what: str) -> None:
+  """config.<key>'s fixed learning-rate schedule (policy.fixed_lr_schedule): lr, lr_schedule, epochs,
+  boundaries and decay; `what` names the run it drives."""
+  if c.lr_schedule not in LR_SCHEDULES:
+    raise ConfigError(f'config.{key}.lr_schedule={c.lr_schedule!r} is not supported: choose one of '
+                      f'{LR_SCHEDULES} (e.g. --config.{key}.lr_schedule=piecewise).')
+  if not isinstance(c.epochs, int) or isinstance(c.epochs, bool) or c.epochs <= 0:
+    raise ConfigError(f'config.{key}.epochs must be a positive integer (the length of {what}), got '
+                      f'{c.epochs!r}.')
+  if not isinstance(c.lr, (int, float)) or not 0 < c.lr <= 10:
+    raise ConfigError(f'config.{key}.lr must lie in (0, 10], got {c.lr!r}.')
+  if not isinstance(c.decay, (int, float)) or not 0 < c.decay <= 1:
+    raise ConfigError(f'config.{key}.decay (the piecewise schedule\'s factor at each boundary) must lie in '
+                      f'(0, 1], got {c.decay!r}.')
+  b = tuple(c.boundaries)
   if (not all(isinstance(e, int) and not isinstance(e, bool) for e in b) or list(b) != sorted(set(b))
-      or (b and not 0 < b[0] <= b[-1] < f.epochs)):
-    raise ConfigError(f'config.fixed.boundaries must be increasing whole epochs inside (0, fixed.epochs='
-                      f'{f.epochs}), after which the lr is multiplied by fixed.decay; got {b!r} (e.g. '
-                      f'--config.fixed.boundaries="({f.epochs // 2}, {3 * f.epochs // 4})").')
+      or (b and not 0 < b[0] <= b[-1] < c.epochs)):
+    raise ConfigError(f'config.{key}.boundaries must be increasing whole epochs inside (0, {key}.epochs='
+                      f'{c.epochs}), after which the lr is multiplied by {key}.decay; got {b!r} (e.g. '
+                      f'--config.{key}.boundaries="({c.epochs // 2}, {3 * c.epochs // 4})").')

@@ -146,6 +146,8 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
   `experiment.Experiment`; writes results.json (process 0)."""
   results = {'method': exp.method, 'reference_compat': exp.reference_compat, 'dataset': exp.dataset_name,
              'num_test': exp.data.num_examples('test')}
+  if exp.twins is not None:
+    results['twins'] = exp.twins._asdict()  # TWINS-AT or TWINS-TRADES, lam, beta
   aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)
   final_meta = ckpts.restore_meta('latest')
   for name in ('best', 'final'):

@@ -13,6 +13,9 @@ Methods (SPEC.md):
                  fixed l1, l2 and learning-rate schedule from `config.fixed` (SPEC.md, "Vanilla RFT").
   'pgd_at'       the adversarial cross-entropy alone (l1 = l2 = 0, Madry et al.); no LoRa parameters,
                  learning-rate schedule from `config.fixed`.
+  'twins'        TWINS (Liu et al., CVPR 2023): full fine-tuning of a model with doubled BatchNorms, one
+                 half of each batch through the frozen pre-trained BNs and one through the adaptive ones;
+                 loss, weights, learning-rate schedule and weight decay from `config.twins` (`twins_settings`).
 
 `config.reference_compat = True` reproduces the authors' public code where it differs from the paper
 (SPEC.md, "Where the public code differs"); every item is applied here:
@@ -44,7 +47,7 @@ from autolora_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-METHODS = steps.METHODS  # 'autolora', 'vanilla_rft', 'pgd_at'
+METHODS = steps.METHODS  # 'autolora', 'vanilla_rft', 'pgd_at', 'twins'
 
 # Item 5: the public code's attack defaults, the paper's 8/255 and 2/255 rounded to four and five
 # decimals (its --epsilon 0.0314 and --alpha 0.00784; AutoAttack is also called with eps=0.0314).
@@ -68,6 +71,13 @@ class AutoAttackSettings(NamedTuple):
   batch_size: int
   seed: int
   eps: float
+
+
+class Twins(NamedTuple):
+  """TWINS's loss: 'at' (TWINS-AT) or 'trades' (TWINS-TRADES), the frozen half's weight lam, TRADES's beta."""
+  loss: str
+  lam: float
+  beta: float
 
 
 Normalization = Tuple[Optional[Tuple[float, ...]], Optional[Tuple[float, ...]]]  # (mean, std), or Nones
@@ -111,8 +121,24 @@ def autoattack_settings(config) -> AutoAttackSettings:
                             float(effective_eps(config)))  # reference_compat: 0.0314, as for PGD
 
 
+def twins_settings(config) -> Optional[Twins]:
+  """`config.twins`'s loss for method 'twins'; None for the other methods."""
+  if config.method != 'twins':
+    return None
+  t = config.twins
+  return Twins(str(t.loss), float(t.lam), float(t.beta))
+
+
+def weight_decay(config) -> float:
+  """The optimizer's coupled weight decay: config.twins.weight_decay for TWINS (its scripts' own),
+  config.optim.weight_decay for the other methods."""
+  return float(config.twins.weight_decay if config.method == 'twins' else config.optim.weight_decay)
+
+
 def model_overrides(config) -> Dict[str, object]:
   """Keyword overrides of `models.create_model` for the method and reference_compat."""
+  if config.method == 'twins':
+    return {'lora_rank': 0, 'twin_bn': True}  # full fine-tuning with doubled BatchNorms
   if config.method != 'autolora':
     return {'lora_rank': 0}  # the baselines have no LoRa parameters at all
   if config.reference_compat:
@@ -152,7 +178,8 @@ def kl_denominator(config, device_count: int) -> Optional[float]:
 
 def create_policy(config) -> policy.EpochPolicy:
   """The epoch policy of `config.method`: `policy.autolora_policy` for 'autolora', `policy.fixed_policy`
-  for the baselines (PGD-AT with l1 = l2 = 0)."""
+  for the baselines: `config.fixed` (PGD-AT with l1 = l2 = 0), `config.twins`'s schedule for TWINS (whose
+  loss has no l1, l2)."""
   if config.method == 'autolora':
     s = config.auto_lr
     # Item 3 (reference_compat): the public code's condition 2, "the best has not improved since the
@@ -161,8 +188,8 @@ def create_policy(config) -> policy.EpochPolicy:
                         condition2='reference' if config.reference_compat else 'paper')
     return policy.autolora_policy(lr, config.auto_scalars.l2_max,
                                   scalar_source='train' if config.reference_compat else 'validation')  # 2
-  f = config.fixed
-  l1, l2 = (0.0, 0.0) if config.method == 'pgd_at' else (f.l1, f.l2)  # PGD-AT: l1 = l2 = 0
+  f = config.twins if config.method == 'twins' else config.fixed
+  l1, l2 = (0.0, 0.0) if config.method in ('pgd_at', 'twins') else (f.l1, f.l2)  # PGD-AT: l1 = l2 = 0
   schedule = policy.fixed_lr_schedule(f.lr_schedule, f.lr, f.epochs, tuple(f.boundaries), f.decay)
   return policy.fixed_policy(schedule, f.epochs, l1, l2)
 
@@ -243,8 +270,9 @@ def train_split_batch_size(num_train: int, eval_batch: int, train_batch: int) ->
 class Experiment:
   """One run's data, model, compiled steps and policy, built from a validated config in `workdir`.
 
-  Attributes (plain values once built): method, seed, reference_compat, dataset_name, batch_size,
-  eval_batch_size, progress, tensorboard, metrics_every, prefetch (config.host), is_chief, attack, kl_denominator, autoattack, normalization,
+  Attributes (plain values once built): method, twins, seed, reference_compat, dataset_name, batch_size,
+  eval_batch_size, progress, tensorboard, metrics_every and prefetch (config.host), is_chief, attack,
+  kl_denominator, autoattack, normalization,
   data, model, tx, policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
@@ -291,14 +319,17 @@ class Experiment:
     self.normalization = normalization or configured_normalization(config.model)
     self.model = create_model(config, self.data.num_classes, normalization)  # no LoRa for the baselines
     self.input_size = int(config.model.input_size)
-    self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, config.optim.weight_decay)
+    self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, weight_decay(config))
     self.policy = create_policy(config)  # lr, scalars, best checkpoint and stop, per method
     self.attack = a = attack_settings(config)  # reference_compat: eps 0.0314
     self.autoattack = autoattack_settings(config)
     self.kl_denominator = kl_denominator(config, jax.device_count())
+    self.twins = twins_settings(config)  # None unless method 'twins'
+    twins = {} if self.twins is None else dict(twins_loss=self.twins.loss, twins_lam=self.twins.lam,
+                                               twins_beta=self.twins.beta)
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
         self.model, method=self.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps,
-        kl_denominator=self.kl_denominator))
+        kl_denominator=self.kl_denominator, **twins))
     self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
         self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps))
     self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(

@@ -1,4 +1,4 @@
-"""AutoLoRa's disentangled loss over logits (SPEC.md, "Loss, per batch").
+"""AutoLoRa's disentangled loss over logits (SPEC.md, "Loss, per batch"), and TWINS's two losses.
 
     L = l1 * CE(z_nat, y) + (1 - l1) * CE(z_adv, y) + l2 * KL(p_nat || p_adv)
 
@@ -45,3 +45,31 @@ def autolora_loss(nat_logits, adv_logits, labels, l1, l2, kl_denominator=None):
   kl = kl_divergence(nat_logits, adv_logits, kl_denominator)
   loss = l1 * ce_nat + (1.0 - l1) * ce_adv + l2 * kl
   return loss, {'ce_nat': ce_nat, 'ce_adv': ce_adv, 'kl': kl}
+
+
+def twins_at_loss(frozen_logits, adaptive_logits, frozen_labels, adaptive_labels, lam):
+  """TWINS-AT: lam * CE(frozen half) + CE(adaptive half), each a mean over its half of the adversarial batch.
+
+  Returns (loss, {'ce_frozen', 'ce_adaptive'}).
+  """
+  ce_f = cross_entropy(frozen_logits, frozen_labels)
+  ce_a = cross_entropy(adaptive_logits, adaptive_labels)
+  return lam * ce_f + ce_a, {'ce_frozen': ce_f, 'ce_adaptive': ce_a}
+
+
+def twins_trades_loss(nat_frozen, adv_frozen, nat_adaptive, adv_adaptive, frozen_labels, adaptive_labels,
+                      lam, beta, kl_denominator):
+  """TWINS-TRADES, as the authors' train-TWINS-TRADES.py computes it:
+
+      lam * CE(nat_f) + CE(nat_a) + beta * [lam * KL(p_nat_f || p_adv_f) + KL(p_nat_a || p_adv_a)]
+
+  the CEs on the clean logits (means over each half), each KL summed over classes and examples and divided
+  by `kl_denominator`: their configured batch size, the whole batch of both halves. Gradients flow through
+  both sides of each KL. Returns (loss, {'ce_frozen', 'ce_adaptive', 'kl_frozen', 'kl_adaptive'}).
+  """
+  ce_f = cross_entropy(nat_frozen, frozen_labels)
+  ce_a = cross_entropy(nat_adaptive, adaptive_labels)
+  kl_f = kl_divergence(nat_frozen, adv_frozen, kl_denominator)
+  kl_a = kl_divergence(nat_adaptive, adv_adaptive, kl_denominator)
+  loss = lam * ce_f + ce_a + beta * (lam * kl_f + kl_a)
+  return loss, {'ce_frozen': ce_f, 'ce_adaptive': ce_a, 'kl_frozen': kl_f, 'kl_adaptive': kl_a}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -33,7 +33,8 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
   """Copies every FE entry of `source` into `target` ({'params', 'batch_stats'} trees).
 
   The head and LoRa parameters of `target` stay as they are. Every FE entry of `target` must exist in
-  `source` with the same shape.
+  `source` with the same shape; the frozen BatchNorms of a TWINS model (`models.TwinBatchNorm`), which a
+  plain FE does not have, start from the pre-trained BN of their pair, as the adaptive ones do.
 
   Returns:
     (variables, report) with report['unused'] the source entries not copied (e.g. its old head).
@@ -48,13 +49,14 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
           'head' if path.startswith('head/') else 'fe')
       if group != 'fe':
         continue
-      if path not in src:
+      from_path = path if path in src else _frozen_twin_path(path)
+      if from_path not in src:
         missing.append(path)
-      elif np.shape(src[path]) != np.shape(value):
-        mismatched.append(f'{path}: {np.shape(src[path])} vs {np.shape(value)}')
+      elif np.shape(src[from_path]) != np.shape(value):
+        mismatched.append(f'{path}: {np.shape(src[from_path])} vs {np.shape(value)}')
       else:
-        flat[path] = np.asarray(src[path], dtype=np.asarray(value).dtype)
-        copied.add(f'{collection}/{path}')
+        flat[path] = np.asarray(src[from_path], dtype=np.asarray(value).dtype)
+        copied.add(f'{collection}/{from_path}')
     if missing or mismatched:
       raise CheckpointError(
           f'The pre-trained FE does not fit the configured model ({collection}): missing '
@@ -66,6 +68,13 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
                   for p in traverse_util.flatten_dict(source.get(c, {}), sep='/')
                   if f'{c}/{p}' not in copied)
   return out, {'copied': len(copied), 'unused': unused}
+
+
+def _frozen_twin_path(path: str) -> Optional[str]:
+  """'layer1_0/bn1/frozen_mean' -> 'layer1_0/bn1/mean' (the BN a frozen twin starts from), else None."""
+  *module, name = path.split('/')
+  source = models.frozen_twin_source(name)
+  return '/'.join(module + [source]) if source is not None else None
 
 
 def init_variables(model, input_size: int, seed: int) -> dict:

@@ -24,7 +24,8 @@ from jax import lax
 from autolora_jax import attacks, losses, models
 
 AXIS = 'batch'
-METHODS = ('autolora', 'vanilla_rft', 'pgd_at')
+METHODS = ('autolora', 'vanilla_rft', 'pgd_at', 'twins')
+TWINS_LOSSES = ('at', 'trades')  # TWINS-AT, TWINS-TRADES
 
 
 class TrainState(train_state.TrainState):
@@ -90,30 +91,94 @@ def example_keys(rng, index):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
 
 
+def twin_halves(a):
+  """TWINS's batch split: rows 0, 2, 4, ... (the frozen-BN half) then rows 1, 3, 5, ... (the adaptive half).
+
+  The split goes by position parity, so that with an even per-device batch every device holds half of
+  each and the halves (even and odd positions of the global batch) are the same for any device count.
+  """
+  return jnp.concatenate([a[0::2], a[1::2]], axis=0)
+
+
+def accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
 def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: float, steps: int,
-                    kl_denominator: Optional[int] = None, axis_name: Optional[str] = AXIS) -> Callable:
+                    kl_denominator: Optional[float] = None, twins_loss: str = 'at', twins_lam: float = 1.0,
+                    twins_beta: float = 6.0, axis_name: Optional[str] = AXIS) -> Callable:
   """Builds the per-device train step `(state, batch, rng) -> (state, metrics)`.
 
-  Methods (SPEC.md):
+  Methods (SPEC.md; TWINS from the authors' train-TWINS-AT.py and train-TWINS-TRADES.py):
     'autolora': z_nat = natural (LoRa) branch on x with the FE held constant, z_adv = adversarial branch on
       x_adv; loss l1 * CE(z_nat) + (1 - l1) * CE(z_adv) + l2 * KL(p_nat || p_adv).
     'vanilla_rft': the same loss with z_nat from the FE itself (adversarial branch on x, no routing).
     'pgd_at': CE(z_adv) alone (l1 = l2 = 0); no natural forward at all.
-  x_adv is PGD (random start, a key per example) on the adversarial branch in evaluation mode. Both
-  training forwards run BatchNorm in training mode, the natural one first, as the reference does.
+    'twins': a model with doubled BatchNorms (`twin_bn`); the batch split by `twin_halves`, one half
+      through the frozen BNs and the other through the adaptive ones (bn='mix'), and
+      `losses.twins_at_loss` (twins_loss 'at', on x_adv) or `losses.twins_trades_loss` ('trades': x_adv
+      first, then x, as the authors' order of the BN updates) with twins_lam and twins_beta.
+  x_adv is PGD (random start, a key per example) on the adversarial branch (the adaptive BNs) in evaluation
+  mode. The training forwards run BatchNorm in training mode, for AutoLoRa the natural one first, as the
+  reference does.
 
   Args:
-    model: a `models.ResNet`.
+    model: a `models.ResNet` (with twin_bn=True for 'twins').
     eps, step_size, steps: the training attack.
-    kl_denominator: divide the KL sum by this instead of the batch size.
+    kl_denominator: divide the KL sum by this instead of the batch size (TWINS-TRADES: None is the
+      per-device batch, both halves, as the authors divide by their whole batch).
     axis_name: the pmap axis to reduce over; None for an unmapped (single-device, jit) step.
   """
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  if method == 'twins' and (not model.twin_bn or twins_loss not in TWINS_LOSSES):
+    raise ValueError(f"method 'twins' needs a model with twin_bn=True and twins_loss in {TWINS_LOSSES}; got "
+                     f'twin_bn={model.twin_bn}, twins_loss={twins_loss!r}.')
   train_model = model.clone(bn_axis_name=axis_name)
 
   def pmean(x):
     return lax.pmean(x, axis_name) if axis_name else x
+
+  def forward(params, stats, x, **kwargs):
+    logits, upd = train_model.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                                    mutable=['batch_stats'], **kwargs)
+    return logits, upd['batch_stats']
+
+  def autolora_loss_fn(params, state, x, x_adv, y):
+    """The loss of 'autolora', 'vanilla_rft' and 'pgd_at': (loss, (parts, batch_stats, accuracies))."""
+    stats, nat_logits = state.batch_stats, None
+    if method != 'pgd_at':
+      nat_branch, nat_params = ('nat', route_natural(params)) if method == 'autolora' else ('adv', params)
+      nat_logits, stats = forward(nat_params, stats, x, branch=nat_branch)
+    adv_logits, stats = forward(params, stats, x_adv, branch='adv')
+    if method == 'pgd_at':
+      loss = losses.cross_entropy(adv_logits, y)
+      parts = {'ce_adv': loss}
+    else:
+      loss, parts = losses.autolora_loss(nat_logits, adv_logits, y, state.l1, state.l2, kl_denominator)
+    accs = {'adv_acc': accuracy(adv_logits, y)}
+    if nat_logits is not None:
+      accs['nat_acc'] = accuracy(nat_logits, y)
+    return loss, (parts, stats, accs)
+
+  def twins_loss_fn(params, state, x, x_adv, y):
+    """TWINS: adv_acc and nat_acc are the adaptive half's, frozen_adv_acc the frozen half's."""
+    half = x.shape[0] // 2
+    y = twin_halves(y)
+    yf, ya = y[:half], y[half:]
+    adv_logits, stats = forward(params, state.batch_stats, twin_halves(x_adv), bn='mix')
+    accs = {'adv_acc': accuracy(adv_logits[half:], ya), 'frozen_adv_acc': accuracy(adv_logits[:half], yf)}
+    if twins_loss == 'at':
+      loss, parts = losses.twins_at_loss(adv_logits[:half], adv_logits[half:], yf, ya, twins_lam)
+    else:
+      nat_logits, stats = forward(params, stats, twin_halves(x), bn='mix')
+      loss, parts = losses.twins_trades_loss(
+          nat_logits[:half], adv_logits[:half], nat_logits[half:], adv_logits[half:], yf, ya, twins_lam,
+          twins_beta, x.shape[0] if kl_denominator is None else kl_denominator)
+      accs['nat_acc'] = accuracy(nat_logits[half:], ya)
+    return loss, (parts, stats, accs)
+
+  loss_fn = twins_loss_fn if method == 'twins' else autolora_loss_fn
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
     x, y = unit_images(batch['image']), batch['label']
@@ -121,33 +186,11 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch='adv', train=False), x, y, eps=eps,
                         step_size=step_size, steps=steps, key=example_keys(rng, batch['index']))
     x_adv = lax.stop_gradient(x_adv)
-
-    def loss_fn(params):
-      stats = state.batch_stats
-      if method == 'pgd_at':
-        nat_logits = None
-      else:
-        nat_branch, nat_params = ('nat', route_natural(params)) if method == 'autolora' else ('adv', params)
-        nat_logits, upd = train_model.apply({'params': nat_params, 'batch_stats': stats}, x,
-                                            branch=nat_branch, train=True, mutable=['batch_stats'])
-        stats = upd['batch_stats']
-      adv_logits, upd = train_model.apply({'params': params, 'batch_stats': stats}, x_adv, branch='adv',
-                                          train=True, mutable=['batch_stats'])
-      if method == 'pgd_at':
-        loss = losses.cross_entropy(adv_logits, y)
-        parts = {'ce_adv': loss}
-      else:
-        loss, parts = losses.autolora_loss(nat_logits, adv_logits, y, state.l1, state.l2, kl_denominator)
-      return loss, (parts, upd['batch_stats'], nat_logits, adv_logits)
-
-    (loss, (parts, batch_stats, nat_logits, adv_logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, x, x_adv, y)
     grads = pmean(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {'loss': loss, **parts, 'adv_acc': jnp.mean(jnp.argmax(adv_logits, -1) == y)}
-    if nat_logits is not None:
-      metrics['nat_acc'] = jnp.mean(jnp.argmax(nat_logits, -1) == y)
-    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics = {'loss': loss, **parts, **accs, 'grad_norm': optax.tree.norm(grads)}
     return new_state, pmean(metrics)
 
   return train_step

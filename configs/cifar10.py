@@ -12,4 +12,5 @@ def get_config():
   config = default.get_config()
   config.dataset.name = 'cifar10'
   config.pretrained = default.robust_imagenet_fe(config)
+  default.twins_cifar(config)  # TWINS: the CIFAR scripts' weight decay and lambda
   return config

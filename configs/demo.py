@@ -36,6 +36,10 @@ def get_config():
   # The baselines (--config.method=vanilla_rft or pgd_at): as many epochs as AutoLoRa's at most.
   config.fixed.epochs = 6
   config.fixed.boundaries = (3, 5)
+  # TWINS (--config.method=twins): its CIFAR settings for these small images, over the same 6 epochs.
+  default.twins_cifar(config)
+  config.twins.epochs = 6
+  config.twins.boundaries = (3, 5)
   config.batch_size = 64
 
   # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 200 test points.

@@ -46,6 +46,11 @@ def get_config():
   # The baselines: as many epochs as AutoLoRa's at most, lr / 10 after epochs 4 and 6.
   config.fixed.epochs = 8
   config.fixed.boundaries = (4, 6)
+  # TWINS (--methods=...,twins): its CIFAR settings (lr 0.003, weight decay 1e-5, lambda 1) for these small
+  # images, over the same 8 epochs and boundaries.
+  default.twins_cifar(config)
+  config.twins.epochs = 8
+  config.twins.boundaries = (4, 6)
   config.batch_size = 64
 
   # AutoAttack: the fast version (APGD-CE, APGD-T) on the first 200 test points.

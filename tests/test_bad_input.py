@@ -224,3 +224,16 @@ def test_workdir_that_cannot_be_written(tmp_path):
     locked = tmp_path / 'locked'
     locked.mkdir(mode=0o555)
     expect_refusal(config, [str(locked)], WorkdirError, f'The workdir {locked} cannot be written')
+
+
+def test_runs_made_before_the_twins_section_existed_still_match():
+  """A config.json without config.twins (older runs) matches the same config of another method today; for a
+  TWINS run, or when the old run has the section, its keys count as for any other section."""
+  new = workdir.config_dict(tiny_runs.tiny_config())
+  old = {k: v for k, v in new.items() if k != 'twins'}
+  assert workdir.config_differences(old, new) == []
+  twins = workdir.config_dict(tiny_runs.tiny_config(method='twins'))
+  assert 'twins.loss: \'<absent>\' -> \'at\'' in workdir.config_differences(
+      {k: v for k, v in twins.items() if k != 'twins'}, twins)
+  changed = workdir.config_dict(tiny_runs.tiny_config(**{'twins.lam': 0.1}))
+  assert workdir.config_differences(new, changed) == [f'twins.lam: {new["twins"]["lam"]!r} -> 0.1']

@@ -54,7 +54,9 @@ def test_config_loads_validates_and_builds_its_model(name):
 def test_dataset_configs_change_only_what_differs(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   changed = {k for k, v in flat(config).items() if flat(default.get_config())[k] != v}
-  assert 'pretrained' in changed and changed <= {'dataset.name', 'pretrained'}
+  # TWINS's own settings: the authors' CIFAR scripts differ from their high-resolution ones (configs/default.py)
+  twins_cifar = {'twins.lam', 'twins.weight_decay'} if name.startswith('cifar') else set()
+  assert 'pretrained' in changed and twins_cifar <= changed <= {'dataset.name', 'pretrained'} | twins_cifar
   assert config.dataset.name == DATASET_CONFIGS[name]
   assert config.model.arch == 'resnet18' and config.pretrained == 'pretrained/resnet18_linf_eps4.0'
   config.model.arch = 'resnet50'  # Table 2: the checkpoint path follows the architecture

@@ -21,11 +21,12 @@ from flax import jax_utils
 from tests import helpers
 
 assert jax.device_count() == 4, jax.devices()
-model = helpers.tiny_resnet18()
+METHOD = '__METHOD__'
+model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
 variables = helpers.init(model)
 tx = steps.make_optimizer(0.05, 0.9, 1e-4)
 state = steps.create_train_state(model, variables, tx, l1=0.3, l2=4.0)
-step = steps.make_train_step(model, eps=8 / 255, step_size=0.0, steps=3)
+step = steps.make_train_step(model, method=METHOD, eps=8 / 255, step_size=0.0, steps=3)
 batches = [helpers.random_batch(n=16, seed=s) for s in (1, 2)]
 
 def train(devices):
@@ -48,8 +49,11 @@ print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(o
 
 
 @pytest.mark.slow
-def test_four_devices_match_one_device():
-  proc = helpers.run_python(CODE, devices=4)
+@pytest.mark.parametrize('method', ['autolora', 'twins'])
+def test_four_devices_match_one_device(method):
+  """AutoLoRa, and TWINS (its halves: the even and odd positions of the global batch on any device count;
+  only the adaptive BNs' statistics are synchronised, the frozen ones use none)."""
+  proc = helpers.run_python(CODE.replace('__METHOD__', method), devices=4)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['moved'] > 1e-3  # the steps did train

@@ -59,17 +59,61 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
-    # float32 for float32 and bfloat16 inputs; float64 ones (a float64 reference) stay float64.
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    scale = self.param('scale', nn.initializers.ones, (c,))
-    bias = self.param('bias', nn.initializers.zeros, (c,))
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
+    return self._normalize(x, self._variables(x.shape[-1]), adapt=True)
+
+  def _variables(self, c: int, prefix: str = ''):
+    """(scale, bias, running mean, running var) named prefix + 'scale', 'bias' (params), 'mean', 'var'."""
+    return (self.param(prefix + 'scale', nn.initializers.ones, (c,)),
+            self.param(prefix + 'bias', nn.initializers.zeros, (c,)),
+            self.variable('batch_stats', prefix + 'mean', lambda: jnp.zeros((c,), jnp.float32)),
+            self.variable('batch_stats', prefix + 'var', lambda: jnp.ones((c,), jnp.float32)))
+
+  def _normalize(self, x, variables, adapt: bool):
+    """Normalises x with `variables`: with adapt=True in training, by the batch statistics (and updates
+    the running ones); else by the running statistics."""
+    scale, bias, ra_mean, ra_var = variables
+    if adapt and not self.use_running_average:
+      # float32 for float32 and bfloat16 inputs; float64 ones (a float64 reference) stay float64.
+      compute = jnp.promote_types(x.dtype, jnp.float32)
       mean, var, count = batch_statistics(x.astype(compute), self.axis_name)
       if not self.is_initializing():
         update_running(ra_mean, ra_var, mean, var, count, self.momentum)
+    else:
+      mean, var = ra_mean.value, ra_var.value
     return normalize(x, mean, var, scale, bias, self.epsilon)
+
+
+TWIN_MODES = ('adaptive', 'frozen', 'mix')
+FROZEN_PREFIX = 'frozen_'  # the frozen twin's variables: frozen_scale, frozen_bias, frozen_mean, frozen_var
+
+
+class TwinBatchNorm(BatchNorm):
+  """TWINS's doubled BatchNorm: an adaptive BN (`BatchNorm` itself, same variable names) and a frozen twin.
+
+  The frozen BN always normalises with its own running mean and variance ('frozen_mean', 'frozen_var'),
+  which nothing ever updates, and has its own trainable 'frozen_scale' and 'frozen_bias'; both BNs start
+  from the pre-trained BN (`pretrain.transplant` fills each frozen variable from its adaptive twin).
+  `mode`: 'adaptive' (the ordinary BatchNorm; the deployed model), 'frozen', or 'mix', the authors' training
+  layout: the first half of the batch (N // 2 rows) through the frozen BN, the rest through the adaptive
+  one, whose batch statistics then cover that second half alone (over the devices of `axis_name`).
+  """
+  mode: str = 'adaptive'
+
+  @nn.compact
+  def __call__(self, x):
+    if self.mode not in TWIN_MODES:
+      raise ValueError(f'TwinBatchNorm mode must be one of {TWIN_MODES}, got {self.mode!r}.')
+    adaptive = self._variables(x.shape[-1])
+    frozen = self._variables(x.shape[-1], FROZEN_PREFIX)
+    if self.mode == 'adaptive':
+      return self._normalize(x, adaptive, adapt=True)
+    if self.mode == 'frozen':
+      return self._normalize(x, frozen, adapt=False)
+    half = x.shape[0] // 2
+    return jnp.concatenate([self._normalize(x[:half], frozen, adapt=False),
+                            self._normalize(x[half:], adaptive, adapt=True)], axis=0)
+
+
+def frozen_twin_source(name: str) -> Optional[str]:
+  """The adaptive variable a frozen twin variable starts from ('frozen_mean' -> 'mean'), else None."""
+  return name[len(FROZEN_PREFIX):] if name.startswith(FROZEN_PREFIX) else None

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autolora_jax.models.batchnorm import BatchNorm
+from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm
 from autolora_jax.models.lora import ConvFn, LoRaConv, native_conv2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,6 +142,8 @@ class ResNet(nn.Module):
       the logits are float32 whatever it is (float64 for a float64 model): argmax ties and the margins of
       AutoAttack's DLR loss over 100-200 classes need more than bfloat16's 8 bits.
     precision: matmul precision of every convolution and the head on GPUs and TPUs, one of PRECISIONS.
+    twin_bn: every BatchNorm doubled (`TwinBatchNorm`, TWINS): the call's `bn` picks the adaptive BNs
+      (the deployed model, the default), the frozen ones, or 'mix' (first half of the batch frozen).
   """
   stage_sizes: Sequence[int]
   block: str
@@ -158,20 +160,31 @@ class ResNet(nn.Module):
   conv_fn: ConvFn = native_conv2d
   pool_fn: PoolFn = native_max_pool
   dtype: Any = jnp.float32
+  twin_bn: bool = False
   precision: str = 'default'
 
-  def __call__(self, x, branch='adv', train=False):
-    """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1]."""
+  def __call__(self, x, branch='adv', train=False, bn='adaptive'):
+    """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1].
+
+    `bn` ('adaptive' | 'frozen' | 'mix'): which BatchNorm of each doubled pair (twin_bn only).
+    """
     if branch not in BRANCHES:
       raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
+    if bn not in TWIN_MODES or (bn != 'adaptive' and not self.twin_bn):
+      raise ValueError(f"bn={bn!r}: a model with twin_bn=True takes one of {TWIN_MODES}; any other only "
+                       "'adaptive'.")
     if self.precision not in PRECISIONS:
       raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}.')
     with jax.default_matmul_precision(self.precision):
-      return self._forward(x, branch, train)
+      return self._forward(x, branch, train, bn)
 
   @nn.compact
-  def _forward(self, x, branch, train):
-    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
+  def _forward(self, x, branch, train, bn):
+    if self.twin_bn:
+      norm = functools.partial(TwinBatchNorm, mode=bn, use_running_average=not train,
+                               axis_name=self.bn_axis_name)
+    else:
+      norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name)
 
     def plain_conv(features, k, strides, padding, name):
       return LoRaConv(features, k, strides, padding, conv_fn=self.conv_fn, dtype=self.dtype, name=name)
