@@ -115,9 +115,10 @@ class AutoAttackEvaluation:
     total = counts[0]
     summary = result.summary()
     if jax.process_count() > 1:  # the numbers of all processes' points, not only this one's
+      still = np.cumsum([counts[1]] + [-c for c in counts[3:]])  # robust after clean, then after each attack
+      after = {stage: int(n) / total for stage, n in zip(('clean',) + tuple(result.attacks), still)}
       summary.update(num_points=int(total), clean=counts[1] / total, robust=counts[2] / total,
-                     broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
-      summary.pop('accuracy_after')
+                     accuracy_after=after, broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
     for key in ('version', 'attacks', 'eps', 'seed', 'seconds'):
       summary.pop(key)
     self.seconds[name] = float(sum(result.seconds.values()))

@@ -309,3 +309,24 @@ def test_unknown_data_set_is_a_clear_error():
   config.dataset.name = 'imagenet'
   with pytest.raises(DataError, match="Unknown data set 'imagenet'"):
     create_dataset(config.dataset, seed=0)
+
+
+def test_tensorflow_is_told_to_see_no_accelerator_before_tfds_opens_a_data_set(monkeypatch, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(tf.config, 'set_visible_devices', lambda devices, kind: calls.append((list(devices), kind)))
+
+  def builder(name, data_dir):
+    calls.append(('builder', name))
+    raise RuntimeError('no such data set here')
+
+  monkeypatch.setattr(tfds, 'builder', builder)
+  sources.hide_accelerators_from_tensorflow.cache_clear()
+  try:
+    for _ in range(2):
+      with pytest.raises(DataError, match='TFDS could not open it'):
+        sources.read_tfds_if_prepared('stanford_dogs', sources.SPECS['stanford_dogs'], str(tmp_path))
+  finally:
+    sources.hide_accelerators_from_tensorflow.cache_clear()
+  # Once per process, before the first builder: no GPU and no TPU for TensorFlow.
+  assert calls == [([], 'GPU'), ([], 'TPU'), ('builder', 'stanford_dogs'), ('builder', 'stanford_dogs')]

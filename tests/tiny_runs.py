@@ -58,6 +58,15 @@ def with_overrides(config, overrides: dict):
   return config
 
 
+def join(config, process_id: int, num_processes: int, port: int):
+  """`config` as process `process_id` of a job of `num_processes` on 127.0.0.1:`port` (one: as it is)."""
+  if num_processes > 1:
+    config.distributed.coordinator_address = f'127.0.0.1:{port}'
+    config.distributed.num_processes = num_processes
+    config.distributed.process_id = process_id
+  return config
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
