@@ -114,6 +114,11 @@ def validate(config) -> None:
 def check_host(h) -> None:
   """config.host: how the host feeds the devices (see configs/default.py)."""
   _positive_int('host.metrics_every', h.metrics_every)
+  _positive_int('host.plot_every', h.plot_every)
+  if not isinstance(h.decode_threads, int) or isinstance(h.decode_threads, bool) or h.decode_threads < 0:
+    raise ConfigError(f'config.host.decode_threads must be an integer >= 0 (the threads that decode the '
+                      'images; 0 = the cores this process may run on, at most 32), got '
+                      f'{h.decode_threads!r}.')
   if not isinstance(h.prefetch, int) or isinstance(h.prefetch, bool) or not 1 <= h.prefetch <= 8:
     raise ConfigError(f'config.host.prefetch must be an integer from 1 to 8 (batches put on the devices ahead '
                       f'of the step; each one holds a global batch in device memory), got {h.prefetch!r}; '

@@ -271,9 +271,9 @@ class Experiment:
   """One run's data, model, compiled steps and policy, built from a validated config in `workdir`.
 
   Attributes (plain values once built): method, twins, seed, reference_compat, dataset_name, batch_size,
-  eval_batch_size, progress, tensorboard, metrics_every and prefetch (config.host), is_chief, attack,
-  kl_denominator, autoattack, normalization,
-  data, model, tx, policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
+  eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every (config.host), is_chief,
+  attack, kl_denominator, autoattack, normalization, data, model, tx, policy, steps_per_epoch, and the
+  pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
     normalization: the (mean, std) the model applies; None: config.model's, or the pre-trained
@@ -294,9 +294,12 @@ class Experiment:
     self.is_chief = jax.process_index() == 0
     self.progress = bool(config.progress) and self.is_chief
     self.tensorboard = bool(config.tensorboard) and self.is_chief
-    self.metrics_every, self.prefetch = int(config.host.metrics_every), int(config.host.prefetch)
+    host = config.host
+    self.metrics_every, self.prefetch = int(host.metrics_every), int(host.prefetch)
+    self.plot_every = int(host.plot_every)
     self.data = datasets.create_dataset(config.dataset, seed=self.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), reference_compat=self.reference_compat)
+                                    process_count=jax.process_count(), reference_compat=self.reference_compat,
+                                    threads=host.decode_threads or None)
     self.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)
     if self.steps_per_epoch < 1:
       raise DataError(

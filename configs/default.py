@@ -159,6 +159,8 @@ def get_config():
   config.host = ml_collections.ConfigDict()
   config.host.metrics_every = 10  # train steps between reads of the metrics the devices sum (and at the end)
   config.host.prefetch = 2  # batches put on the devices ahead of the step, by a background thread (1-8)
+  config.host.plot_every = 5  # epochs between redraws of curves.png (and at the end of the run)
+  config.host.decode_threads = 0  # JPEG decoding threads; 0 = the cores this process may run on (at most 32)
 
   # Output.
   config.progress = True  # progress bars

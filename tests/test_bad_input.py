@@ -74,6 +74,8 @@ CONFIG_CASES = [
     ('model.precision', 'fp32', "config.model.precision='fp32' is not supported: choose one of ('default', "),
     ('host.metrics_every', 0, 'config.host.metrics_every must be a positive integer, got 0'),
     ('host.prefetch', 0, 'config.host.prefetch must be an integer from 1 to 8'),
+    ('host.plot_every', 0, 'config.host.plot_every must be a positive integer, got 0'),
+    ('host.decode_threads', -1, 'config.host.decode_threads must be an integer >= 0'),
     ('distributed.initialize', 'sometimes', "config.distributed.initialize='sometimes' is not supported"),
     ('distributed.process_id', 3, 'The process id 3 (config.distributed.process_id or JAX_PROCESS_ID) must '),
 ]

@@ -249,6 +249,40 @@ def test_random_resized_crop_box_ranges_and_determinism():
   assert a.shape == (224, 224, 3) and a.dtype == np.uint8
 
 
+def _encoded(arr, fmt, mode='RGB'):
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(arr).convert(mode).save(buf, format=fmt, quality=90)
+  return buf.getvalue()
+
+
+def test_imagenet_transforms_give_the_pixels_of_the_plain_pil_and_numpy_version():
+  """Fewer copies per image (no convert() of RGB images, the flip in PIL) and the same pixels as the first
+  version: decode, convert('RGB'), resize, crop, resize, np.asarray, then a numpy flip."""
+  def reference(record, rng):
+    import io
+    image = transforms.resize_shorter(Image.open(io.BytesIO(record)).convert('RGB'))
+    top, left, h, w = transforms.random_resized_crop_box(image.size[0], image.size[1], rng)
+    out = np.asarray(image.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR), np.uint8)
+    flips.append(rng.random() < 0.5)
+    return np.ascontiguousarray(out[:, ::-1] if flips[-1] else out)
+
+  rng = np.random.default_rng(5)
+  arr = np.clip(rng.normal(128, 60, (150, 200, 3)), 0, 255).astype(np.uint8)
+  records = [_encoded(arr, 'JPEG'), _encoded(arr, 'JPEG', 'L'), _encoded(arr, 'JPEG', 'CMYK'),
+             _encoded(arr, 'PNG')]
+  flips = []
+  for record in records:
+    for seed in range(6):
+      got = transforms.imagenet_train(record, np.random.default_rng([seed, 1]))
+      want = reference(record, np.random.default_rng([seed, 1]))
+      np.testing.assert_array_equal(got, want)
+    import io
+    np.testing.assert_array_equal(transforms.imagenet_eval(record), np.asarray(transforms.center_crop(
+        transforms.resize_shorter(Image.open(io.BytesIO(record)).convert('RGB'))), np.uint8))
+  assert any(flips) and not all(flips)
+
+
 def test_cifar_train_is_a_padded_crop_and_flip():
   image = np.random.RandomState(1).randint(1, 256, (32, 32, 3)).astype(np.uint8)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))

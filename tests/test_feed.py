@@ -1,5 +1,6 @@
 """How the host feeds the devices: uint8 batches scaled on the device, the background feeder, the sums the
-devices keep, and the training loop around them (loop.py), with a trivial pmapped step."""
+devices keep, and the training loop around them (loop.py), with a trivial pmapped step; and an epoch's fixed
+costs on the host (curves.png every few epochs)."""
 
 import threading
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autolora_jax import loop, steps
+from autolora_jax import loop, reporting, steps, train
 from autolora_jax.data.core import to_unit
 from autolora_jax.data.dataset import ImageDataset, Split
 from autolora_jax.errors import NonFiniteLossError
@@ -161,3 +162,27 @@ def test_evaluation_counts_are_summed_on_the_devices():
     assert out['bright'] == pytest.approx(np.mean(pixels[:, 0, 0, 0] > 127))
   finally:
     data.close()
+
+
+def test_curves_are_drawn_every_plot_every_epochs_and_at_the_end(tmp_path, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(reporting, 'plot_curves', lambda records, path: drawn.append(records[-1]['epoch']))
+  writers = train.Writers(str(tmp_path), is_chief=True, tensorboard=False, plot_every=3)
+  for epoch in range(8):
+    writers.epoch({'epoch': epoch, 'lr': 0.01, 'stop': epoch == 7})
+  writers.close()
+  assert drawn == [0, 3, 6, 7]
+  assert len(reporting.MetricsLog(str(tmp_path)).read()) == 8  # the log gets every epoch
+
+
+def test_decoding_threads_follow_the_cpu_affinity(monkeypatch):
+  from autolora_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(dataset.os, 'sched_getaffinity', lambda pid: {3, 4, 5}, raising=False)
+  monkeypatch.setattr(dataset.os, 'cpu_count', lambda: 96)  # the host's count is not the process's
+  assert dataset.default_threads() == 3
+  split = Split(np.arange(2), np.zeros(2, np.int32), np.array(['a', 'b']))
+  data = ImageDataset({'train': split, 'validation': split, 'test': split}, 2, train_transform=None,
+                      eval_transform=None, eval_shape=(1, 1, 3))
+  assert data.threads == 3
+  monkeypatch.setattr(dataset.os, 'sched_getaffinity', lambda pid: set(range(64)), raising=False)
+  assert dataset.default_threads() == 32

@@ -124,6 +124,23 @@ def sigterm_at(epoch: int, step: int) -> None:
   loop.train_epoch = train_epoch
 
 
+def sigterm_during_save(epoch: int) -> None:
+  """Makes this process send itself SIGTERM as soon as the checkpoint at the end of `epoch` is handed to
+  Orbax (saved asynchronously: still being written); prints SAVING_AT_SIGTERM and whether it was."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  original = checkpoints.Checkpoints.save
+
+  def save(self, which, step, state, meta):
+    original(self, which, step, state, meta)
+    if which == 'latest' and meta.get('epoch') == epoch and not meta.get('position'):
+      print('SAVING_AT_SIGTERM', self.managers[which].is_saving_in_progress(), file=sys.stderr, flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  checkpoints.Checkpoints.save = save
+
+
 def nan_images_at(epoch: int, step: int) -> None:
   """Makes the training batch of (epoch, step) all NaN, so that its loss is NaN."""
   import numpy as np  # pylint: disable=g-import-not-at-top
