@@ -199,7 +199,10 @@ def pretrain_fingerprint(config) -> dict:
   settings and data, the attack and the optimizer; not config.seed (the FE has its own, pretrain.seed)."""
   pc = config.pretrain.to_dict()
   pc.pop('cache_dir', None)
-  return json.loads(json.dumps({'model': config.model.to_dict(), 'pretrain': pc,
+  model = config.model.to_dict()
+  if model.get('precision') == 'default':  # what every FE was before the key existed: the same cache
+    model.pop('precision')
+  return json.loads(json.dumps({'model': model, 'pretrain': pc,
                                 'attack': config.attack.to_dict(), 'optim': config.optim.to_dict()},
                                sort_keys=True, default=list))
 

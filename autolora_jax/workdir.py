@@ -39,6 +39,9 @@ IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'host', 'pretrain.cach
 # Sections that only one method reads ({section: method}): a run of another method that began before the
 # section existed (its config.json lacks it) resumes, and a finished one is recognised by the comparison.
 METHOD_SECTIONS = {'twins': 'twins'}
+# Keys added later whose value here is what every run computed before they existed: a run whose
+# config.json lacks them resumes when they have this value.
+ADDED_KEYS = {'model.precision': 'default'}
 
 
 def config_dict(config) -> dict:
@@ -67,6 +70,8 @@ def config_differences(old: dict, new: dict) -> List[str]:
     if any(key == k or key.startswith(k + '.') for k in IGNORED_KEYS):
       continue
     if key not in a and any(key.startswith(s + '.') for s in unread):
+      continue
+    if key not in a and key in ADDED_KEYS and b.get(key) == ADDED_KEYS[key]:
       continue
     if a.get(key, '<absent>') != b.get(key, '<absent>'):
       out.append(f'{key}: {a.get(key, "<absent>")!r} -> {b.get(key, "<absent>")!r}')

@@ -211,6 +211,12 @@ def test_resuming_ignores_keys_that_do_not_change_the_run():
   assert workdir.config_differences(a, b) == []
   c = workdir.config_dict(tiny_runs.tiny_config(**{'attack.eps': 4 / 255}))
   assert workdir.config_differences(a, c) == [f'attack.eps: {8 / 255!r} -> {4 / 255!r}']
+  # A run from before config.host and config.model.precision existed resumes, unless precision changes.
+  old = workdir.config_dict(tiny_runs.tiny_config())
+  del old['host'], old['model']['precision']
+  assert workdir.config_differences(old, a) == []
+  d = workdir.config_dict(tiny_runs.tiny_config(**{'model.precision': 'highest'}))
+  assert workdir.config_differences(old, d) == ["model.precision: '<absent>' -> 'highest'"]
 
 
 def test_workdir_that_cannot_be_written(tmp_path):
