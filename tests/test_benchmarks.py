@@ -117,3 +117,4 @@ def test_input_pipeline_benchmark_runs_and_writes_json(tmp_path):
   assert result['devices'] == 4  # the fake CPU devices the loop part runs on
   assert set(result['pools']) == {'1 threads', '1 processes'} and set(result['dataset']) == {'1 threads'}
   assert all(v > 0 for v in result['decode_per_core'].values()) and result['loop_ms_per_step'] > 0
+  assert 0 < result['epoch']['save returns (ms)'] and 0 < result['epoch']['save on disk (ms)']
