@@ -4,7 +4,8 @@
     checkpoints/best/<step>/             {'params', 'batch_stats'} + JSON metadata (epoch, val metrics)
     checkpoints/damaged/<which>-<step>/  checkpoints found unreadable, moved aside (kept)
 
-`Checkpoints` keeps 'latest' and 'best' in separate managers, so that the best-keeping policy can never
+`Checkpoints` saves asynchronously (the step loop goes on while Orbax writes) and keeps 'latest' and 'best'
+in separate managers, so that the best-keeping policy can never
 delete the latest state (and vice versa). Checkpoint ids are global optimizer steps (best: epochs). States
 are saved and restored as host numpy arrays, unreplicated; the caller replicates them over its devices.
 
@@ -129,7 +130,7 @@ def host_copy(tree, replicated: bool):
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False)
+                                         enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'meta'))
 
@@ -145,7 +146,13 @@ def _epoch_text(meta: Optional[dict]) -> str:
 
 
 class Checkpoints:
-  """The 'latest' and 'best' checkpoint managers of one workdir."""
+  """The 'latest' and 'best' checkpoint managers of one workdir.
+
+  Saves are asynchronous: `save` returns once Orbax holds the host arrays, and the files are written
+  while training goes on. Every read (`restore`, `restore_meta`, `latest_step`), the next save of the same
+  manager, `wait` and `close` first wait for the saves in flight, so nothing ever sees a half-written one;
+  a run that stops (preemption, error) leaves through `wait` or `close`.
+  """
 
   def __init__(self, workdir: str, keep_latest: int = 2):
     self.root = os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -153,19 +160,26 @@ class Checkpoints:
                      'best': _manager(os.path.join(self.root, 'best'), 1)}
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
+    self.wait()
     return self.managers[which].latest_step()
+
+  def wait(self) -> None:
+    """Waits until every save in flight is on disk."""
+    for manager in self.managers.values():
+      manager.wait_until_finished()
 
   def folder(self, which: str, step: int) -> str:
     return os.path.join(str(self.managers[which].directory), str(step))
 
   def save(self, which: str, step: int, state: Any, meta: dict) -> None:
-    """Saves `state` (a host pytree) and `meta` (JSON-serialisable) under id `step`, synchronously."""
+    """Saves `state` (a host pytree, not changed afterwards) and `meta` (JSON-serialisable) under id `step`,
+    asynchronously (see the class docstring)."""
     manager = self.managers[which]
+    manager.wait_until_finished()  # the previous save of this manager (an epoch ago: done by now)
     if step in manager.all_steps():  # e.g. re-saving 'latest' at the same step after a best reload
       manager.delete(step)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
 
   def restore(self, which: str, template: Any, step: Optional[int] = None, *,
               if_lost: Optional[str] = None) -> Optional[Tuple[Any, dict]]:
@@ -221,6 +235,7 @@ class Checkpoints:
 
   def _newest_intact(self, which: str, template: Any, step: Optional[int],
                      if_lost: Optional[str]) -> Optional[Tuple[Any, dict]]:
+    self.wait()
     if step is not None:
       return self._read(which, step, template)
     damaged: List[DamagedCheckpointError] = []
@@ -251,6 +266,8 @@ class Checkpoints:
         folder=damaged[0].folder, step=damaged[0].step, cause=damaged[0].cause)
 
   def close(self) -> None:
+    """Waits for the saves in flight, then closes the managers."""
+    self.wait()
     for manager in self.managers.values():
       manager.close()
 

@@ -46,6 +46,12 @@ def validate(config) -> None:
   _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
+  if m.precision not in models.PRECISIONS:
+    raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '
+                      f'{models.PRECISIONS}, the matmul precision of the convolutions on GPUs and TPUs '
+                      "('default': bfloat16 passes on TPUs and TF32 on A100/H100 GPUs for float32 "
+                      "convolutions; 'high': more exact; 'highest': float32), e.g. "
+                      '--config.model.precision=highest. CPUs compute float32 in float32 with any of them.')
   _positive_int('model.width', m.width)
   _positive_int('model.input_size', m.input_size)
   if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
@@ -121,7 +127,22 @@ def validate(config) -> None:
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
+  check_host(config.host)
   distributed.check(config.distributed)
+
+
+def check_host(h) -> None:
+  """config.host: how the host feeds the devices (see configs/default.py)."""
+  _positive_int('host.metrics_every', h.metrics_every)
+  _positive_int('host.plot_every', h.plot_every)
+  if not isinstance(h.decode_threads, int) or isinstance(h.decode_threads, bool) or h.decode_threads < 0:
+    raise ConfigError(f'config.host.decode_threads must be an integer >= 0 (the threads that decode the '
+                      'images; 0 = the cores this process may run on, at most 32), got '
+                      f'{h.decode_threads!r}.')
+  if not isinstance(h.prefetch, int) or isinstance(h.prefetch, bool) or not 1 <= h.prefetch <= 8:
+    raise ConfigError(f'config.host.prefetch must be an integer from 1 to 8 (batches put on the devices ahead '
+                      f'of the step; each one holds a global batch in device memory), got {h.prefetch!r}; '
+                      '2 is the default.')
 
 
 def check_data_config(key: str, data_config) -> None:

@@ -26,20 +26,21 @@ import jax
 import numpy as np
 
 from autolora_jax import autoattack, checkpoints, experiment, loop, reporting
+from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
 
 
 def first_points(data, split: str, n: int, global_batch: int, with_index: bool = False) -> Tuple[np.ndarray, ...]:
-  """This process's rows among the first n examples of a split: (images (m, H, W, C), labels (m,)), and
-  with_index their positions in the split (m,)."""
+  """This process's rows among the first n examples of a split: (images float32 (m, H, W, C) in [0, 1],
+  labels (m,)), and with_index their positions in the split (m,)."""
   xs, ys, idx = [], [], []
   for b, batch in enumerate(data.eval_batches(split, global_batch)):
     if b * global_batch >= n:
       break
     keep = (batch['mask'] > 0) & (b * global_batch + batch['index'] < n)
-    xs.append(batch['image'][keep])
+    xs.append(to_unit(batch['image'][keep]))
     ys.append(batch['label'][keep])
     idx.append((b * global_batch + batch['index'])[keep])
   if not xs:
@@ -122,9 +123,10 @@ class AutoAttackEvaluation:
     total = counts[0]
     summary = result.summary()
     if jax.process_count() > 1:  # the numbers of all processes' points, not only this one's
+      still = np.cumsum([counts[1]] + [-c for c in counts[3:]])  # robust after clean, then after each attack
+      after = {stage: int(n) / total for stage, n in zip(('clean',) + tuple(result.attacks), still)}
       summary.update(num_points=int(total), clean=counts[1] / total, robust=counts[2] / total,
-                     broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
-      summary.pop('accuracy_after')
+                     accuracy_after=after, broken_by={a: int(c) for a, c in zip(result.attacks, counts[3:])})
     for key in ('version', 'norm', 'attacks', 'eps', 'seed', 'seconds', 'settings'):
       summary.pop(key)
     self.seconds[name] = float(sum(result.seconds.values()))

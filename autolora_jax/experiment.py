@@ -216,11 +216,14 @@ def pretrain_fingerprint(config) -> dict:
   settings and data, the attack and the optimizer; not config.seed (the FE has its own, pretrain.seed)."""
   pc = config.pretrain.to_dict()
   pc.pop('cache_dir', None)
+  # Keys added since FEs were first cached, at the values every earlier FE had: dropped, the same cache.
   attack = config.attack.to_dict()
-  if attack.get('norm') == 'linf':  # the default: the FEs cached before attack.norm existed stay valid
+  if attack.get('norm') == 'linf':
     attack.pop('norm')
-  return json.loads(json.dumps({'model': config.model.to_dict(), 'pretrain': pc,
-                                'attack': attack, 'optim': config.optim.to_dict()},
+  model = config.model.to_dict()
+  if model.get('precision') == 'default':
+    model.pop('precision')
+  return json.loads(json.dumps({'model': model, 'pretrain': pc, 'attack': attack, 'optim': config.optim.to_dict()},
                                sort_keys=True, default=list))
 
 
@@ -291,8 +294,9 @@ class Experiment:
   """One run's data, model, compiled steps and policy, built from a validated config in `workdir`.
 
   Attributes (plain values once built): method, twins, seed, reference_compat, dataset_name, batch_size,
-  eval_batch_size, progress, tensorboard, is_chief, attack, kl_denominator, autoattack, normalization,
-  data, model, tx, policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
+  eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every (config.host), is_chief,
+  attack, kl_denominator, autoattack, normalization, data, model, tx, policy, steps_per_epoch, and the
+  pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
     normalization: the (mean, std) the model applies; None: config.model's, or the pre-trained
@@ -313,8 +317,12 @@ class Experiment:
     self.is_chief = jax.process_index() == 0
     self.progress = bool(config.progress) and self.is_chief
     self.tensorboard = bool(config.tensorboard) and self.is_chief
+    host = config.host
+    self.metrics_every, self.prefetch = int(host.metrics_every), int(host.prefetch)
+    self.plot_every = int(host.plot_every)
     self.data = datasets.create_dataset(config.dataset, seed=self.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), reference_compat=self.reference_compat)
+                                    process_count=jax.process_count(), reference_compat=self.reference_compat,
+                                    threads=host.decode_threads or None)
     self.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)
     if self.steps_per_epoch < 1:
       raise DataError(

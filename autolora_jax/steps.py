@@ -5,6 +5,8 @@ Each step is a pure function meant for `jax.pmap(..., axis_name='batch')`:
     train_step(state, batch, rng) -> (state, metrics)
     eval_step(state, batch) -> summed counts
 
+A batch's images may be uint8 (scaled to [0, 1] here, on the device: `unit_images`) or float32 in [0, 1].
+
 Gradients, BatchNorm statistics and metrics are reduced over the mapped axis, so any number of devices
 computes what one device computes on the whole global batch.
 """
@@ -74,6 +76,14 @@ def route_natural(params):
   """The parameters as the natural forward sees them: FE (conv + BN scale/bias) held constant."""
   groups = models.param_groups(params)
   return jax.tree_util.tree_map(lambda g, p: lax.stop_gradient(p) if g == 'fe' else p, groups, params)
+
+
+def unit_images(images):
+  """A batch's images as float32 in [0, 1]: uint8 (N, H, W, C) times float32(1 / 255), on the device (bit
+  for bit the host's data.core.to_unit); float32 ones as they are."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) * jnp.float32(1.0 / 255.0)
+  return images
 
 
 def example_keys(rng, index):
@@ -171,7 +181,7 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
   loss_fn = twins_loss_fn if method == 'twins' else autolora_loss_fn
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
-    x, y = batch['image'], batch['label']
+    x, y = unit_images(batch['image']), batch['label']
     eval_vars = {'params': state.params, 'batch_stats': state.batch_stats}
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch='adv', train=False), x, y, eps=eps,
                         step_size=step_size, steps=steps, key=example_keys(rng, batch['index']), norm=norm)
@@ -201,7 +211,7 @@ def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: b
 
   def eval_step(state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    x, y, mask = batch['image'], batch['label'], batch['mask']
+    x, y, mask = unit_images(batch['image']), batch['label'], batch['mask']
 
     def logits_fn(branch):
       return lambda z: model.apply(variables, z, branch=branch, train=False)

@@ -37,10 +37,11 @@ def prepare_workdir(workdir: str) -> str:
 
 
 class Writers:
-  """The chief's per-epoch outputs: metrics.jsonl, TensorBoard and curves.png (no-ops elsewhere)."""
+  """The chief's per-epoch outputs: metrics.jsonl, TensorBoard and curves.png (every `plot_every` epochs and
+  at the end; no-ops elsewhere)."""
 
-  def __init__(self, workdir: str, is_chief: bool, tensorboard: bool):
-    self.workdir, self.is_chief = workdir, is_chief
+  def __init__(self, workdir: str, is_chief: bool, tensorboard: bool, plot_every: int = 1):
+    self.workdir, self.is_chief, self.plot_every = workdir, is_chief, max(1, int(plot_every))
     self.log = reporting.MetricsLog(workdir)
     self.tb = reporting.TensorBoard(workdir, enabled=tensorboard and is_chief)
 
@@ -53,7 +54,8 @@ class Writers:
       return
     self.log.append(record)
     self.tb.scalars(record['epoch'], {k: v for k, v in record.items() if k != 'epoch'})
-    reporting.plot_curves(self.log.read(), os.path.join(self.workdir, reporting.CURVES_FILE))
+    if record['epoch'] % self.plot_every == 0 or record.get('stop'):  # and at the end
+      reporting.plot_curves(self.log.read(), os.path.join(self.workdir, reporting.CURVES_FILE))
 
   def close(self) -> None:
     self.tb.close()
@@ -61,7 +63,9 @@ class Writers:
 
 def preempted(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, guard: preemption.Guard,
               epoch: int, step: int) -> Preempted:
-  """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved."""
+  """The exception that ends a run stopped by a signal after its checkpoint of (epoch, step) was saved; waits
+  until that save (asynchronous) is on disk."""
+  ckpts.wait()
   spe = exp.steps_per_epoch
   ckpt = (epoch - 1) * spe + step
   where = f'before epoch {epoch}' if step == 0 else f'after step {step} of {spe} of epoch {epoch}'
@@ -113,7 +117,8 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     state, train_metrics, report = loop.train_epoch(
         exp.p_train_step, state, exp.data.train_batches(epoch, exp.batch_size, start_step),
         seed=exp.seed, epoch=epoch, steps=spe, global_batch=exp.batch_size, progress=exp.progress,
-        desc=f'epoch {epoch}', start_step=start_step, carry=carry,
+        desc=f'epoch {epoch}', start_step=start_step, carry=carry, metrics_every=exp.metrics_every,
+        prefetch=exp.prefetch,
         on_step=lambda _, step, e=epoch: guard.should_stop(preemption.position_id(e, step + 1, spe)))
     if report.stopped_at is not None:  # preempted: save the position inside the epoch, then stop
       stopped = report.stopped_at
@@ -171,7 +176,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
   try:
     exp = experiment.Experiment(config, prepare_workdir(claimed.path))
     ckpts = checkpoints.Checkpoints(exp.workdir)
-    writers = Writers(exp.workdir, exp.is_chief, exp.tensorboard)
+    writers = Writers(exp.workdir, exp.is_chief, exp.tensorboard, exp.plot_every)
     guard = preemption.Guard()  # SIGTERM/SIGINT stop after a step
     with guard:
       final_state = train(exp, ckpts, writers, guard)

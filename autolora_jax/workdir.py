@@ -35,10 +35,14 @@ RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.j
 # Keys that do not change what a run computes: they may differ between a run and its resumption (a key
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
-IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'pretrain.cache_dir')
+IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'host', 'pretrain.cache_dir')
 # Sections that only one method reads ({section: method}): a run of another method that began before the
 # section existed (its config.json lacks it) resumes, and a finished one is recognised by the comparison.
 METHOD_SECTIONS = {'twins': 'twins'}
+# Keys added later whose value here is what every run computed before they existed: a run whose
+# config.json lacks them resumes when they have this value.
+ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.norm': 'auto', 'autoattack.eps': 0.0,
+              'autoattack.attacks': []}
 
 
 def config_dict(config) -> dict:
@@ -58,8 +62,9 @@ def _flatten(tree, prefix=''):
 
 
 def config_differences(old: dict, new: dict) -> List[str]:
-  """'key: old -> new' for each key whose value differs (IGNORED_KEYS aside, and METHOD_SECTIONS keys that
-  the old run lacks and the new run's method does not read); [] when the runs match."""
+  """'key: old -> new' for each key whose value differs (IGNORED_KEYS aside; METHOD_SECTIONS keys that the
+  old run lacks and the new run's method does not read; ADDED_KEYS the old run lacks, at their value);
+  [] when the runs match."""
   a, b = _flatten(old), _flatten(new)
   unread = [s for s, method in METHOD_SECTIONS.items() if new.get('method') != method]
   out = []
@@ -67,6 +72,8 @@ def config_differences(old: dict, new: dict) -> List[str]:
     if any(key == k or key.startswith(k + '.') for k in IGNORED_KEYS):
       continue
     if key not in a and any(key.startswith(s + '.') for s in unread):
+      continue
+    if key not in a and key in ADDED_KEYS and b.get(key) == ADDED_KEYS[key]:
       continue
     if a.get(key, '<absent>') != b.get(key, '<absent>'):
       out.append(f'{key}: {a.get(key, "<absent>")!r} -> {b.get(key, "<absent>")!r}')

@@ -61,7 +61,10 @@ def get_config():
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
   #   | 'explicit' | 'winograd' (see autolora_jax/ops/cpu.py)
-  config.model.dtype = 'float32'
+  config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (the convolutions; head and loss stay float32)
+  # The convolutions' matmul precision on GPUs and TPUs: 'default' (TPU: bfloat16 passes, A100/H100: TF32)
+  # | 'high' | 'highest' (float32); no effect on CPUs (see autolora_jax/models/resnet.py, PRECISIONS).
+  config.model.precision = 'default'
 
   # The pre-trained feature extractor: '' = random initialisation; a folder written by
   # `python -m autolora_jax.convert`, or a PyTorch .ckpt/.pt/.pth file converted on the fly. Its input
@@ -160,6 +163,13 @@ def get_config():
   config.autoattack.num_points = 0  # the first N test points; 0 = all
   config.autoattack.batch_size = 250
   config.autoattack.seed = 0
+
+  # How the host drives the devices (none of these changes what a run computes; README "Feeding the devices").
+  config.host = ml_collections.ConfigDict()
+  config.host.metrics_every = 10  # train steps between reads of the metrics the devices sum (and at the end)
+  config.host.prefetch = 2  # batches put on the devices ahead of the step, by a background thread (1-8)
+  config.host.plot_every = 5  # epochs between redraws of curves.png (and at the end of the run)
+  config.host.decode_threads = 0  # JPEG decoding threads; 0 = the cores this process may run on (at most 32)
 
   # Output.
   config.progress = True  # progress bars

@@ -5,6 +5,7 @@ the check comes before the workdir's, a folder holding a run; the batch that doe
 count runs run.py in a subprocess with two fake devices.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -71,6 +72,11 @@ CONFIG_CASES = [
     ('attack.eps', 8.0, 'config.attack.eps must lie in (0.0, 1.0], got 8.0'),
     ('attack.step_size', -0.01, 'config.attack.step_size must lie in (0.0, 1.0], got -0.01'),
     ('attack.step_size', 2.0, 'config.attack.step_size must lie in (0.0, 1.0], got 2.0'),
+    ('model.precision', 'fp32', "config.model.precision='fp32' is not supported: choose one of ('default', "),
+    ('host.metrics_every', 0, 'config.host.metrics_every must be a positive integer, got 0'),
+    ('host.prefetch', 0, 'config.host.prefetch must be an integer from 1 to 8'),
+    ('host.plot_every', 0, 'config.host.plot_every must be a positive integer, got 0'),
+    ('host.decode_threads', -1, 'config.host.decode_threads must be an integer >= 0'),
     ('distributed.initialize', 'sometimes', "config.distributed.initialize='sometimes' is not supported"),
     ('distributed.process_id', 3, 'The process id 3 (config.distributed.process_id or JAX_PROCESS_ID) must '),
 ]
@@ -206,6 +212,12 @@ def test_resuming_ignores_keys_that_do_not_change_the_run():
   assert workdir.config_differences(a, b) == []
   c = workdir.config_dict(tiny_runs.tiny_config(**{'attack.eps': 4 / 255}))
   assert workdir.config_differences(a, c) == [f'attack.eps: {8 / 255!r} -> {4 / 255!r}']
+  # A run from before config.host and config.model.precision existed resumes, unless precision changes.
+  old = workdir.config_dict(tiny_runs.tiny_config())
+  del old['host'], old['model']['precision']
+  assert workdir.config_differences(old, a) == []
+  d = workdir.config_dict(tiny_runs.tiny_config(**{'model.precision': 'highest'}))
+  assert workdir.config_differences(old, d) == ["model.precision: '<absent>' -> 'highest'"]
 
 
 def test_workdir_that_cannot_be_written(tmp_path):
@@ -232,5 +244,12 @@ def test_runs_made_before_the_twins_section_existed_still_match():
   twins = workdir.config_dict(tiny_runs.tiny_config(method='twins'))
   assert 'twins.loss: \'<absent>\' -> \'at\'' in workdir.config_differences(
       {k: v for k, v in twins.items() if k != 'twins'}, twins)
+  older = copy.deepcopy(old)  # before attack.norm and AutoAttack's norm, eps and attack list existed
+  del older['attack']['norm']
+  for key in ('norm', 'eps', 'attacks'):
+    del older['autoattack'][key]
+  assert workdir.config_differences(older, new) == []
+  l2 = workdir.config_dict(tiny_runs.tiny_config(**{'attack.norm': 'l2'}))
+  assert workdir.config_differences(older, l2) == ["attack.norm: '<absent>' -> 'l2'"]
   changed = workdir.config_dict(tiny_runs.tiny_config(**{'twins.lam': 0.1}))
   assert workdir.config_differences(new, changed) == [f'twins.lam: {new["twins"]["lam"]!r} -> 0.1']

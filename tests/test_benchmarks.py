@@ -103,3 +103,18 @@ def models_forward_flops():
         total += 2 * side * side * c_in * c
       c_in = c
   return total + 2 * 64 * 10  # head
+
+
+@pytest.mark.slow
+def test_input_pipeline_benchmark_runs_and_writes_json(tmp_path):
+  out = tmp_path / 'pipeline.json'
+  cmd = [sys.executable, '-m', 'benchmarks.input_pipeline', '--images=4', '--workers=1', '--batch=8',
+         '--steps=2', '--reps=1', f'--json={out}']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'ms of host time per step' in proc.stdout and 'images/s per core' in proc.stdout
+  result = json.loads(out.read_text())
+  assert result['devices'] == 4  # the fake CPU devices the loop part runs on
+  assert set(result['pools']) == {'1 threads', '1 processes'} and set(result['dataset']) == {'1 threads'}
+  assert all(v > 0 for v in result['decode_per_core'].values()) and result['loop_ms_per_step'] > 0
+  assert 0 < result['epoch']['save returns (ms)'] and 0 < result['epoch']['save on disk (ms)']

@@ -176,6 +176,7 @@ def test_damaged_meta_falls_back_and_best_lost_says_what_happens_instead(tmp_pat
   for step in (3, 6):
     ckpts.save('latest', step, _tree(step), {'epoch': step // 3, 'done': False})
   ckpts.save('best', 2, _tree(2), {'epoch': 2, 'val': {}})
+  ckpts.wait()  # the saves are asynchronous: on disk from here on, to be damaged
   meta_file = os.path.join(tmp_path, 'checkpoints', 'latest', '6', 'meta', 'metadata')
   os.truncate(meta_file, os.path.getsize(meta_file) // 2)
   with caplog.at_level(logging.WARNING):
@@ -199,6 +200,7 @@ def test_damaged_meta_falls_back_and_best_lost_says_what_happens_instead(tmp_pat
   assert message.endswith(f'moved to {root}/damaged/best-2 (nothing is deleted). The run keeps its weights.')
   assert ckpts.latest_step('best') is None
   ckpts.save('best', 5, _tree(5), {'epoch': 5})  # a new best does not touch the kept one
+  ckpts.wait()
   assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', 'damaged', 'best-2', 'state'))
   ckpts.close()
 

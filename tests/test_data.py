@@ -77,8 +77,8 @@ def test_tfds_data_sets_through_mock_data(name):
   batches = list(data.train_batches(1, 8))
   assert len(batches) == data.steps_per_epoch(8) == data.num_examples('train') // 8  # drop remainder
   b = batches[0]
-  assert b['image'].shape == (8, size, size, 3) and b['image'].dtype == np.float32
-  assert 0.0 <= b['image'].min() and b['image'].max() <= 1.0 and b['image'].std() > 0.05
+  assert b['image'].shape == (8, size, size, 3) and b['image'].dtype == np.uint8  # scaled on the device
+  assert b['image'].std() > 0.05 * 255
   assert b['label'].dtype == np.int32 and b['label'].max() < num_classes
   np.testing.assert_array_equal(b['index'], np.arange(8))
 
@@ -134,7 +134,7 @@ def caltech_dir(tmp_path_factory):
 
 
 def colours(images):
-  return [tuple(int(round(v * 255)) for v in im[100, 100, :2]) for im in images]
+  return [tuple(int(v) for v in im[100, 100, :2]) for im in images]
 
 
 def test_caltech256_folder(caltech_dir):
@@ -162,7 +162,7 @@ def test_caltech256_folder(caltech_dir):
   assert not (seen['train'] & seen['validation'] or seen['train'] & seen['test']
               or seen['validation'] & seen['test'])
   b = next(data.train_batches(2, 16))
-  assert b['image'].shape == (16, 224, 224, 3) and 0 <= b['image'].min() and b['image'].max() <= 1
+  assert b['image'].shape == (16, 224, 224, 3) and b['image'].dtype == np.uint8
   assert b['label'].max() < 257
   for d in [data] + halves:
     d.close()
@@ -249,6 +249,40 @@ def test_random_resized_crop_box_ranges_and_determinism():
   assert a.shape == (224, 224, 3) and a.dtype == np.uint8
 
 
+def _encoded(arr, fmt, mode='RGB'):
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(arr).convert(mode).save(buf, format=fmt, quality=90)
+  return buf.getvalue()
+
+
+def test_imagenet_transforms_give_the_pixels_of_the_plain_pil_and_numpy_version():
+  """Fewer copies per image (no convert() of RGB images, the flip in PIL) and the same pixels as the first
+  version: decode, convert('RGB'), resize, crop, resize, np.asarray, then a numpy flip."""
+  def reference(record, rng):
+    import io
+    image = transforms.resize_shorter(Image.open(io.BytesIO(record)).convert('RGB'))
+    top, left, h, w = transforms.random_resized_crop_box(image.size[0], image.size[1], rng)
+    out = np.asarray(image.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR), np.uint8)
+    flips.append(rng.random() < 0.5)
+    return np.ascontiguousarray(out[:, ::-1] if flips[-1] else out)
+
+  rng = np.random.default_rng(5)
+  arr = np.clip(rng.normal(128, 60, (150, 200, 3)), 0, 255).astype(np.uint8)
+  records = [_encoded(arr, 'JPEG'), _encoded(arr, 'JPEG', 'L'), _encoded(arr, 'JPEG', 'CMYK'),
+             _encoded(arr, 'PNG')]
+  flips = []
+  for record in records:
+    for seed in range(6):
+      got = transforms.imagenet_train(record, np.random.default_rng([seed, 1]))
+      want = reference(record, np.random.default_rng([seed, 1]))
+      np.testing.assert_array_equal(got, want)
+    import io
+    np.testing.assert_array_equal(transforms.imagenet_eval(record), np.asarray(transforms.center_crop(
+        transforms.resize_shorter(Image.open(io.BytesIO(record)).convert('RGB'))), np.uint8))
+  assert any(flips) and not all(flips)
+
+
 def test_cifar_train_is_a_padded_crop_and_flip():
   image = np.random.RandomState(1).randint(1, 256, (32, 32, 3)).astype(np.uint8)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
@@ -309,3 +343,24 @@ def test_unknown_data_set_is_a_clear_error():
   config.dataset.name = 'imagenet'
   with pytest.raises(DataError, match="Unknown data set 'imagenet'"):
     create_dataset(config.dataset, seed=0)
+
+
+def test_tensorflow_is_told_to_see_no_accelerator_before_tfds_opens_a_data_set(monkeypatch, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(tf.config, 'set_visible_devices', lambda devices, kind: calls.append((list(devices), kind)))
+
+  def builder(name, data_dir):
+    calls.append(('builder', name))
+    raise RuntimeError('no such data set here')
+
+  monkeypatch.setattr(tfds, 'builder', builder)
+  sources.hide_accelerators_from_tensorflow.cache_clear()
+  try:
+    for _ in range(2):
+      with pytest.raises(DataError, match='TFDS could not open it'):
+        sources.read_tfds_if_prepared('stanford_dogs', sources.SPECS['stanford_dogs'], str(tmp_path))
+  finally:
+    sources.hide_accelerators_from_tensorflow.cache_clear()
+  # Once per process, before the first builder: no GPU and no TPU for TensorFlow.
+  assert calls == [([], 'GPU'), ([], 'TPU'), ('builder', 'stanford_dogs'), ('builder', 'stanford_dogs')]

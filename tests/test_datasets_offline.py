@@ -37,7 +37,8 @@ def eval_all(data, split, global_batch):
   """Images, labels of a split through eval_batches, padding dropped; checks the mask."""
   images, labels, masks = [], [], []
   for b in data.eval_batches(split, global_batch):
-    assert b['image'].shape[0] == global_batch and b['image'].dtype == np.float32
+    # ImageDatasets ship uint8 (scaled on the device), the in-memory data sets float32 in [0, 1].
+    assert b['image'].shape[0] == global_batch and b['image'].dtype in (np.uint8, np.float32)
     images.append(b['image'])
     labels.append(b['label'])
     masks.append(b['mask'])
@@ -279,7 +280,7 @@ def write_split_layout(root, train_counts, test_counts, **kwargs):
 
 
 def colour_ids(images):
-  return [tuple(int(v) for v in np.rint(im[2, 2, :2] * 255)) for im in images]
+  return [tuple(int(v) for v in im[2, 2, :2]) for im in images]  # uint8 images
 
 
 def test_folder_split_layout(tmp_path):
@@ -310,7 +311,7 @@ def test_folder_split_layout(tmp_path):
     assert len(set(ids)) == len(ids) and not seen & set(ids)
     seen |= set(ids)
   b = next(data.train_batches(0, 4))
-  assert b['image'].shape == (4, 10, 12, 3) and b['image'].dtype == np.float32
+  assert b['image'].shape == (4, 10, 12, 3) and b['image'].dtype == np.uint8
   # The same seed gives the same order and augmentation.
   again = create('folder', seed=1, **kwargs)
   np.testing.assert_array_equal(again.train_order(0), data.train_order(0))

@@ -31,11 +31,7 @@ import tiny_runs
 from autolora_jax import evaluation, experiment, train
 
 workdir, out, process_id, num_processes, port = {args!r}
-config = tiny_runs.tiny_config(epochs=1, **{overrides!r})
-if num_processes > 1:
-  config.distributed.coordinator_address = f'127.0.0.1:{{port}}'
-  config.distributed.num_processes = num_processes
-  config.distributed.process_id = process_id
+config = tiny_runs.join(tiny_runs.tiny_config(epochs=1, **{overrides!r}), process_id, num_processes, port)
 
 
 def local_copies(tree):

@@ -3,6 +3,8 @@
 * SIGTERM in the middle of epoch 2: the run saves its position, exits with a resume message, and the same
   command then ends with the same parameters, metrics.jsonl lines (timings aside) and results as a run
   that was never interrupted (which also shows that two runs of one config give identical metrics).
+* SIGTERM while the (asynchronous) checkpoint of epoch 1 is being written: the run waits for it, stops
+  before epoch 2, and resumes from it to the uninterrupted result.
 * A NaN loss at epoch 2, step 1: the run stops with the message, epoch 1's checkpoint stays the newest and
   restorable, and running again resumes from it to the uninterrupted result.
 * The signal guard itself (SIGTERM, SIGINT, a second SIGINT), in this process.
@@ -83,6 +85,26 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, refer
 
   p = _cli(workdir, compile_cache)  # the same command again
   assert p.returncode == 0, p.stderr[-3000:]
+  _assert_same_run(workdir, reference_dir, spe)
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_checkpoint_is_written_waits_for_it_then_resume_matches(tmp_path, reference,
+                                                                                compile_cache):
+  reference_dir, spe = reference
+  workdir = str(tmp_path / 'run')
+  p = _cli(workdir, compile_cache, hook='tiny_runs.sigterm_during_save(1)')
+  assert p.returncode == preemption.EXIT_CODE, p.stderr[-3000:]
+  assert 'SAVING_AT_SIGTERM True' in p.stderr  # the signal came while epoch 1's checkpoint was written
+  assert 'Stopped by SIGTERM before epoch 2' in p.stderr and 'Traceback' not in p.stderr
+  # The run waited for that save: epoch 1's checkpoint is complete and the newest.
+  assert tiny_runs.checkpoint_steps(workdir) == [spe]
+  assert tiny_runs.checkpoint_meta(workdir, 'latest', spe)['epoch'] == 1
+  assert len(tiny_runs.restore_tree(os.path.join(workdir, 'checkpoints', 'latest', str(spe), 'state'))) > 100
+
+  p = _cli(workdir, compile_cache)  # the same command again resumes after epoch 1
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'Damaged' not in p.stderr
   _assert_same_run(workdir, reference_dir, spe)
 
 

@@ -58,6 +58,15 @@ def with_overrides(config, overrides: dict):
   return config
 
 
+def join(config, process_id: int, num_processes: int, port: int):
+  """`config` as process `process_id` of a job of `num_processes` on 127.0.0.1:`port` (one: as it is)."""
+  if num_processes > 1:
+    config.distributed.coordinator_address = f'127.0.0.1:{port}'
+    config.distributed.num_processes = num_processes
+    config.distributed.process_id = process_id
+  return config
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -113,6 +122,23 @@ def sigterm_at(epoch: int, step: int) -> None:
     return original(*args, on_step=hook, **kwargs)
 
   loop.train_epoch = train_epoch
+
+
+def sigterm_during_save(epoch: int) -> None:
+  """Makes this process send itself SIGTERM as soon as the checkpoint at the end of `epoch` is handed to
+  Orbax (saved asynchronously: still being written); prints SAVING_AT_SIGTERM and whether it was."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  original = checkpoints.Checkpoints.save
+
+  def save(self, which, step, state, meta):
+    original(self, which, step, state, meta)
+    if which == 'latest' and meta.get('epoch') == epoch and not meta.get('position'):
+      print('SAVING_AT_SIGTERM', self.managers[which].is_saving_in_progress(), file=sys.stderr, flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  checkpoints.Checkpoints.save = save
 
 
 def nan_images_at(epoch: int, step: int) -> None:

@@ -75,7 +75,8 @@ def _unknown(name: str) -> DataError:
 
 
 def create_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
-                   reference_compat: bool = False) -> Union[ArrayDataset, ImageDataset]:
+                   reference_compat: bool = False,
+                   threads: Optional[int] = None) -> Union[ArrayDataset, ImageDataset]:
   """The data set `config.dataset` names, split into train / validation / test (core's interface).
 
   The test split is the data set's own (digits, mnist5k: a seeded `test_fraction`, `split_seed`, in a
@@ -84,7 +85,8 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
   split is then a seeded `val_fraction` of the training pool (never taken from test) and is evaluated with
   test-time preprocessing. A fraction of 0 leaves that split empty (e.g. for pre-training on all of a data
   set). `reference_compat` reproduces the authors' public code's splits (SPEC.md, items 4 and 7; see
-  data/sources.py). Raises DataError / ConfigError, before any model is built, for an unknown data set, one
+  data/sources.py). `threads`: an ImageDataset's decoding threads (None: dataset.default_threads()).
+  Raises DataError / ConfigError, before any model is built, for an unknown data set, one
   that is not prepared or malformed, and class indices it does not have.
   """
   name = data_config.name
@@ -93,4 +95,4 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
   kwargs = dict(seed=seed, process_index=process_index, process_count=process_count)
   if name in NUM_CLASSES:
     return memory.create(data_config, **kwargs)
-  return sources.create(data_config, reference_compat=reference_compat, **kwargs)
+  return sources.create(data_config, reference_compat=reference_compat, threads=threads, **kwargs)

@@ -10,7 +10,8 @@ training loop knows no data set:
   zeros and masked.
 
 A batch (`Batch`) is a dict of numpy arrays holding this process's rows (`process_rows`) of the global batch:
-``image`` float32 (n, H, W, C) in [0, 1], ``label`` int32 (n,), ``index`` int32 (n,) the row's position in
+``image`` uint8 (n, H, W, C) (the steps scale it to [0, 1] on the device, `to_unit`: a quarter of the bytes
+to copy and send) or float32 (n, H, W, C) in [0, 1], ``label`` int32 (n,), ``index`` int32 (n,) the row's position in
 the global batch (used to draw per-example attack noise independent of the device count) and, for
 evaluation, ``mask`` float32 (n,) that is 0 on padding.
 
@@ -32,6 +33,14 @@ from autolora_jax.errors import ConfigError
 Batch = Dict[str, np.ndarray]
 # (record, rng) -> image (H, W, C): one training example's augmentation, every random number from `rng`.
 TrainTransform = Callable[[object, np.random.Generator], np.ndarray]
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+  """Images in [0, 1] as float32: uint8 ones times float32(1 / 255) (what the steps do on the device to a
+  uint8 batch, bit for bit); float ones as they are (float32)."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1.0 / 255.0)
+  return images.astype(np.float32, copy=False)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`ImageDataset`: splits of encoded images (or small decoded ones) served as batches, decoded on the fly.
 
-It serves data/core's interface and batch contract (``image`` float32 (n, H, W, 3) in [0, 1], ``label``,
-``index``, and ``mask`` for evaluation), so the training loop knows no data set.
+It serves data/core's interface and batch contract (``image`` uint8 (n, H, W, 3), scaled to [0, 1] on the
+device, ``label``, ``index``, and ``mask`` for evaluation), so the training loop knows no data set.
 
 Determinism (core): the order of an epoch is `epoch_order(seed, epoch, n)`; the augmentation of the example
 at position p of that order is drawn from `example_rng(seed, epoch, p)`. Neither depends on the process
@@ -48,6 +48,15 @@ class Split:
                    for f in ('records', 'labels', 'keys')))
 
 
+def default_threads() -> int:
+  """The decoding threads of a data set by default: the cores this process may run on (its CPU affinity,
+  e.g. the share of a host's cores a scheduler gives each of its 8 GPU tasks; not os.cpu_count(), all of
+  the host's), at most 32. Threads, not processes: PIL decodes and resizes without the GIL, so threads
+  scale with the cores, and nothing is copied between processes (benchmarks/input_pipeline.py)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return max(1, min(32, cores))
+
+
 class ImageDataset:
   """Train / validation / test splits with per-example train and eval transforms.
 
@@ -56,7 +65,8 @@ class ImageDataset:
     num_classes: outputs of the model's head (labels lie in [0, num_classes)).
     train_transform, eval_transform: see the type aliases above; eval output shape is `eval_shape`.
     seed: the run's seed (order and augmentation).
-    threads: decoding threads (default: the machine's CPUs, at most 32); 0 decodes in the caller.
+    threads: decoding threads (None: `default_threads()`, the cores this process may run on, at most 32);
+      0 decodes in the caller.
     prefetch: global batches decoded ahead of the one being consumed.
     cache_validation_bytes: the validation split (evaluated every epoch) keeps its decoded images if they fit.
     name: the data set's name (for messages).
@@ -74,7 +84,7 @@ class ImageDataset:
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
-    self.threads = min(32, os.cpu_count() or 1) if threads is None else threads
+    self.threads = default_threads() if threads is None else threads
     self.prefetch = max(0, prefetch)
     self.name = name
     self._pool = None
@@ -156,14 +166,16 @@ class ImageDataset:
 
   @staticmethod
   def _assemble(images: Sequence[np.ndarray], extra: dict) -> Batch:
-    if images:
-      image = np.stack(images).astype(np.float32) * np.float32(1.0 / 255.0)
-    else:
-      image = np.zeros((0, 0, 0, 3), np.float32)
+    image = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
     return {'image': image, **extra}
 
+  @staticmethod
+  def _decode_all(tasks) -> list:
+    return [fn(*args) for fn, args in tasks]
+
   def _run(self, jobs) -> Iterator[Batch]:
-    """Runs each batch's decoding tasks, `prefetch` batches ahead on the thread pool (in order)."""
+    """Runs each batch's decoding tasks, `prefetch` batches ahead on the thread pool (in order), two chunks
+    of the batch per thread (a few futures per batch, not one per image)."""
     if self.threads <= 0:
       for tasks, extra in jobs:
         yield self._assemble([fn(*args) for fn, args in tasks], extra)
@@ -172,13 +184,15 @@ class ImageDataset:
     pending = collections.deque()
     try:
       for tasks, extra in jobs:
-        pending.append(([pool.submit(fn, *args) for fn, args in tasks], extra))
+        size = max(1, -(-len(tasks) // (2 * self.threads)))
+        chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+        pending.append(([pool.submit(self._decode_all, chunk) for chunk in chunks], extra))
         if len(pending) > self.prefetch:
           futures, extra_ = pending.popleft()
-          yield self._assemble([f.result() for f in futures], extra_)
+          yield self._assemble([image for f in futures for image in f.result()], extra_)
       while pending:
         futures, extra_ = pending.popleft()
-        yield self._assemble([f.result() for f in futures], extra_)
+        yield self._assemble([image for f in futures for image in f.result()], extra_)
     finally:  # an abandoned epoch (preemption, error) leaves no work queued
       for futures, _ in pending:
         for f in futures:

@@ -28,6 +28,7 @@ Nothing is downloaded unless config.dataset.download is True: a data set that is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Dict, Optional, Sequence, Tuple
@@ -122,7 +123,26 @@ def _read_tfds_split(builder, split: str, style: str) -> Split:
   return Split(images, label_array.astype(np.int32), keys)
 
 
+@functools.lru_cache(maxsize=None)
+def hide_accelerators_from_tensorflow() -> None:
+  """Makes TensorFlow (which TFDS runs on) see no GPU and no TPU: they are JAX's, and a CUDA build of
+  TensorFlow would otherwise take GPU memory. Once per process, before TFDS's first use (TensorFlow fixes
+  its devices when it first runs)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except ValueError:  # no such device type in this build
+      pass
+    except RuntimeError as e:  # TensorFlow ran before: its devices are fixed
+      log.warning('TensorFlow ran before the data set was read and keeps its %s devices (%s).', kind, e)
+
+
 def _open_builder(name: str, data_dir: str):
+  hide_accelerators_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     return tfds.builder(name, data_dir=data_dir)

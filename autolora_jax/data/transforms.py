@@ -32,7 +32,7 @@ def open_image(record: Record) -> Image.Image:
   if isinstance(record, np.ndarray):
     return Image.fromarray(record)
   image = Image.open(io.BytesIO(record) if isinstance(record, (bytes, bytearray)) else record)
-  return image.convert('RGB')
+  return image if image.mode == 'RGB' else image.convert('RGB')  # convert() of an RGB image is a copy
 
 
 def resize_shorter(image: Image.Image, size: int = RESIZE) -> Image.Image:
@@ -86,10 +86,9 @@ def imagenet_train(record: Record, rng: np.random.Generator, size: int = CROP) -
   image = resize_shorter(open_image(record))
   top, left, h, w = random_resized_crop_box(image.size[0], image.size[1], rng)
   image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-  out = np.asarray(image, np.uint8)
   if rng.random() < 0.5:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # in C: no strided numpy copy
+  return np.asarray(image, np.uint8)
 
 
 def imagenet_eval(record: Record, size: int = CROP) -> np.ndarray:

@@ -58,7 +58,13 @@ class LoRaConv(nn.Module):
     alpha: LoRa scaling numerator, dW is scaled by alpha / rank.
     conv_fn: the convolution, `ConvFn`; any implementation of the same function (parameters and
       results do not depend on it, up to float rounding).
-    dtype: compute dtype (input and kernel are cast to it; parameters stay float32).
+    dtype: compute dtype (input and kernel are cast to it; parameters stay float32). Below float32
+      (bfloat16), branch 'nat' computes conv(x, W) + conv(x, dW) in float32 and returns float32: the
+      small dW of early training (mean |dW| / |W| about 1e-3 after a first step) is its own operand, not
+      rounded into W + dW, and the natural branch's activations, which carry its effect from layer to
+      layer, are not rounded to bfloat16's 8 bits in between (tests/test_bfloat16.py). That costs the
+      natural forward float32 speed in its LoRa layers; the adversarial branch (PGD, the deployed model)
+      stays in `dtype`.
   """
   features: int
   kernel_size: int
@@ -78,5 +84,9 @@ class LoRaConv(nn.Module):
       lora_a = self.param('lora_A', nn.initializers.normal(1.0), (self.rank * k, shape[2] * k))
       lora_b = self.param('lora_B', nn.initializers.zeros, (self.features * k, self.rank * k))
       if branch == 'nat':
-        kernel = kernel + lora_delta(lora_a, lora_b, shape, self.alpha / self.rank)
+        delta = lora_delta(lora_a, lora_b, shape, self.alpha / self.rank)
+        if jnp.finfo(self.dtype).bits < 32:
+          x = x.astype(jnp.float32)
+          return sum(self.conv_fn(x, w, self.strides, self.padding) for w in (kernel, delta))
+        kernel = kernel + delta
     return self.conv_fn(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)

@@ -34,6 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BRANCHES = ('adv', 'nat')
 STEMS = ('imagenet', 'cifar')
 LORA_PLACEMENTS = ('all', 'last_block')
+# The matmul precision of the convolutions on GPUs and TPUs (jax.default_matmul_precision): 'default' lets
+# TPUs multiply float32 in bfloat16 and A100/H100 GPUs in TF32; 'high' (3 bfloat16 passes on TPUs, TF32 on
+# GPUs) and 'highest' (float32) cost speed. CPUs compute float32 in float32 whatever it says.
+PRECISIONS = ('default', 'high', 'highest')
 
 # pool_fn(x, window, stride, padding) -> y: max-pooling of NHWC x with symmetric -inf padding.
 PoolFn = Callable[[jax.Array, int, int, int], jax.Array]
@@ -134,8 +138,10 @@ class ResNet(nn.Module):
     conv_fn: the convolution of every layer, `lora.ConvFn` (default XLA's; ops.convolutions gives the
       CPU ones).
     pool_fn: the ImageNet stem's max-pool, `PoolFn`, called as pool_fn(x, 3, 2, 1) (default XLA's).
-    dtype: compute dtype of convolutions and the head (parameters stay float32); the logits are float32
-      (float64 for a float64 model).
+    dtype: compute dtype of the convolutions (parameters stay float32); the pooled features, the head and
+      the logits are float32 whatever it is (float64 for a float64 model): argmax ties and the margins of
+      AutoAttack's DLR loss over 100-200 classes need more than bfloat16's 8 bits.
+    precision: matmul precision of every convolution and the head on GPUs and TPUs, one of PRECISIONS.
     twin_bn: every BatchNorm doubled (`TwinBatchNorm`, TWINS): the call's `bn` picks the adaptive BNs
       (the deployed model, the default), the frozen ones, or 'mix' (first half of the batch frozen).
   """
@@ -155,8 +161,8 @@ class ResNet(nn.Module):
   pool_fn: PoolFn = native_max_pool
   dtype: Any = jnp.float32
   twin_bn: bool = False
+  precision: str = 'default'
 
-  @nn.compact
   def __call__(self, x, branch='adv', train=False, bn='adaptive'):
     """Logits of shape (N, num_classes) for images x of shape (N, H, W, C) in [0, 1].
 
@@ -167,6 +173,13 @@ class ResNet(nn.Module):
     if bn not in TWIN_MODES or (bn != 'adaptive' and not self.twin_bn):
       raise ValueError(f"bn={bn!r}: a model with twin_bn=True takes one of {TWIN_MODES}; any other only "
                        "'adaptive'.")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}.')
+    with jax.default_matmul_precision(self.precision):
+      return self._forward(x, branch, train, bn)
+
+  @nn.compact
+  def _forward(self, x, branch, train, bn):
     if self.twin_bn:
       norm = functools.partial(TwinBatchNorm, mode=bn, use_running_average=not train,
                                axis_name=self.bn_axis_name)
@@ -210,11 +223,11 @@ class ResNet(nn.Module):
         x = block_cls(self.width * 2**i, strides=2 if (i > 0 and j == 0) else 1, conv=block_conv,
                       norm=norm, name=f'layer{i + 1}_{j}')(x, branch)
 
-    x = jnp.mean(x, axis=(1, 2))
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
     fan_in = x.shape[-1]
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_torch_linear_uniform(fan_in),
-                 bias_init=_torch_linear_uniform(fan_in), name='head')(x)
-    return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=_torch_linear_uniform(fan_in),
+                    bias_init=_torch_linear_uniform(fan_in), name='head')(x)
 
 
 def resnet18(num_classes, **kwargs) -> ResNet:
@@ -249,6 +262,7 @@ def create_model(model_config, num_classes, *, conv_fn: Optional[ConvFn] = None,
       conv_fn=conv_fn or native_conv2d,
       pool_fn=pool_fn or native_max_pool,
       dtype=jnp.dtype(model_config.dtype),
+      precision=model_config.get('precision', 'default'),
   )
   kwargs.update(overrides)
   return ARCHITECTURES[model_config.arch](num_classes, **kwargs)
