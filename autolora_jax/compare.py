@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from autolora_jax import config_checks, experiment, reporting, steps
+from autolora_jax import config_checks, experiment, models, reporting, steps
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import ConfigError, WorkdirError
 
@@ -623,6 +623,13 @@ def write_sensitivity(sweep: dict, workdir: str) -> List[str]:
   return paths
 
 
+def default_methods(config) -> Tuple[str, ...]:
+  """DEFAULT_METHODS, without TWINS for a ViT (TWINS doubles BatchNorms, which a ViT does not have)."""
+  if models.is_vit(config.model.arch):
+    return tuple(m for m in DEFAULT_METHODS if m != 'twins')
+  return DEFAULT_METHODS
+
+
 def compare(config, workdir: str, *, method_names: Optional[Sequence[str]] = None,
             seeds: Optional[Sequence[int]] = None, sweep: bool = False,
             sweep_lrs: Sequence[float] = SWEEP_LRS, sweep_l2s: Sequence[float] = SWEEP_L2S,
@@ -634,7 +641,7 @@ def compare(config, workdir: str, *, method_names: Optional[Sequence[str]] = Non
   {'comparison': summary or None, 'sensitivity': sweep summary or None}.
   """
   if method_names is None and not sweep:
-    method_names = DEFAULT_METHODS
+    method_names = default_methods(config)
   method_names = parse_methods(method_names) if method_names is not None else None
   seeds = parse_seeds(seeds if seeds is not None else (DEFAULT_SEEDS if method_names else SWEEP_SEEDS))
   lrs, l2s = parse_values(sweep_lrs, 'sweep_lr'), parse_values(sweep_l2s, 'sweep_l2')
@@ -686,7 +693,7 @@ def _define_flags():
                                      'DIR/<method>/seed<k> (sweep: DIR/sweep/...), and the outputs.'),
       'methods': flags.DEFINE_string('methods', None, 'Comma list of methods to compare (from '
                                      f'{", ".join(steps.METHODS)}); default without --sweep: '
-                                     f'{",".join(DEFAULT_METHODS)}.'),
+                                     f'{",".join(DEFAULT_METHODS)} (without twins for a ViT).'),
       'seeds': flags.DEFINE_string('seeds', None, 'Comma list of seeds (config.seed); default '
                                    f'{",".join(map(str, DEFAULT_SEEDS))} for the comparison, '
                                    f'{",".join(map(str, SWEEP_SEEDS))} for --sweep alone.'),

@@ -1,4 +1,4 @@
-"""PyTorch ResNet checkpoints -> this project's models: the robust ImageNet feature extractors the paper uses.
+"""PyTorch checkpoints -> this project's models: the robust ImageNet ResNets the paper uses, and ViTs.
 
 Reads (torch is needed only for this, to unpickle the file):
 
@@ -6,7 +6,10 @@ Reads (torch is needed only for this, to unpickle the file):
   state dict under 'model' or 'state_dict', keys 'module.model.<torchvision key>', a duplicate set under
   'module.attacker.model.' (ignored) and the input normaliser 'module.normalizer.new_mean/new_std';
 * plain torchvision state dicts, also with a 'model.' or 'module.' prefix;
-* the common CIFAR layout (3x3 stride-1 stem, no max-pool, blocks with 'shortcut.0/1', head 'linear').
+* the common CIFAR layout (3x3 stride-1 stem, no max-pool, blocks with 'shortcut.0/1', head 'linear');
+* timm ViT-S/16 and ViT-B/16 state dicts and their ConvStem variant (autolora_jax.convert_vit), also under
+  RobustBench's or ARES's wrappers: a normalisation module in front ('normalize.mean/std'), 'model.' or
+  'module.' prefixes.
 
 Convolution kernels go from OIHW to HWIO, the linear head is transposed, BatchNorm weight/bias become params
 scale/bias and running_mean/running_var become batch_stats mean/var. The ImageNet head is kept, so that a
@@ -35,18 +38,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from autolora_jax import models, ops
+from autolora_jax import convert_vit, models, ops
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
 # --arch -> (models.ARCHITECTURES key, stem).
 ARCHS = {'resnet18': ('resnet18', 'imagenet'), 'resnet50': ('resnet50', 'imagenet'),
-         'resnet18_cifar': ('resnet18', 'cifar')}
+         'resnet18_cifar': ('resnet18', 'cifar'), 'vit_s16': ('vit_s16', 'imagenet'),
+         'vit_b16': ('vit_b16', 'imagenet'), 'vit_s16_convstem': ('vit_s16', 'convstem'),
+         'vit_b16_convstem': ('vit_b16', 'convstem')}
 NORMALIZATIONS = ('auto', 'checkpoint', 'imagenet', 'none')
 TORCH_INSTALL = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
 FORMAT_VERSION = 1
 
+# Where the network sits in a state dict: the robustness library's 'module.model.', RobustBench's and
+# Singh et al.'s nn.Sequential(normalize, model) 'model.', DataParallel's 'module.', a bare nn.Sequential's
+# '1.', or nothing.
+_PREFIXES = ('module.model.', 'model.', 'module.1.', 'module.', '1.', '')
+# The input normaliser in front of it: the robustness library's normalizer.new_mean/new_std, RobustBench's
+# normalize.mean/std (ImageNormalizer buffers of shape (1, 3, 1, 1)), or a bare nn.Sequential's 0.mean/std.
+_NORMALIZER = re.compile(r'(^|\.)(normalizer\.new_|normalizer\.|normalize\.|^0\.|module\.0\.)(?P<stat>mean|std)$')
 _BN_LEAVES = {'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
 _DEPTHS = {('basic', (2, 2, 2, 2)): 'resnet18', ('basic', (3, 4, 6, 3)): 'resnet34',
            ('bottleneck', (3, 4, 6, 3)): 'resnet50', ('bottleneck', (3, 4, 23, 3)): 'resnet101',
@@ -142,23 +154,25 @@ def split_state_dict(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray
     not belong to the network).
   """
   prefix = None
-  for candidate in ('module.model.', 'model.', 'module.', ''):
-    if candidate + 'conv1.weight' in state:
+  for candidate in _PREFIXES:
+    if candidate + 'conv1.weight' in state or candidate + convert_vit.ANCHOR in state:
       prefix = candidate
       break
   if prefix is None:
     raise CheckpointError(
-        "The state dict holds no ResNet: no stem convolution 'conv1.weight' under any of the prefixes "
-        f"'module.model.', 'model.', 'module.' or none. Its first keys are {sorted(state)[:6]}.")
+        "The state dict holds neither a ResNet nor a ViT: no stem convolution 'conv1.weight' and no class token "
+        f"'cls_token' under any of the prefixes {', '.join(repr(p) for p in _PREFIXES[:-1])} or none. Its first "
+        f'keys are {sorted(state)[:6]}.')
   weights, ignored, unused = {}, [], []
   normalizer = {}
   for key, value in state.items():
-    if key.startswith(prefix):
-      weights[key[len(prefix):]] = value
-    elif re.search(r'(^|\.)normalizer\.new_(mean|std)$', key):
+    found = _NORMALIZER.search(key)
+    if found and np.size(value) == 3:
       if 'attacker' not in key:
-        normalizer[key.rsplit('_', 1)[-1]] = [float(v) for v in np.ravel(value)]
+        normalizer[found.group('stat')] = [float(v) for v in np.ravel(value)]
       ignored.append(key)
+    elif key.startswith(prefix):
+      weights[key[len(prefix):]] = value
     elif key.startswith('module.attacker.'):
       ignored.append(key)
     else:
@@ -215,7 +229,8 @@ def flax_path(torch_key: str, value: np.ndarray) -> Optional[Tuple[str, str]]:
 
 
 def to_flax(value: np.ndarray) -> np.ndarray:
-  """OIHW conv weight -> HWIO kernel; (out, in) linear weight -> (in, out); vectors unchanged."""
+  """OIHW conv weight -> HWIO kernel; (out, in) linear weight -> (in, out); vectors (and a ViT's tokens)
+  unchanged."""
   if value.ndim == 4:
     return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
   if value.ndim == 2:
@@ -265,7 +280,15 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
     CheckpointError naming the first missing keys and mismatched shapes when the weights do not fit `arch`.
   """
   model_arch, stem = _check_arch(arch)
+  if models.is_vit(model_arch):
+    if convert_vit.ANCHOR not in weights:
+      raise CheckpointError(f'{source} holds no ViT (no cls_token), but --arch={arch}; it looks like '
+                            f'{guess_arch(weights)}.')
+    return convert_vit.convert_state_dict(weights, arch, model_arch, stem, source)
   conv1 = weights.get('conv1.weight')
+  if conv1 is None and convert_vit.ANCHOR in weights:
+    raise CheckpointError(f'{source} holds a ViT ({convert_vit.describe(weights)["name"]}), not a {arch}: '
+                          f'convert it with --arch={convert_vit.describe(weights)["name"]}.')
   if conv1 is None or conv1.ndim != 4:
     raise CheckpointError(f'{source} has no ResNet stem convolution conv1.weight.')
   head = weights.get('fc.weight', weights.get('linear.weight'))
@@ -329,7 +352,7 @@ def resolve_normalization(normalization: Normalization, checkpoint_normalizer, a
   """(mean, std, how) the converted model applies; mean/std are tuples or None (no normalisation).
 
   'auto': the checkpoint's normaliser if it has one, else the ImageNet statistics for ImageNet-stem
-  architectures and none for the CIFAR layout; 'checkpoint': its normaliser (an error if it has none);
+  architectures and ViTs and none for the CIFAR layout; 'checkpoint': its normaliser (an error if it has none);
   'imagenet'; 'none'; or an explicit (mean, std) pair.
   """
   _, stem = _check_arch(arch)
@@ -350,7 +373,7 @@ def resolve_normalization(normalization: Normalization, checkpoint_normalizer, a
     if (np.allclose(mean, models.IMAGENET_MEAN, rtol=0, atol=1e-6)
         and np.allclose(std, models.IMAGENET_STD, rtol=0, atol=1e-6)):
       return models.IMAGENET_MEAN, models.IMAGENET_STD, 'checkpoint'  # the float32 copies of the constants
-    if stem == 'imagenet':
+    if stem != 'cifar':
       log.warning('The checkpoint\'s normaliser (mean %s, std %s) differs from the ImageNet statistics '
                   '(mean %s, std %s); the converted model applies the checkpoint\'s.', mean, std,
                   models.IMAGENET_MEAN, models.IMAGENET_STD)
@@ -358,7 +381,7 @@ def resolve_normalization(normalization: Normalization, checkpoint_normalizer, a
   if normalization == 'checkpoint':
     raise CheckpointError('normalization=checkpoint, but the checkpoint has no normaliser '
                           '(normalizer.new_mean/new_std): choose imagenet, none or give mean/std.')
-  if stem == 'imagenet':
+  if stem != 'cifar':
     return models.IMAGENET_MEAN, models.IMAGENET_STD, 'imagenet'
   log.warning('The CIFAR-layout checkpoint has no normaliser: the converted model takes [0, 1] inputs without '
               'normalisation. If it was trained with a mean/std, convert it with --mean/--std.')
@@ -376,7 +399,8 @@ def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
   Returns:
     (variables, meta): variables {'params', 'batch_stats'} of the FE and its head (no LoRa), meta the
     JSON-serialisable description (arch, model_arch, stem, width, num_classes, mean, std, normalization,
-    layout, source, unused_keys) that `build_model` and `config.pretrained` use.
+    layout, source, unused_keys; for a ViT also dim (= width), depth, heads and input_size, its position
+    grid's) that `build_model` and `config.pretrained` use.
   """
   _check_arch(arch)
   state = read_state_dict(path, allow_pickle=allow_pickle)
@@ -388,21 +412,30 @@ def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
     log.warning('Not used from %s (not part of a %s): %s', path, arch, ', '.join(unused))
   model_arch, stem = ARCHS[arch]
   meta = {'format_version': FORMAT_VERSION, 'arch': arch, 'model_arch': model_arch, 'stem': stem,
-          'width': report['width'], 'num_classes': report['num_classes'],
+          'width': report.get('width', report.get('dim')), 'num_classes': report['num_classes'],
           'mean': list(mean) if mean is not None else None, 'std': list(std) if std is not None else None,
           'normalization': how, 'layout': info['layout'], 'source': os.path.abspath(path),
           'unused_keys': unused}
+  if models.is_vit(model_arch):  # width is the embedding width; the heads are the architecture's
+    meta.update(dim=report['dim'], depth=report['depth'], heads=report['heads'], input_size=report['input_size'])
   return variables, meta
 
 
-def build_model(meta: dict, lora_rank: int = 8, conv_impl: str = 'auto', **overrides) -> models.ResNet:
+def build_model(meta: dict, lora_rank: int = 8, conv_impl: str = 'auto', **overrides):
   """The model a converted checkpoint's meta describes (its head size and input normalisation).
 
   `conv_impl` (ops.CONV_IMPLS) gives the convolutions for this process's default backend; `overrides`
-  are `models.ResNet` attributes (input_size defaults to 224 for the ImageNet stem and 32 for the CIFAR
-  layout).
+  are `models.ResNet` or `models.ViT` attributes (input_size defaults to 224 for the ImageNet stem, 32 for
+  the CIFAR layout and the position grid's for a ViT).
   """
   conv_fn, pool_fn = ops.convolutions(conv_impl, jax.default_backend())
+  mean = tuple(meta['mean']) if meta['mean'] is not None else None
+  std = tuple(meta['std']) if meta['std'] is not None else None
+  if models.is_vit(meta['model_arch']):
+    kwargs = dict(dim=meta['dim'], depth=meta['depth'], heads=meta['heads'], lora_rank=lora_rank,
+                  stem=meta['stem'], conv_fn=conv_fn, input_size=meta['input_size'], mean=mean, std=std)
+    kwargs.update(overrides)
+    return models.VITS[meta['model_arch']](meta['num_classes'], **kwargs)
   kwargs = dict(width=meta['width'], lora_rank=lora_rank, stem=meta['stem'], conv_fn=conv_fn, pool_fn=pool_fn,
                 input_size=224 if meta['stem'] == 'imagenet' else 32,
                 mean=tuple(meta['mean']) if meta['mean'] is not None else None,
@@ -411,26 +444,30 @@ def build_model(meta: dict, lora_rank: int = 8, conv_impl: str = 'auto', **overr
   return models.ARCHITECTURES[meta['model_arch']](meta['num_classes'], **kwargs)
 
 
-def add_lora(model: models.ResNet, variables: dict, seed: int = 0) -> dict:
-  """`variables` (FE and head) completed with the model's LoRa parameters: A ~ N(0, 1), B = 0 (SPEC.md).
+def add_lora(model, variables: dict, seed: int = 0) -> dict:
+  """`variables` (FE and head) completed with the model's LoRa parameters: A ~ N(0, 1) (a ViT's by its
+  lora_init), B = 0 (SPEC.md); a ViT's position embedding resampled to the model's input size.
 
   Uses only the model's parameter shapes (no forward pass is compiled).
   """
-  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  size = model.input_size if isinstance(model, models.ViT) else 32
+  a_init = models.lora_a_init(getattr(model, 'lora_init', 'normal'))
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   key = jax.random.PRNGKey(seed)
-  out = {}
+  out = {'batch_stats': {}}
   for collection, tree in shapes.items():
     flat = traverse_util.flatten_dict(tree)
     have = traverse_util.flatten_dict(variables.get(collection, {}))
     filled = {}
     for i, (path, leaf) in enumerate(sorted(flat.items())):
       if path[-1] == 'lora_A':
-        filled[path] = np.asarray(jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))
+        filled[path] = np.asarray(a_init(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))
       elif path[-1] == 'lora_B':
         filled[path] = np.zeros(leaf.shape, leaf.dtype)
-      elif path in have and tuple(np.shape(have[path])) == tuple(leaf.shape):
-        filled[path] = np.asarray(have[path], leaf.dtype)
+      elif path in have and tuple(np.shape(models.fit_pretrained(path, have[path], leaf.shape))) == tuple(
+          leaf.shape):
+        filled[path] = np.asarray(models.fit_pretrained(path, have[path], leaf.shape), leaf.dtype)
       else:
         raise CheckpointError(f'The converted variables lack {collection}/{"/".join(path)} {leaf.shape} '
                               'that the model needs.')
@@ -439,8 +476,8 @@ def add_lora(model: models.ResNet, variables: dict, seed: int = 0) -> dict:
 
 
 def from_torch(path: str, arch: str, lora_rank: int = 8, *, normalization: Normalization = 'auto',
-               allow_pickle: bool = False, seed: int = 0, **model_overrides) -> Tuple[models.ResNet, dict]:
-  """A PyTorch ResNet checkpoint as (model, variables) of this project.
+               allow_pickle: bool = False, seed: int = 0, **model_overrides):
+  """A PyTorch ResNet or ViT checkpoint as (model, variables) of this project.
 
   The model is configured as the checkpoint needs (architecture, stem, width, head size, input
   normalisation); variables = {'params', 'batch_stats'} with the checkpoint's weights and statistics and
@@ -450,12 +487,13 @@ def from_torch(path: str, arch: str, lora_rank: int = 8, *, normalization: Norma
 
   Args:
     path: a .ckpt / .pt / .pth file (see the module docstring for the layouts read).
-    arch: 'resnet18', 'resnet50' or 'resnet18_cifar'.
+    arch: one of ARCHS ('resnet18', 'resnet50', 'resnet18_cifar', 'vit_s16', 'vit_b16', 'vit_s16_convstem',
+      'vit_b16_convstem').
     lora_rank: LoRa rank r (0: no LoRa parameters).
     normalization: see `resolve_normalization`.
     allow_pickle: read files that hold Python objects besides tensors (runs code from the file).
-    **model_overrides: `build_model`'s conv_impl and other `models.ResNet` attributes (input_size,
-      lora_placement, dtype).
+    **model_overrides: `build_model`'s conv_impl and other `models.ResNet` or `models.ViT` attributes
+      (input_size, lora_placement, lora_targets, dtype).
   """
   variables, meta = convert_file(path, arch, normalization=normalization, allow_pickle=allow_pickle)
   model = build_model(meta, lora_rank=lora_rank, **model_overrides)

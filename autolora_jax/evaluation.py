@@ -155,7 +155,7 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
   """Test accuracies (clean, PGD-10, AutoAttack) of the best and the final checkpoint of an
   `experiment.Experiment`; writes results.json (process 0)."""
   results = {'method': exp.method, 'reference_compat': exp.reference_compat, 'dataset': exp.dataset_name,
-             'num_test': exp.data.num_examples('test')}
+             'arch': exp.arch, 'num_test': exp.data.num_examples('test')}
   if exp.twins is not None:
     results['twins'] = exp.twins._asdict()  # TWINS-AT or TWINS-TRADES, lam, beta
   aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)

@@ -41,7 +41,8 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import checkpoints, config_checks, distributed, loop, models, ops, policy, pretrain, steps
+from autolora_jax import (checkpoints, config_checks, convert, distributed, loop, models, ops, policy, pretrain,
+                          steps)
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
@@ -345,6 +346,7 @@ class Experiment:
     self.normalization = normalization or configured_normalization(config.model)
     self.model = create_model(config, self.data.num_classes, normalization)  # no LoRa for the baselines
     self.input_size = int(config.model.input_size)
+    self.arch = convert.arch_for(config.model.arch, config.model.stem)  # e.g. 'resnet18', 'vit_b16_convstem'
     self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, weight_decay(config))
     self.policy = create_policy(config)  # lr, scalars, best checkpoint and stop, per method
     self.attack = a = attack_settings(config)  # reference_compat: eps 0.0314

@@ -33,7 +33,8 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
   """Copies every FE entry of `source` into `target` ({'params', 'batch_stats'} trees).
 
   The head and LoRa parameters of `target` stay as they are. Every FE entry of `target` must exist in
-  `source` with the same shape; the frozen BatchNorms of a TWINS model (`models.TwinBatchNorm`), which a
+  `source` with the same shape (a ViT's position embedding is resampled to the target's input size,
+  `models.fit_pretrained`); the frozen BatchNorms of a TWINS model (`models.TwinBatchNorm`), which a
   plain FE does not have, start from the pre-trained BN of their pair, as the adaptive ones do.
 
   Returns:
@@ -42,7 +43,7 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
   out, copied = {}, set()
   for collection in ('params', 'batch_stats'):
     src = traverse_util.flatten_dict(source.get(collection, {}), sep='/')
-    flat = traverse_util.flatten_dict(target[collection], sep='/')
+    flat = traverse_util.flatten_dict(target.get(collection, {}), sep='/')
     missing, mismatched = [], []
     for path, value in flat.items():
       group = models.param_group([p for p in path.split('/')]) if collection == 'params' else (
@@ -50,12 +51,13 @@ def transplant(source: dict, target: dict) -> Tuple[dict, dict]:
       if group != 'fe':
         continue
       from_path = path if path in src else _frozen_twin_path(path)
+      fitted = models.fit_pretrained(path, src[from_path], np.shape(value)) if from_path in src else None
       if from_path not in src:
         missing.append(path)
-      elif np.shape(src[from_path]) != np.shape(value):
+      elif np.shape(fitted) != np.shape(value):
         mismatched.append(f'{path}: {np.shape(src[from_path])} vs {np.shape(value)}')
       else:
-        flat[path] = np.asarray(src[from_path], dtype=np.asarray(value).dtype)
+        flat[path] = np.asarray(fitted, dtype=np.asarray(value).dtype)
         copied.add(f'{collection}/{from_path}')
     if missing or mismatched:
       raise CheckpointError(
@@ -94,7 +96,7 @@ def init_variables(model, input_size: int, seed: int) -> dict:
     device = jax.local_devices()[0]
   with jax.default_device(device):
     variables = jax.jit(plain.init)(jax.random.key(seed, impl='rbg'), x)
-  return jax.device_get(variables)
+  return {'batch_stats': {}, **jax.device_get(variables)}  # a ViT has no BatchNorm statistics
 
 
 class PretrainPlan(NamedTuple):
@@ -205,12 +207,14 @@ def load_pretrained(path: str, arch: str, stem: str, width: int) -> Tuple[dict, 
     CheckpointError for a missing or unreadable checkpoint, or one of another architecture or width.
   """
   converted_arch = convert.arch_for(arch, stem)
+  if models.is_vit(arch):
+    width = None  # a ViT's width and depth are checked by the conversion (--arch) and the transplant
   if converted_arch not in convert.ARCHS:
     raise CheckpointError(f'config.pretrained is set, but there is no conversion for config.model.arch='
                           f'{arch!r} with stem={stem!r}: pre-trained checkpoints exist for '
                           f'{tuple(convert.ARCHS)} (--arch of python -m autolora_jax.convert).')
   variables, meta = convert.load_any(path, converted_arch)
-  if meta['width'] != width:
+  if width is not None and meta['width'] != width:
     raise CheckpointError(f'config.pretrained={path!r} holds a {converted_arch} of width {meta["width"]}, '
                           f'the config builds width {width}: set --config.model.width={meta["width"]}.')
   log.info('Pre-trained FE %s: %s, width %d, %s layout, from %s', path, converted_arch, meta['width'],

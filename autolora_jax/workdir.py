@@ -42,7 +42,8 @@ METHOD_SECTIONS = {'twins': 'twins'}
 # Keys added later whose value here is what every run computed before they existed: a run whose
 # config.json lacks them resumes when they have this value.
 ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.norm': 'auto', 'autoattack.eps': 0.0,
-              'autoattack.attacks': []}
+              'autoattack.attacks': [], 'model.lora_targets': ['q', 'k', 'v', 'proj', 'fc1', 'fc2'],
+              'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0}
 
 
 def config_dict(config) -> dict:

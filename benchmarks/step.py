@@ -4,6 +4,9 @@ r"""Times our AutoLoRa steps after compilation and, where torch is installed, th
 
 For every (arch, resolution, batch) in the comma-separated flags and every part in --parts:
 
+Architectures: resnet18, resnet50 (the paper's) and vit_s16, vit_b16 (timm's ViT-S/16, ViT-B/16 with LoRa on
+q, k, v, proj, fc1, fc2; their reference is torch_reference.ViT, attention by F.scaled_dot_product_attention).
+
 * train: the AutoLoRa train step (PGD-`pgd_steps` with a random start, natural and adversarial forward,
   one update), `steps.make_train_step` jitted on one device with the state donated; against
   `torch_reference.AutoLoRaStep` (the authors' public code's step);
@@ -24,8 +27,8 @@ to `--input_size` (default: the resolution, i.e. no resize) inside itself, as th
 Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s,
 ratio (ours / torch), compile time, the peak memory of one call (the rise of the bytes malloc has handed
 out while it runs, sampled every 5 ms; on GPUs the devices' own peak counters), the model FLOPs per image
-and the achieved FLOP/s. FLOPs count the convolutions and the head (2 per multiply-add) of one forward
-pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step;
+and the achieved FLOP/s. FLOPs count the convolutions and matmuls (the head, a ViT's dense layers and
+attention; 2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step;
 natural and adversarial pass: forward + input and weight gradients) and a validation image
 (2 * pgd_steps + 3) * F.
 
@@ -61,12 +64,12 @@ except ImportError:  # torch is optional
   torch_reference = None
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('arch', ['resnet18'], 'Architectures: resnet18, resnet50.')
+flags.DEFINE_list('arch', ['resnet18'], 'Architectures: resnet18, resnet50, vit_s16, vit_b16.')
 flags.DEFINE_list('resolution', ['224'], 'Input image sides, e.g. 32,224.')
 flags.DEFINE_list('batch', ['32'], 'Batch sizes.')
 flags.DEFINE_list('parts', ['train', 'eval', 'autoattack'], 'What to time: train, eval, autoattack.')
 flags.DEFINE_integer('input_size', 0, 'Side the model resizes its inputs to; 0 = the resolution.')
-flags.DEFINE_enum('stem', 'imagenet', ['imagenet', 'cifar'], 'ResNet stem.')
+flags.DEFINE_enum('stem', 'imagenet', ['imagenet', 'cifar'], 'ResNet stem (ViTs: the patch embedding).')
 flags.DEFINE_integer('width', 64, 'Channels of the first stage (64 = the real networks).')
 flags.DEFINE_integer('lora_rank', 8, 'LoRa rank.')
 flags.DEFINE_integer('num_classes', 10, 'Outputs of the head.')
@@ -158,7 +161,8 @@ def _loadavg() -> List[float]:
 
 def forward_flops(model, variables, input_size: int) -> float:
   """FLOPs (2 per multiply-add) of the convolutions and dots of one forward pass on one image."""
-  native = model.clone(conv_fn=models.native_conv2d, pool_fn=models.native_max_pool, dtype=jnp.float32)
+  plain = {'pool_fn': models.native_max_pool} if isinstance(model, models.ResNet) else {}
+  native = model.clone(conv_fn=models.native_conv2d, dtype=jnp.float32, **plain)
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: native.apply(v, x))(variables, x)
   total = 0.0
@@ -192,11 +196,13 @@ def _gpu() -> bool:
 
 def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, data) -> tuple:
   conv_fn, pool_fn = ops.convolutions(FLAGS.conv_impl, jax.default_backend())
-  model = models.ARCHITECTURES[arch](
-      FLAGS.num_classes, width=FLAGS.width, lora_rank=FLAGS.lora_rank, input_size=input_size,
-      stem=FLAGS.stem, conv_fn=conv_fn, pool_fn=pool_fn, dtype=jnp.dtype(FLAGS.dtype))
+  common = dict(lora_rank=FLAGS.lora_rank, input_size=input_size, conv_fn=conv_fn, dtype=jnp.dtype(FLAGS.dtype))
+  if models.is_vit(arch):
+    model = models.VITS[arch](FLAGS.num_classes, **common)
+  else:
+    model = models.RESNETS[arch](FLAGS.num_classes, width=FLAGS.width, stem=FLAGS.stem, pool_fn=pool_fn, **common)
   x, y = data
-  variables = model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])
+  variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}
   if part == 'autoattack':
     n = FLAGS.aa_images or batch

@@ -1,4 +1,5 @@
 """The AutoLoRa train step in PyTorch, written the way the authors' public code does it (for benchmarks).
+Its ViT (timm's layout, LoRa on the dense layers, no code of the authors to follow) takes the same step.
 
 This is the yardstick that benchmarks/step.py times against our JAX step on the same machine and inputs:
 
@@ -146,14 +147,93 @@ def resnet50(num_classes, **kwargs):
   return ResNet((3, 4, 6, 3), 'bottleneck', num_classes, **kwargs)
 
 
-ARCHITECTURES = {'resnet18': resnet18, 'resnet50': resnet50}
+class LoRaLinear(nn.Module):
+  """nn.Linear whose output slices may carry the usual LoRA path on the natural branch:
+  y = x W^T + b (+ (x A^T) B^T * alpha / r per slice), A (r, in) ~ N(0, 1), B (out, r) = 0."""
+
+  def __init__(self, d_in, d_out, slices=1, lora_slices=(), rank=0, alpha=1.0):
+    super().__init__()
+    self.linear = nn.Linear(d_in, d_out)
+    self.slices, self.scale = slices, alpha / max(rank, 1)
+    self.lora_A = nn.ParameterDict({str(i): nn.Parameter(torch.randn(rank, d_in)) for i in lora_slices})
+    self.lora_B = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(d_out // slices, rank)) for i in lora_slices})
+
+  def forward(self, x, branch='adv'):
+    y = self.linear(x)
+    if branch != 'nat' or not len(self.lora_A):
+      return y
+    d = y.shape[-1] // self.slices
+    parts = [(x @ self.lora_A[str(i)].T) @ self.lora_B[str(i)].T * self.scale if str(i) in self.lora_A
+             else y.new_zeros(y.shape[:-1] + (d,)) for i in range(self.slices)]
+    return y + torch.cat(parts, dim=-1)
+
+
+class ViTBlock(nn.Module):
+  """timm's pre-norm block with fused qkv and F.scaled_dot_product_attention (timm's fused_attn path)."""
+
+  def __init__(self, dim, heads, rank, alpha, targets):
+    super().__init__()
+    self.heads = heads
+    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+    qkv_lora = [i for i, t in enumerate(('q', 'k', 'v')) if t in targets]
+    self.qkv = LoRaLinear(dim, 3 * dim, 3, qkv_lora, rank, alpha)
+    self.proj = LoRaLinear(dim, dim, 1, [0] if 'proj' in targets else [], rank, alpha)
+    self.fc1 = LoRaLinear(dim, 4 * dim, 1, [0] if 'fc1' in targets else [], rank, alpha)
+    self.fc2 = LoRaLinear(4 * dim, dim, 1, [0] if 'fc2' in targets else [], rank, alpha)
+
+  def forward(self, x, branch):
+    b, n, c = x.shape
+    qkv = self.qkv(self.norm1(x), branch).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, c)
+    x = x + self.proj(y, branch)
+    return x + self.fc2(F.gelu(self.fc1(self.norm2(x), branch)), branch)
+
+
+class ViT(nn.Module):
+  """timm's vit_*_patch16_224 with LoRa on q, k, v, proj, fc1, fc2 (`lora_targets`); `forward(x, branch)`,
+  inside: nearest resize to input_size, clamp to [0, 1], ImageNet normalisation, as for `ResNet`."""
+
+  def __init__(self, dim, depth, heads, num_classes, lora_rank=8, lora_alpha=1.0, input_size=224,
+               lora_targets=('q', 'k', 'v', 'proj', 'fc1', 'fc2'), **unused):
+    super().__init__()
+    del unused  # ResNet-only settings (width, stem)
+    self.input_size, grid = input_size, input_size // 16
+    self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    self.patch_embed = nn.Conv2d(3, dim, 16, 16)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
+    self.blocks = nn.ModuleList([ViTBlock(dim, heads, lora_rank, lora_alpha, lora_targets) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+    self.head = nn.Linear(dim, num_classes)
+
+  def forward(self, x, branch='adv'):
+    if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+      x = F.interpolate(x, size=(self.input_size, self.input_size), mode='nearest')
+    x = (torch.clamp(x, 0.0, 1.0) - self.mean) / self.std
+    x = self.patch_embed(x).flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    for block in self.blocks:
+      x = block(x, branch)
+    return self.head(self.norm(x)[:, 0])
+
+
+def vit_s16(num_classes, **kwargs):
+  return ViT(384, 12, 6, num_classes, **kwargs)
+
+
+def vit_b16(num_classes, **kwargs):
+  return ViT(768, 12, 12, num_classes, **kwargs)
+
+
+ARCHITECTURES = {'resnet18': resnet18, 'resnet50': resnet50, 'vit_s16': vit_s16, 'vit_b16': vit_b16}
 
 
 def param_group(name: str) -> str:
-  """'lora', 'head' or 'fe' for a parameter name of `ResNet`."""
+  """'lora', 'head' or 'fe' for a parameter name of `ResNet` or `ViT`."""
   if 'lora_' in name:
     return 'lora'
-  if name.startswith('fc.'):
+  if name.startswith(('fc.', 'head.')):
     return 'head'
   return 'fe'
 
@@ -262,6 +342,42 @@ def load_flax_variables(model: ResNet, variables, stage_sizes: Sequence[int]):
       bn(block.downsample[1], p['downsample_bn'], s['downsample_bn'])
   model.fc.weight.data.copy_(torch.from_numpy(np.array(params['head']['kernel'])).T)
   model.fc.bias.data.copy_(torch.from_numpy(np.array(params['head']['bias'])))
+  return model
+
+
+def load_flax_vit(model: ViT, variables):
+  """Copies Flax variables {'params'} of autolora_jax.models.ViT (patch embedding stem) into `model`."""
+  params = variables['params']
+  t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+
+  def dense(dst: LoRaLinear, src, slices=('0',)):
+    dst.linear.weight.data.copy_(t(src['kernel']).T)
+    dst.linear.bias.data.copy_(t(src['bias']))
+    for i, name in enumerate(slices):
+      factors = src if len(slices) == 1 else src.get(name, {})
+      if 'lora_A' in factors:
+        dst.lora_A[str(i)].data.copy_(t(factors['lora_A']))
+        dst.lora_B[str(i)].data.copy_(t(factors['lora_B']))
+
+  def norm(dst: nn.LayerNorm, src):
+    dst.weight.data.copy_(t(src['scale']))
+    dst.bias.data.copy_(t(src['bias']))
+
+  model.patch_embed.weight.data.copy_(t(params['patch_embed']['proj']['kernel']).permute(3, 2, 0, 1))
+  model.patch_embed.bias.data.copy_(t(params['patch_embed']['proj']['bias']))
+  model.cls_token.data.copy_(t(params['cls_token']))
+  model.pos_embed.data.copy_(t(params['pos_embed']))
+  for i, block in enumerate(model.blocks):
+    p = params[f'blocks_{i}']
+    norm(block.norm1, p['norm1'])
+    norm(block.norm2, p['norm2'])
+    dense(block.qkv, p['attn']['qkv'], ('q', 'k', 'v'))
+    dense(block.proj, p['attn']['proj'])
+    dense(block.fc1, p['mlp']['fc1'])
+    dense(block.fc2, p['mlp']['fc2'])
+  norm(model.norm, params['norm'])
+  model.head.weight.data.copy_(t(params['head']['kernel']).T)
+  model.head.bias.data.copy_(t(params['head']['bias']))
   return model
 
 

@@ -48,15 +48,24 @@ def get_config():
   # preprocessing) or 'cifar' (small images as they are: pad-4 random crop and flip).
   config.dataset.preprocess = 'imagenet'
 
-  # Model: torchvision ResNet with a LoRa branch on every block convolution and projection shortcut.
+  # Model: torchvision ResNet with a LoRa branch on every block convolution and projection shortcut, or a ViT
+  # with one on its dense layers (lora_targets).
   config.model = ml_collections.ConfigDict()
-  config.model.arch = 'resnet18'  # 'resnet18' | 'resnet50'
-  config.model.width = 64  # channels of the first stage
+  # 'resnet18' | 'resnet50' | 'vit_s16' | 'vit_b16' (ViT-S/16, ViT-B/16 in timm's layout, autolora_jax/models/vit.py)
+  config.model.arch = 'resnet18'
+  config.model.width = 64  # ResNets: channels of the first stage
   config.model.lora_rank = 8
   config.model.lora_alpha = 1.0
-  config.model.lora_placement = 'all'  # 'all' | 'last_block'
+  config.model.lora_placement = 'all'  # ResNets: 'all' | 'last_block'
+  # ViTs: the dense layers that carry LoRa, from 'q', 'k', 'v' (slices of the fused qkv), 'proj' (attention
+  # output), 'fc1', 'fc2' (MLP); ('q', 'v') is the query-and-value placement of LoRA.
+  config.model.lora_targets = ('q', 'k', 'v', 'proj', 'fc1', 'fc2')
+  config.model.lora_init = 'normal'  # ViTs: A ~ 'normal' N(0, 1) (as the conv branch) | 'kaiming_uniform'
+  # ViTs: width, blocks and heads for experiments and tests; 0 = the architecture's own (models.VIT_SIZES).
+  config.model.vit = ml_collections.ConfigDict(dict(dim=0, depth=0, heads=0))
   config.model.input_size = 224  # inputs are resized (nearest) to this inside the model
-  config.model.stem = 'imagenet'  # 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1)
+  # ResNets: 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1); ViTs: 'imagenet' (16x16 patches) | 'convstem'
+  config.model.stem = 'imagenet'
   config.model.mean = IMAGENET_MEAN
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'

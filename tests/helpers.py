@@ -23,8 +23,17 @@ def tiny_resnet18(num_classes=5, conv_impl='native', **kwargs):
   return models.resnet18(num_classes, **kw)
 
 
+def tiny_vit(num_classes=5, **kwargs):
+  """A 2-block ViT of width 32 with 2 heads and 4x4 patches at 16x16 (16 tokens and the class token): every
+  layer of ViT-S/16, a fraction of the cost."""
+  kw = dict(dim=32, depth=2, heads=2, patch_size=4, input_size=16)
+  kw.update(kwargs)
+  return models.vit_s16(num_classes, **kw)
+
+
 def init(model, seed=0, size=16):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))
+  """{'params', 'batch_stats'} of `model` ('batch_stats' empty for a ViT, as pretrain.init_variables)."""
+  return {'batch_stats': {}, **model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))}
 
 
 def random_batch(n=8, size=16, num_classes=5, seed=0):

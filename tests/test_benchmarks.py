@@ -48,21 +48,48 @@ def test_reference_step_computes_our_step():
       assert _rel(np.asarray(model.apply(variables, x, branch=branch)),
                   ref(torch_reference.to_nchw(x), branch).numpy()) < 1e-4
 
-  # One train step with eps = 0 (x_adv = x, so that the random starts cannot differ): same loss, same
-  # updated parameters and BatchNorm statistics, i.e. the same gradient routing and optimizer.
+  check_one_step(model, variables, ref, x, y, lambda v: torch_reference.load_flax_variables(
+      torch_reference.resnet18(10, width=8, input_size=32), v, (2, 2, 2, 2)))
+
+
+def check_one_step(model, variables, ref, x, y, to_torch):
+  """One train step with eps = 0 (x_adv = x, so that the random starts cannot differ): the same loss, the
+  same updated parameters and BatchNorm statistics, i.e. the same gradient routing and optimizer.
+  `to_torch(variables)` is the reference model holding our updated variables."""
   state = steps.create_train_state(model, variables, steps.make_optimizer(0.1, 0.9, 1e-4), l1=0.3, l2=2.0)
   train_step = jax.jit(steps.make_train_step(model, eps=0.0, step_size=0.0, steps=1, axis_name=None))
-  batch = {'image': x, 'label': y, 'index': np.arange(4)}
+  batch = {'image': x, 'label': y, 'index': np.arange(len(y))}
   new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0))
   step = torch_reference.AutoLoRaStep(ref, lr=0.1, l1=0.3, l2=2.0, eps=0.0, step_size=0.0, steps=1)
   out = step(torch_reference.to_nchw(x), torch.from_numpy(y.astype(np.int64)))
   np.testing.assert_allclose(out['loss'], float(metrics['loss']), rtol=1e-5)
-  new_variables = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
-  ours = torch_reference.load_flax_variables(torch_reference.resnet18(10, width=8, input_size=32),
-                                             new_variables, (2, 2, 2, 2)).state_dict()
+  ours = to_torch({'params': new_state.params, 'batch_stats': new_state.batch_stats}).state_dict()
   for name, value in ref.state_dict().items():
     if value.dtype == torch.float32:
       assert _rel(value.numpy(), ours[name].numpy()) < 1e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch is None, reason='torch is not installed')
+def test_reference_vit_step_computes_our_step():
+  """The ViT reference (a 2-block ViT of width 32 at 32x32: 4 patches and the class token) computes our
+  logits on both branches and our train step: the same loss and the same updated tensors."""
+  model = models.vit_s16(10, dim=32, depth=2, heads=2, input_size=32)
+  rng = np.random.default_rng(1)
+  x = rng.random((4, 32, 32, 3), dtype=np.float32)
+  y = rng.integers(0, 10, 4).astype(np.int32)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.05 if 'lora_B' in jax.tree_util.keystr(p) else v,
+      model.init(jax.random.PRNGKey(0), x[:1])['params'])
+  variables = {'params': params, 'batch_stats': {}}
+  make_ref = lambda v: torch_reference.load_flax_vit(  # noqa: E731
+      torch_reference.ViT(32, 2, 2, 10, input_size=32), v)
+  ref = make_ref(variables)
+  with torch.no_grad():
+    for branch in ('adv', 'nat'):
+      assert _rel(np.asarray(model.apply(variables, x, branch=branch)),
+                  ref(torch_reference.to_nchw(x), branch).numpy()) < 1e-4
+  check_one_step(model, variables, ref, x, y, make_ref)
 
 
 @pytest.mark.slow

@@ -22,7 +22,10 @@ from tests import helpers
 
 assert jax.device_count() == 4, jax.devices()
 METHOD = '__METHOD__'
-model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
+if METHOD == 'vit':  # AutoLoRa on a ViT (no BatchNorm: what is synchronised is the gradient alone)
+  model, METHOD = helpers.tiny_vit(), 'autolora'
+else:
+  model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
 variables = helpers.init(model)
 tx = steps.make_optimizer(0.05, 0.9, 1e-4)
 state = steps.create_train_state(model, variables, tx, l1=0.3, l2=4.0)
@@ -40,7 +43,7 @@ def train(devices):
 
 one, _, m1 = train(jax.devices()[:1])
 four, all4, m4 = train(jax.devices())
-diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+diff = lambda a, b: max((float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))), default=0.0)
 replicas = max(float(np.max(np.abs(a - a[:1]))) for a in jax.tree_util.tree_leaves(all4))
 print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(one.batch_stats, four.batch_stats),
                   'opt_state': diff(one.opt_state, four.opt_state), 'replicas': replicas,
@@ -49,10 +52,10 @@ print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['autolora', 'twins'])
+@pytest.mark.parametrize('method', ['autolora', 'twins', 'vit'])
 def test_four_devices_match_one_device(method):
-  """AutoLoRa, and TWINS (its halves: the even and odd positions of the global batch on any device count;
-  only the adaptive BNs' statistics are synchronised, the frozen ones use none)."""
+  """AutoLoRa, TWINS (its halves: the even and odd positions of the global batch on any device count;
+  only the adaptive BNs' statistics are synchronised, the frozen ones use none) and AutoLoRa on a ViT."""
   proc = helpers.run_python(CODE.replace('__METHOD__', method), devices=4)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,3 +34,13 @@ def test_the_method_as_pure_functions_example_runs():
   assert namespace['decision'].lr == 0.01 and not namespace['decision'].stop
   assert callable(namespace['train_step'])
   assert isinstance(namespace['loss'], jax.Array)
+
+
+@pytest.mark.slow
+def test_the_vit_example_runs():
+  (block,) = python_blocks('Vision Transformers: ViT-S/16, ViT-B/16 and their ConvStem variants')
+  namespace = {'x': np.random.default_rng(0).uniform(size=(1, 224, 224, 3)).astype(np.float32)}
+  exec(compile(block, ROOT_README, 'exec'), namespace)  # pylint: disable=exec-used
+  assert namespace['logits'].shape == (1, 200)
+  qkv = namespace['variables']['params']['blocks_0']['attn']['qkv']
+  assert set(qkv) == {'kernel', 'bias', 'q', 'v'}  # LoRa on the query and value slices only

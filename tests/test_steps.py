@@ -57,8 +57,11 @@ def _group_norms(grads):
   return out
 
 
-def test_gradient_routing_is_exact():
-  model = helpers.tiny_resnet18()
+@pytest.mark.parametrize('make_model', [helpers.tiny_resnet18, helpers.tiny_vit], ids=['resnet', 'vit'])
+def test_gradient_routing_is_exact(make_model):
+  """The natural loss reaches no FE parameter (a ViT's: every dense kernel and bias, LayerNorm scale and
+  bias, the patch embedding, class token and position embedding), the adversarial one no LoRa parameter."""
+  model = make_model()
   variables = helpers.with_nonzero_lora_b(helpers.init(model))
   batch = helpers.random_batch()
   x_adv = jnp.clip(jnp.asarray(batch['image']) + 0.03, 0, 1)

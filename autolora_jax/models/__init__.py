@@ -1,12 +1,17 @@
-"""The LoRa ResNet (resnet.py), its convolution (lora.py), BatchNorm (batchnorm.py) and parameter groups
-(groups.py). The model knows no backend: the convolution and max-pool are arguments (`conv_fn`,
-`pool_fn`, XLA's by default); autolora_jax.ops provides the CPU ones."""
+"""The LoRa ResNets (resnet.py) and ViTs (vit.py), by name in factory.py; the ResNets' convolution (lora.py),
+BatchNorm (batchnorm.py) and parameter groups (groups.py). A model knows no backend: its convolutions (and
+the ResNets' max-pool) are arguments (`conv_fn`, `pool_fn`, XLA's by default); autolora_jax.ops provides the
+CPU ones."""
 
 from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm, frozen_twin_source
 from autolora_jax.models.groups import lora_params_count, param_group, param_groups
 from autolora_jax.models.lora import ConvFn, LoRaConv, kaiming_normal_fan_out, lora_delta, native_conv2d
-from autolora_jax.models.resnet import (ARCHITECTURES, BRANCHES, IMAGENET_MEAN, IMAGENET_STD, LORA_PLACEMENTS,
-                                        PRECISIONS, STEMS, BasicBlock, Bottleneck, PoolFn, ResNet, create_model,
+from autolora_jax.models.vit import (LORA_INITS, LORA_TARGETS, VIT_SIZES, VIT_STEMS, LoRaDense, ViT,
+                                     dense_lora_delta, fit_pretrained, lora_a_init, resample_pos_embed, vit_b16,
+                                     vit_s16)
+from autolora_jax.models.factory import ARCHITECTURES, VITS, create_model, is_vit, vit_size
+from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, LORA_PLACEMENTS,
+                                        PRECISIONS, RESNETS, STEMS, BasicBlock, Bottleneck, PoolFn, ResNet,
                                         native_max_pool, resnet18, resnet50, torch_nearest_resize)
 
 __all__ = [
@@ -15,5 +20,6 @@ __all__ = [
     'create_model',
     'kaiming_normal_fan_out', 'lora_delta', 'lora_params_count', 'native_conv2d', 'native_max_pool',
     'param_group', 'param_groups', 'resnet18', 'resnet50', 'torch_nearest_resize', 'TwinBatchNorm',
-    'frozen_twin_source',
+    'frozen_twin_source', 'RESNETS', 'VITS', 'is_vit', 'vit_size', 'ViT', 'LoRaDense', 'LORA_TARGETS', 'LORA_INITS',
+    'VIT_SIZES', 'VIT_STEMS', 'dense_lora_delta', 'resample_pos_embed', 'lora_a_init', 'fit_pretrained', 'vit_s16', 'vit_b16',
 ]

@@ -240,29 +240,4 @@ def resnet50(num_classes, **kwargs) -> ResNet:
   return ResNet(stage_sizes=(3, 4, 6, 3), block='bottleneck', num_classes=num_classes, **kwargs)
 
 
-ARCHITECTURES = {'resnet18': resnet18, 'resnet50': resnet50}
-
-
-def create_model(model_config, num_classes, *, conv_fn: Optional[ConvFn] = None,
-                 pool_fn: Optional[PoolFn] = None, **overrides) -> ResNet:
-  """Builds the model a `config.model` ConfigDict describes (see configs/default.py).
-
-  `model_config.conv_impl` is not read here: the caller turns it into `conv_fn` and `pool_fn`
-  (ops.convolutions); None means XLA's own. `overrides` are other `ResNet` attributes.
-  """
-  kwargs = dict(
-      width=model_config.width,
-      lora_rank=model_config.lora_rank,
-      lora_alpha=model_config.lora_alpha,
-      lora_placement=model_config.lora_placement,
-      input_size=model_config.input_size,
-      stem=model_config.stem,
-      mean=tuple(model_config.mean) if model_config.mean is not None else None,
-      std=tuple(model_config.std) if model_config.std is not None else None,
-      conv_fn=conv_fn or native_conv2d,
-      pool_fn=pool_fn or native_max_pool,
-      dtype=jnp.dtype(model_config.dtype),
-      precision=model_config.get('precision', 'default'),
-  )
-  kwargs.update(overrides)
-  return ARCHITECTURES[model_config.arch](num_classes, **kwargs)
+RESNETS = {'resnet18': resnet18, 'resnet50': resnet50}
