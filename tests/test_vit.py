@@ -354,3 +354,15 @@ def test_comparison_leaves_twins_out_for_a_vit():
   assert 'twins' in compare.default_methods(config)
   config.model.arch = 'vit_s16'
   assert compare.default_methods(config) == ('autolora', 'vanilla_rft', 'pgd_at')
+
+
+def test_bfloat16_vit_stays_close_to_float32_and_keeps_float32_logits():
+  """dtype=bfloat16 computes the matmuls in bfloat16 (parameters float32); LayerNorms, softmax, the LoRa path
+  and the head stay float32, so the logits are float32 and near the float32 model's."""
+  variables = helpers.with_nonzero_lora_b(helpers.init(helpers.tiny_vit()))
+  x = helpers.random_batch(n=4)['image']
+  for branch in ('adv', 'nat'):
+    full = helpers.tiny_vit().apply(variables, x, branch=branch)
+    half = helpers.tiny_vit(dtype=jnp.bfloat16).apply(variables, x, branch=branch)
+    assert half.dtype == jnp.float32
+    assert float(jnp.abs(half - full).max()) < 0.05 * float(jnp.abs(full).max())
