@@ -25,7 +25,6 @@ from autolora_jax import models
 from autolora_jax.errors import CheckpointError
 
 ANCHOR = 'cls_token'  # the key that marks a ViT state dict (and its prefix)
-_LN_PATHS = re.compile(r'(^|/)(norm\d?|stem_(1|4|7|10))$')
 
 
 def flax_path(torch_key: str, value: np.ndarray):

@@ -49,7 +49,7 @@ def native_max_pool(x, window: int, stride: int, padding: int):
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
-def _torch_linear_uniform(fan_in):
+def torch_linear_uniform(fan_in):
   """nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
   bound = 1.0 / np.sqrt(fan_in)
 
@@ -226,8 +226,8 @@ class ResNet(nn.Module):
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
     fan_in = x.shape[-1]
-    return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=_torch_linear_uniform(fan_in),
-                    bias_init=_torch_linear_uniform(fan_in), name='head')(x)
+    return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=torch_linear_uniform(fan_in),
+                    bias_init=torch_linear_uniform(fan_in), name='head')(x)
 
 
 def resnet18(num_classes, **kwargs) -> ResNet:

@@ -39,7 +39,7 @@ import numpy as np
 
 from autolora_jax.models.batchnorm import TWIN_MODES
 from autolora_jax.models.lora import ConvFn, native_conv2d
-from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, _torch_linear_uniform,
+from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, torch_linear_uniform,
                                         torch_nearest_resize)
 
 PATCH_SIZE = 16
@@ -357,8 +357,8 @@ class ViT(nn.Module):
       x = Block(self.dim, self.heads, self.mlp_ratio * self.dim, dense, name=f'blocks_{i}')(x, branch)
     x = _layer_norm('norm')(x)[:, 0]
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
-    return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=_torch_linear_uniform(self.dim),
-                    bias_init=_torch_linear_uniform(self.dim), name='head')(x.astype(head_dtype))
+    return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=torch_linear_uniform(self.dim),
+                    bias_init=torch_linear_uniform(self.dim), name='head')(x.astype(head_dtype))
 
 
 def check_vit(stem, input_size, patch_size, lora_targets, lora_init, dim, heads) -> None:
