@@ -285,19 +285,13 @@ def apgd_ce(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, n_restart
   """APGD on the cross-entropy (loss='dlr': APGD-DLR); each restart attacks only the examples not yet
   fooled. Returns (x_adv, fooled) as `apgd`."""
   x = jnp.asarray(x, jnp.float32)
-  n = x.shape[0]
-  active = common.set_active(active, n)
-  keys = common.row_keys(key, n)
-  x_adv, fooled = x, jnp.zeros((n,), bool)
-  for r in range(n_restarts):
-    rk = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
+
+  def once(r, rk, active_r):
     mk = None if model_key is None else jax.random.fold_in(model_key, r)
-    adv_r, fooled_r = apgd(logits_fn, x, y, rk, eps=eps, n_iter=n_iter, loss=loss, rho=rho,
-                           active=active & ~fooled, norm=norm, use_largereps=use_largereps,
-                           eot_iter=eot_iter, model_key=mk)
-    x_adv = jnp.where(common.bcast(fooled_r, x), adv_r, x_adv)
-    fooled = fooled | fooled_r
-  return x_adv, fooled
+    return apgd(logits_fn, x, y, rk, eps=eps, n_iter=n_iter, loss=loss, rho=rho, active=active_r, norm=norm,
+                use_largereps=use_largereps, eot_iter=eot_iter, model_key=mk)
+
+  return common.with_restarts(once, x, key, n_restarts, active)
 
 
 def apgd_t(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, n_target_classes: int = 9,

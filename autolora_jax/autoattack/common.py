@@ -47,6 +47,22 @@ def set_active(active, n: int):
   return jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
 
 
+def with_restarts(attack_once, x, key, n_restarts: int, active=None):
+  """Runs `attack_once(r, keys_r, active_r) -> (x_adv, found)` for restarts r = 0 .. n_restarts - 1, each
+  on the active examples not yet fooled, with per-example keys fold_in(row key, r); keeps each example's
+  first adversarial point. Returns (x_adv, fooled)."""
+  n = x.shape[0]
+  active = set_active(active, n)
+  keys = row_keys(key, n)
+  x_adv, fooled = x, jnp.zeros((n,), bool)
+  for r in range(n_restarts):
+    rk = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)  # pylint: disable=cell-var-from-loop
+    adv_r, found = attack_once(r, rk, active & ~fooled)
+    x_adv = jnp.where(bcast(found, x), adv_r, x_adv)
+    fooled = fooled | found
+  return x_adv, fooled
+
+
 def correct(logits, y):
   return jnp.argmax(logits, axis=-1) == y
 

@@ -273,14 +273,9 @@ def fab(logits_fn: Callable, x, y, key, *, eps, n_iter: int = 100, n_restarts: i
   and runs on the examples not yet broken. Returns (x_adv, fooled) as `fab_t`."""
   common.check_norm(norm, NORMS, 'FAB')
   x = jnp.asarray(x, jnp.float32)
-  n = x.shape[0]
-  active = common.set_active(active, n)
-  keys = common.row_keys(key, n)
-  x_adv, fooled = x, jnp.zeros((n,), bool)
-  for r in range(n_restarts):
-    rk = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
-    adv_r, found = fab_single(logits_fn, x, y, rk, eps=eps, norm=norm, rand_start=r > 0, n_iter=n_iter,
-                              alpha_max=alpha_max, eta=eta, beta=beta, active=active & ~fooled)
-    x_adv = jnp.where(common.bcast(found, x), adv_r, x_adv)
-    fooled = fooled | found
-  return x_adv, fooled
+
+  def once(r, rk, active_r):
+    return fab_single(logits_fn, x, y, rk, eps=eps, norm=norm, rand_start=r > 0, n_iter=n_iter,
+                      alpha_max=alpha_max, eta=eta, beta=beta, active=active_r)
+
+  return common.with_restarts(once, x, key, n_restarts, active)
