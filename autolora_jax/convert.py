@@ -287,8 +287,8 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
     return convert_vit.convert_state_dict(weights, arch, model_arch, stem, source)
   conv1 = weights.get('conv1.weight')
   if conv1 is None and convert_vit.ANCHOR in weights:
-    raise CheckpointError(f'{source} holds a ViT ({convert_vit.describe(weights)["name"]}), not a {arch}: '
-                          f'convert it with --arch={convert_vit.describe(weights)["name"]}.')
+    name = convert_vit.describe(weights)['name']
+    raise CheckpointError(f'{source} holds a ViT ({name}), not a {arch}: convert it with --arch={name}.')
   if conv1 is None or conv1.ndim != 4:
     raise CheckpointError(f'{source} has no ResNet stem convolution conv1.weight.')
   head = weights.get('fc.weight', weights.get('linear.weight'))
@@ -297,23 +297,12 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
                           'keeps the ImageNet head so that the converted model reproduces its logits.')
   width, num_classes = int(conv1.shape[0]), int(head.shape[0])
   template = _template(model_arch, stem, width, num_classes)
-  flat, unused, mismatched, mismatched_paths = {}, [], [], set()
-  for key in sorted(weights):
-    value = weights[key]
-    if key.endswith('num_batches_tracked'):
-      continue
+
+  def path_of(key, value):
     target = flax_path(key, value)
-    path = None if target is None else '/'.join(target)
-    if path is None or path not in template:
-      unused.append(key)
-      continue
-    converted = to_flax(value)
-    if tuple(converted.shape) != template[path]:
-      mismatched.append(f'{key} has shape {tuple(value.shape)}, {arch} expects {torch_shape(template[path])}')
-      mismatched_paths.add(path)
-      continue
-    flat[path] = converted.astype(np.float32)
-  missing = [p for p in template if p not in flat and p not in mismatched_paths]
+    return None if target is None else '/'.join(target)
+
+  flat, unused, mismatched, missing = map_weights(weights, template, path_of, arch)
   if mismatched or missing:
     looks = guess_arch(weights)
     hint = next((f' It looks like {looks}: try --arch={a} (config.model.arch={ARCHS[a][0]}, '
@@ -332,6 +321,33 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
       {tuple(p.split('/')[1:]): v for p, v in flat.items() if p.startswith(c + '/')})
       for c in ('params', 'batch_stats')}
   return variables, {'width': width, 'num_classes': num_classes, 'unused': unused}
+
+
+def map_weights(weights: Dict[str, np.ndarray], template: Dict[str, Tuple[int, ...]], path_of, arch: str):
+  """Every key of a state dict put on the template path `path_of(key, value)` names, `to_flax`-ed to float32
+  (BatchNorm's num_batches_tracked skipped).
+
+  Returns:
+    (flat {'collection/.../leaf': array}, unused keys (no path, or one the template lacks), shape
+    mismatches as messages naming the shape `arch` expects, template paths no key filled or mismatched).
+  """
+  flat, unused, mismatched, mismatched_paths = {}, [], [], set()
+  for key in sorted(weights):
+    value = weights[key]
+    if key.endswith('num_batches_tracked'):
+      continue
+    path = path_of(key, value)
+    if path is None or path not in template:
+      unused.append(key)
+      continue
+    converted = to_flax(value)
+    if tuple(converted.shape) != template[path]:
+      mismatched.append(f'{key} has shape {tuple(value.shape)}, {arch} expects {torch_shape(template[path])}')
+      mismatched_paths.add(path)
+      continue
+    flat[path] = converted.astype(np.float32)
+  missing = [p for p in template if p not in flat and p not in mismatched_paths]
+  return flat, unused, mismatched, missing
 
 
 def _torch_name(path: str) -> str:
@@ -465,9 +481,9 @@ def add_lora(model, variables: dict, seed: int = 0) -> dict:
         filled[path] = np.asarray(a_init(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))
       elif path[-1] == 'lora_B':
         filled[path] = np.zeros(leaf.shape, leaf.dtype)
-      elif path in have and tuple(np.shape(models.fit_pretrained(path, have[path], leaf.shape))) == tuple(
+      elif path in have and np.shape(fitted := models.fit_pretrained(path, have[path], leaf.shape)) == tuple(
           leaf.shape):
-        filled[path] = np.asarray(models.fit_pretrained(path, have[path], leaf.shape), leaf.dtype)
+        filled[path] = np.asarray(fitted, leaf.dtype)
       else:
         raise CheckpointError(f'The converted variables lack {collection}/{"/".join(path)} {leaf.shape} '
                               'that the model needs.')

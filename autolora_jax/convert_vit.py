@@ -90,7 +90,7 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, model_arch: st
     CheckpointError naming what does not fit: another width or depth (with the --arch to use), another
     patch size or stem, missing keys or shapes.
   """
-  from autolora_jax.convert import to_flax  # pylint: disable=g-import-not-at-top (convert imports this module)
+  from autolora_jax.convert import map_weights  # pylint: disable=g-import-not-at-top (convert imports this)
   info = describe(weights)
   want_dim, want_depth, heads = models.VIT_SIZES[model_arch]
   if info['num_classes'] is None:
@@ -108,19 +108,7 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, model_arch: st
     raise CheckpointError(f'{source} holds {info["name"]} (width {info["dim"]}, {info["depth"]} blocks, {has}), '
                           f'not a {arch} (width {want_dim}, {want_depth} blocks, {wants}).' + hint)
   template = _template(model_arch, stem, info['dim'], info['depth'], info['num_classes'], info['grid'])
-  flat, unused, mismatched = {}, [], []
-  for key in sorted(weights):
-    value = weights[key]
-    path = flax_path(key, value)
-    if path is None or path not in template:
-      unused.append(key)
-      continue
-    converted = to_flax(value)
-    if tuple(converted.shape) != template[path]:
-      mismatched.append(f'{key} has shape {tuple(value.shape)}')
-      continue
-    flat[path] = converted.astype(np.float32)
-  missing = [p for p in template if p not in flat]
+  flat, unused, mismatched, missing = map_weights(weights, template, flax_path, arch)
   if missing or mismatched:
     raise CheckpointError(
         f'{source} does not fit a {arch}: '
