@@ -1,3 +1,13 @@
-"""AutoLoRa robust fine-tuning in JAX/Flax."""
+"""AutoLoRa robust fine-tuning in JAX/Flax.
 
-__version__ = "0.1.0"
+`autolora_jax.load(workdir, checkpoint='best')` gives a finished run's model (autolora_jax.api); the
+subpackages hold the rest (models, autoattack, convert, export, ...).
+"""
+
+__version__ = "0.3.0"
+
+
+def load(workdir: str, checkpoint: str = 'best'):
+  """A finished run's deployed model: see `autolora_jax.api.load` (imported here on first use)."""
+  from autolora_jax import api  # pylint: disable=g-import-not-at-top (keeps `import autolora_jax` light)
+  return api.load(workdir, checkpoint)

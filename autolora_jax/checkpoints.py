@@ -41,6 +41,7 @@ from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 log = logging.getLogger(__name__)
 
 DAMAGED_DIR = 'damaged'
+AS_SAVED = object()  # `Checkpoints._read`'s template for "the tree as it was saved"
 _STATUS = re.compile(r'([A-Z][A-Z_]+): ')  # TensorStore's status codes: OUT_OF_RANGE, DATA_LOSS, ...
 
 
@@ -199,18 +200,26 @@ class Checkpoints:
     found = self._newest_intact(which, None, step, None)
     return None if found is None else found[1]
 
+  def restore_as_saved(self, which: str) -> Optional[Tuple[Any, dict]]:
+    """(state, meta) of the newest readable checkpoint as it was saved (nested dicts of numpy arrays: no
+    template, so no model is needed to read it), with `restore`'s rules for damaged ones; None if there is
+    none."""
+    return self._newest_intact(which, AS_SAVED, None, None)
+
   def _read(self, which: str, step: int, template: Any) -> Tuple[Any, dict]:
-    """(state, meta) of one checkpoint (state None without a template); DamagedCheckpointError if its files
-    cannot be read."""
+    """(state, meta) of one checkpoint (state None without a template, as saved for AS_SAVED);
+    DamagedCheckpointError if its files cannot be read."""
     items = {'meta': ocp.args.JsonRestore()}
     if template is not None:
-      items['state'] = ocp.args.StandardRestore(template)
+      items['state'] = ocp.args.StandardRestore(None if template is AS_SAVED else template)
     with _reading(self.folder(which, step), step):
       if template is not None:
         verify_item(os.path.join(self.folder(which, step), 'state'))
       restored = self.managers[which].restore(step, args=ocp.args.Composite(**items))
     if template is None:
       return None, dict(restored['meta'])
+    if template is AS_SAVED:
+      return jax.tree_util.tree_map(np.asarray, restored['state']), dict(restored['meta'])
     _check_shapes(self.folder(which, step), template, restored['state'])
     return restored['state'], dict(restored['meta'])
 

@@ -3,6 +3,7 @@
     python -m autolora_jax.compare --config=configs/demo.py --methods=autolora,vanilla_rft,pgd_at \
         --seeds=0,1,2 --workdir=DIR [--config.KEY=VALUE ...]
     python -m autolora_jax.compare --config=configs/demo.py --sweep --seeds=0 --workdir=DIR
+    autolora-compare --config=demo --seeds=0 --workdir=DIR   # the installed command: configs by name
 
 Why: the paper's claim is that AutoLoRa matches or beats vanilla RFT without a hyper-parameter search. One
 run says little (robust accuracy moves by a point or more between seeds), so the comparison runs every
@@ -679,16 +680,18 @@ def compare(config, workdir: str, *, method_names: Optional[Sequence[str]] = Non
 
 # -- the command -------------------------------------------------------------------------------------------
 
-USAGE = ('Pass --config=configs/NAME.py and --workdir=DIR (and --methods=..., --seeds=..., --sweep); see '
-         'README.md, "Comparing methods and the sensitivity study".')
+USAGE = ('Pass --config=NAME (a packaged config, e.g. demo; or a config file path such as configs/NAME.py) '
+         'and --workdir=DIR (and --methods=..., --seeds=..., --sweep); see README.md, "Comparing methods and '
+         'the sensitivity study".')
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   return {
-      'config': config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                                lock_config=True),
+      'config': config_flags.DEFINE_config_file('config', None, 'A packaged config by name (demo, '
+                                                'fashion_mnist, ...: autolora_jax/configs/NAME.py), or a '
+                                                'config file path.', lock_config=True),
       'workdir': flags.DEFINE_string('workdir', None, 'Folder of the comparison: every run in '
                                      'DIR/<method>/seed<k> (sweep: DIR/sweep/...), and the outputs.'),
       'methods': flags.DEFINE_string('methods', None, 'Comma list of methods to compare (from '

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import attacks, autoattack, distributed, models, ops, steps
+from autolora_jax import attacks, autoattack, distributed, hub, models, ops, steps
 from autolora_jax.data import check_class_selection
-from autolora_jax.errors import ConfigError
+from autolora_jax.errors import CheckpointError, ConfigError
 
 DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
@@ -105,6 +105,7 @@ def validate(config) -> None:
     _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     check_data_config('pretrain.dataset', config.pretrain.dataset)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+  check_pretrained(config.pretrained)
   check_method_settings(config)  # reference_compat and the baselines' config.fixed
   aa = config.autoattack
   _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
@@ -132,6 +133,16 @@ def validate(config) -> None:
                       f'all), got {aa.num_points!r}.')
   check_host(config.host)
   distributed.check(config.distributed)
+
+
+def check_pretrained(pretrained) -> None:
+  """config.pretrained's form: a hub path must be hf://ORG/REPO/PATH[@REVISION]. Local paths and hub files
+  are checked where they are read (pretrain.load_pretrained), which downloads a hub file."""
+  if hub.is_hub_path(pretrained):
+    try:
+      hub.parse_hub_path(pretrained)
+    except CheckpointError as e:
+      raise ConfigError(f'config.pretrained: {e}') from None
 
 
 def check_vit(config) -> None:

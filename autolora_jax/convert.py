@@ -1,6 +1,8 @@
 """PyTorch checkpoints -> this project's models: the robust ImageNet ResNets the paper uses, and ViTs.
 
-Reads (torch is needed only for this, to unpickle the file):
+Reads a PyTorch file (.ckpt/.pt/.pth: torch is needed only for this, to unpickle it) or a .safetensors file
+(no torch; bfloat16 and float16 weights become float32), also as a file of a Hugging Face hub repository,
+hf://ORG/REPO/PATH[@REVISION] (autolora_jax.hub: downloaded into huggingface_hub's cache), holding:
 
 * robustness-library checkpoints (e.g. resnet18_linf_eps4.0.ckpt, resnet50_linf_eps4.0.ckpt): a dict with the
   state dict under 'model' or 'state_dict', keys 'module.model.<torchvision key>', a duplicate set under
@@ -38,18 +40,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from autolora_jax import convert_vit, models, ops
+from autolora_jax import convert_vit, hub, models, ops
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
 # --arch -> (models.ARCHITECTURES key, stem).
 ARCHS = {'resnet18': ('resnet18', 'imagenet'), 'resnet50': ('resnet50', 'imagenet'),
-         'resnet18_cifar': ('resnet18', 'cifar'), 'vit_s16': ('vit_s16', 'imagenet'),
+         'resnet18_cifar': ('resnet18', 'cifar'), 'resnet50_cifar': ('resnet50', 'cifar'),
+         'vit_s16': ('vit_s16', 'imagenet'),
          'vit_b16': ('vit_b16', 'imagenet'), 'vit_s16_convstem': ('vit_s16', 'convstem'),
          'vit_b16_convstem': ('vit_b16', 'convstem')}
 NORMALIZATIONS = ('auto', 'checkpoint', 'imagenet', 'none')
 TORCH_INSTALL = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
+SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4,<1'"
 FORMAT_VERSION = 1
 
 # Where the network sits in a state dict: the robustness library's 'module.model.', RobustBench's and
@@ -101,18 +105,30 @@ def _to_numpy(value) -> np.ndarray:
   return value.numpy()
 
 
-def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
-  """The state dict of a PyTorch checkpoint file as numpy arrays, keys as stored.
+def is_safetensors(path: str) -> bool:
+  """Whether `path` (a local path or a hub path) names a safetensors file (by its .safetensors suffix)."""
+  return str(path).lower().endswith('.safetensors')
 
-  Accepts a bare state dict or a dict holding it under 'model' or 'state_dict'. With allow_pickle=False
-  (the default) the file is read with torch.load(weights_only=True), which runs no code from the file.
+
+def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
+  """The state dict of a PyTorch or safetensors checkpoint file as numpy arrays, keys as stored.
+
+  Floating-point tensors become float32 (also bfloat16 and float16 ones), others keep their type. `path`
+  may be a hub path, hf://ORG/REPO/PATH[@REVISION] (`hub.resolve`). A .safetensors file is read with
+  safetensors.numpy (no torch, no code from the file). A PyTorch file may hold a bare state dict or a dict
+  holding it under 'model' or 'state_dict'; with allow_pickle=False (the default) it is read with
+  torch.load(weights_only=True), which runs no code from the file.
   """
+  if hub.is_hub_path(path):
+    path = hub.resolve(path)
   if not os.path.exists(path):
     raise CheckpointError(f'The checkpoint {path} does not exist. Download it (see README.md, "Getting the robust '
                           'ImageNet checkpoints") and pass its path, or leave config.pretrained empty for a random '
                           'initialisation.')
   if os.path.isdir(path):
     raise CheckpointError(f'{path} is a folder, not a PyTorch checkpoint file.')
+  if is_safetensors(path):
+    return _read_safetensors(path)
   torch = _import_torch()
   import pickle  # pylint: disable=g-import-not-at-top
   try:
@@ -142,6 +158,30 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarr
     raise CheckpointError(f'{path} is a PyTorch file but holds no state dict ({what}); expected a state dict, '
                           "or a dict with one under 'model' or 'state_dict'.")
   return {k: _to_numpy(v) for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """A .safetensors file's tensors as numpy arrays, floats as float32 (as `_to_numpy` gives them)."""
+  try:
+    import ml_dtypes  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import (names bfloat16 for numpy)
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(f'Reading {path} needs the safetensors package, which is not installed: '
+                          f'{SAFETENSORS_INSTALL}.') from None
+  try:
+    state = safetensors.numpy.load_file(path)
+  except Exception as e:  # pylint: disable=broad-except (SafetensorError, an unknown dtype, a read error)
+    with open(path, 'rb') as f:
+      head = f.read(4)
+    hint = (' Its first bytes are those of a PyTorch file (zip or pickle): name it .pt, which is read with '
+            'torch.' if head.startswith(b'PK\x03\x04') or head[:1] == b'\x80' else
+            ' It may be damaged or cut short: download it again.')
+    raise CheckpointError(f'{path} is not a readable safetensors file (safetensors failed: {type(e).__name__}: '
+                          f'{str(e)[:200]}).{hint}') from None
+  if not state:
+    raise CheckpointError(f'{path} is a safetensors file without tensors; expected a state dict.')
+  return {k: np.array(v, np.float32 if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype)
+          for k, v in state.items()}
 
 
 def split_state_dict(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -350,18 +390,65 @@ def map_weights(weights: Dict[str, np.ndarray], template: Dict[str, Tuple[int, .
   return flat, unused, mismatched, missing
 
 
-def _torch_name(path: str) -> str:
-  """'params/layer1_0/downsample_bn/scale' -> 'layer1.0.downsample.1.weight' (for messages)."""
+def _torch_name(path: str, stem: str = 'imagenet') -> str:
+  """'params/layer1_0/downsample_bn/scale' -> 'layer1.0.downsample.1.weight': the key `flax_path` maps onto
+  `path`, in torchvision's names (stem 'imagenet') or the CIFAR layout's ('shortcut', 'linear')."""
   collection, *mods, leaf = path.split('/')
+  shortcut, head = ('shortcut', 'linear') if stem == 'cifar' else ('downsample', 'fc')
   names = []
   for m in mods:
     b = re.fullmatch(r'(layer\d)_(\d+)', m)
     names += [b.group(1), b.group(2)] if b else (
-        ['downsample', '0'] if m == 'downsample_conv' else ['downsample', '1'] if m == 'downsample_bn'
-        else ['fc'] if m == 'head' else [m])
+        [shortcut, '0'] if m == 'downsample_conv' else [shortcut, '1'] if m == 'downsample_bn'
+        else [head] if m == 'head' else [m])
   leaf = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}.get(leaf, leaf)
   del collection
   return '.'.join(names + [leaf])
+
+
+def deployed_paths(variables: dict):
+  """The deployed model's leaves of `variables` ({'params', 'batch_stats'}) as sorted
+  ('collection/.../leaf', array) pairs: the adversarial branch, without the LoRa factors and the frozen
+  BatchNorm twins of TWINS."""
+  out = []
+  for collection in ('params', 'batch_stats'):
+    for path, value in traverse_util.flatten_dict(variables.get(collection, {}), sep='/').items():
+      name = path.rsplit('/', 1)[-1]
+      if name in ('lora_A', 'lora_B') or models.frozen_twin_source(name) is not None:
+        continue
+      out.append((f'{collection}/{path}', value))
+  return sorted(out)
+
+
+def export_state_dict(variables: dict, arch: str) -> Dict[str, np.ndarray]:
+  """The deployed model of `variables` as a PyTorch state dict: the converter's mapping read backwards.
+
+  Keys are torchvision's ResNet names (ImageNet stem), the CIFAR layout's (arch '..._cifar') or timm's ViT
+  names; arrays are float32 numpy in PyTorch's layouts (OIHW, (out, in)). `convert_state_dict` of the
+  result gives `variables` back without LoRa; ResNets also get BatchNorm's num_batches_tracked (0), as
+  torchvision's state dicts have it.
+  """
+  model_arch, stem = _check_arch(arch)
+  state = {}
+  for path, value in deployed_paths(variables):
+    if models.is_vit(model_arch):
+      key = convert_vit.torch_key(path)
+    else:
+      key = _torch_name(path, stem)
+    value = np.asarray(value, np.float32)
+    state[key] = np.ascontiguousarray(torch_layout(value))
+    if key.endswith('.running_var'):
+      state[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
+  return state
+
+
+def torch_layout(value: np.ndarray) -> np.ndarray:
+  """HWIO kernel -> OIHW weight; (in, out) kernel -> (out, in); the rest unchanged (inverse of `to_flax`)."""
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  if value.ndim == 2:
+    return value.T
+  return value
 
 
 def resolve_normalization(normalization: Normalization, checkpoint_normalizer, arch: str):
@@ -410,7 +497,8 @@ def resolve_normalization(normalization: Normalization, checkpoint_normalizer, a
 
 def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
                  allow_pickle: bool = False) -> Tuple[dict, dict]:
-  """Reads and converts a PyTorch checkpoint file.
+  """Reads and converts a checkpoint file: PyTorch (.ckpt/.pt/.pth), .safetensors, or either as a hub path
+  hf://ORG/REPO/PATH[@REVISION] (downloaded into huggingface_hub's cache, `hub.resolve`).
 
   Returns:
     (variables, meta): variables {'params', 'batch_stats'} of the FE and its head (no LoRa), meta the
@@ -419,6 +507,7 @@ def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
     grid's) that `build_model` and `config.pretrained` use.
   """
   _check_arch(arch)
+  source = str(hub.parse_hub_path(path)) if hub.is_hub_path(path) else os.path.abspath(path)
   state = read_state_dict(path, allow_pickle=allow_pickle)
   weights, info = split_state_dict(state)
   variables, report = convert_state_dict(weights, arch, source=path)
@@ -430,7 +519,7 @@ def convert_file(path: str, arch: str, normalization: Normalization = 'auto',
   meta = {'format_version': FORMAT_VERSION, 'arch': arch, 'model_arch': model_arch, 'stem': stem,
           'width': report.get('width', report.get('dim')), 'num_classes': report['num_classes'],
           'mean': list(mean) if mean is not None else None, 'std': list(std) if std is not None else None,
-          'normalization': how, 'layout': info['layout'], 'source': os.path.abspath(path),
+          'normalization': how, 'layout': info['layout'], 'source': source,
           'unused_keys': unused}
   if models.is_vit(model_arch):  # width is the embedding width; the heads are the architecture's
     meta.update(dim=report['dim'], depth=report['depth'], heads=report['heads'], input_size=report['input_size'])
@@ -502,7 +591,8 @@ def from_torch(path: str, arch: str, lora_rank: int = 8, *, normalization: Norma
   in [0, 1] at the model's input_size, and branch='nat' gives the same until B moves.
 
   Args:
-    path: a .ckpt / .pt / .pth file (see the module docstring for the layouts read).
+    path: a .ckpt / .pt / .pth or .safetensors file, or one on the hub, hf://ORG/REPO/PATH[@REVISION] (see
+      the module docstring for the layouts read).
     arch: one of ARCHS ('resnet18', 'resnet50', 'resnet18_cifar', 'vit_s16', 'vit_b16', 'vit_s16_convstem',
       'vit_b16_convstem').
     lora_rank: LoRa rank r (0: no LoRa parameters).
@@ -559,10 +649,13 @@ def load(directory: str) -> Tuple[dict, dict]:
 
 
 def load_any(path: str, arch: str, allow_pickle: bool = False) -> Tuple[dict, dict]:
-  """(variables, meta) from a converted Orbax folder or, converted on the fly, a PyTorch file.
+  """(variables, meta) from a converted Orbax folder or, converted on the fly, a PyTorch or safetensors file,
+  local or on the hub (hf://ORG/REPO/PATH[@REVISION]).
 
   For a folder, `arch` must match the architecture it was converted for.
   """
+  if hub.is_hub_path(path):
+    return convert_file(path, arch, allow_pickle=allow_pickle)
   if os.path.isdir(os.path.expanduser(path)):
     variables, meta = load(path)
     if meta.get('arch') != arch:
@@ -612,7 +705,8 @@ def main(argv) -> None:
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('src', None, 'PyTorch checkpoint (.ckpt/.pt/.pth).')
+  flags.DEFINE_string('src', None, 'Checkpoint file: PyTorch (.ckpt/.pt/.pth) or .safetensors, local or on the '
+                      'Hugging Face hub as hf://ORG/REPO/PATH[@REVISION].')
   flags.DEFINE_string('dst', None, 'Folder to write the Orbax checkpoint to.')
   flags.DEFINE_enum('arch', None, list(ARCHS), 'Architecture of the checkpoint.')
   flags.DEFINE_enum('normalization', 'auto', list(NORMALIZATIONS),

@@ -50,6 +50,18 @@ def flax_path(torch_key: str, value: np.ndarray):
   return f'params/{module}/' + ('scale' if value.ndim == 1 else 'kernel')
 
 
+def torch_key(path: str) -> str:
+  """The timm key `flax_path` maps onto 'params/<module path>/<leaf>' (its inverse)."""
+  _, *mods, leaf = path.split('/')
+  if not mods:
+    return leaf  # cls_token, pos_embed
+  names = []
+  for m in mods:
+    found = re.fullmatch(r'(blocks|stem)_(\d+)', m)
+    names += [found.group(1), found.group(2)] if found else [m]
+  return '.'.join(names + ['bias' if leaf == 'bias' else 'weight'])
+
+
 def describe(weights: Dict[str, np.ndarray]) -> dict:
   """What a ViT state dict holds: dim, depth, patch (or 'convstem'), grid, num_classes, a readable name."""
   cls = weights.get('cls_token')

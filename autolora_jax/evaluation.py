@@ -50,6 +50,13 @@ def first_points(data, split: str, n: int, global_batch: int, with_index: bool =
   return out if with_index else out[:2]
 
 
+def input_shape(data, global_batch: int) -> list:
+  """[C, H, W] of the images of a data set's test split, as the model is given them."""
+  batch = next(iter(data.eval_batches('test', global_batch)))
+  h, w, c = np.shape(batch['image'])[1:]
+  return [int(c), int(h), int(w)]
+
+
 def first_batches(data, split: str, n: int, global_batch: int):
   """The evaluation batches that hold the first n examples of a split, masked beyond them (for PGD-10 on
   the points AutoAttack attacks: the two numbers then compare on the same points)."""
@@ -155,7 +162,7 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
   """Test accuracies (clean, PGD-10, AutoAttack) of the best and the final checkpoint of an
   `experiment.Experiment`; writes results.json (process 0)."""
   results = {'method': exp.method, 'reference_compat': exp.reference_compat, 'dataset': exp.dataset_name,
-             'arch': exp.arch, 'num_test': exp.data.num_examples('test')}
+             'arch': exp.arch, 'num_test': exp.data.num_examples('test'), 'input_shape': input_shape(exp.data, exp.eval_batch_size)}
   if exp.twins is not None:
     results['twins'] = exp.twins._asdict()  # TWINS-AT or TWINS-TRADES, lam, beta
   aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)
@@ -192,7 +199,8 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
   return results
 
 
-def _read_results(workdir: str) -> dict:
+def read_results(workdir: str) -> dict:
+  """workdir/results.json ({} if the run has written none)."""
   path = os.path.join(workdir, reporting.RESULTS_FILE)
   if not os.path.exists(path):
     return {}
@@ -241,7 +249,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     if not meta.get('done', False):
       log.warning('The run in %s has not finished (last epoch %s): evaluating its latest state as "final".',
                   path, meta.get('epoch'))
-    previous = _read_results(path) if exp.is_chief else {}
+    previous = read_results(path) if exp.is_chief else {}
     results = test(exp, ckpts, loop.replicate(host_state))
     merged = {**previous, **results, 'eval_seconds': time.time() - start}
     if exp.is_chief:

@@ -5,8 +5,10 @@
   `config.pretrain.cache_dir`, default workdir/pretrain), so that a resumed run, and every method and seed
   of a comparison, start from the same FE without repeating it (the offline demo's robust FE).
 * `load_pretrained`: a converted checkpoint (`config.pretrained=DIR`, written by `python -m
-  autolora_jax.convert`) or a PyTorch file converted on the fly (`config.pretrained=FILE.ckpt/.pt/.pth`).
-  Its meta records the input normalisation the weights expect, which the fine-tuning model applies.
+  autolora_jax.convert`) or a PyTorch or safetensors file converted on the fly
+  (`config.pretrained=FILE.ckpt/.pt/.pth/.safetensors`, or such a file on the Hugging Face hub,
+  `hf://ORG/REPO/PATH[@REVISION]`, downloaded once into huggingface_hub's cache). Its meta records the
+  input normalisation the weights expect, which the fine-tuning model applies.
 * `transplant`: copies an FE's convolution, BatchNorm parameters and statistics into freshly initialised
   fine-tuning variables; the new head and the LoRa branch keep their initialisation (SPEC.md).
 """
@@ -196,8 +198,9 @@ def load_pretrained(path: str, arch: str, stem: str, width: int) -> Tuple[dict, 
   """Reads a pre-trained FE for the configured architecture (`config.pretrained`, model arch, stem, width).
 
   A folder is a checkpoint written by `python -m autolora_jax.convert` (its architecture must match); a
-  file (.ckpt/.pt/.pth) is converted on the fly (needs torch). The meta's 'mean' and 'std' are the input
-  normalisation its weights were trained with, which the fine-tuning model must apply
+  file (.ckpt/.pt/.pth: needs torch; .safetensors: does not), local or a hub path
+  hf://ORG/REPO/PATH[@REVISION] (autolora_jax.hub), is converted on the fly. The meta's 'mean' and 'std'
+  are the input normalisation its weights were trained with, which the fine-tuning model must apply
   (experiment.resolve_normalization).
 
   Returns:

@@ -1,5 +1,6 @@
 """Test set-up: quiet TensorFlow and a persistent XLA compilation cache (pyproject.toml puts the repository
-root and tests/ on the import path: `from configs import default`, `import tiny_runs`).
+root and tests/ on the import path: `import tiny_runs`; the configs are the package's,
+`from autolora_jax.configs import default`).
 
 The cache (in the system's temp folder, keyed by program and JAX version) lets the many tests that compile
 the same small train and eval steps, subprocesses included, compile each program once.

@@ -15,10 +15,11 @@ import pytest
 
 from autolora_jax import config_checks, models
 from autolora_jax.data import sources
-from configs import default
+from autolora_jax.configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(ROOT, 'autolora_jax', 'configs', '*.py'))
                  if not p.endswith('__init__.py'))
 DATASET_CONFIGS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'dtd': 'dtd', 'dogs': 'stanford_dogs',
                    'cub200': 'caltech_birds2011', 'caltech256': 'caltech256'}
@@ -40,7 +41,7 @@ def test_every_dataset_config_exists():
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_validates_and_builds_its_model(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'autolora_jax.configs.{name}').get_config()
   config_checks.validate(config)
   dataset = config.dataset.name
   num_classes = sources.SPECS[dataset].num_classes if dataset in sources.SPECS else 5
@@ -52,7 +53,7 @@ def test_config_loads_validates_and_builds_its_model(name):
 
 @pytest.mark.parametrize('name', sorted(DATASET_CONFIGS))
 def test_dataset_configs_change_only_what_differs(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'autolora_jax.configs.{name}').get_config()
   changed = {k for k, v in flat(config).items() if flat(default.get_config())[k] != v}
   # TWINS's own settings: the authors' CIFAR scripts differ from their high-resolution ones (configs/default.py)
   twins_cifar = {'twins.lam', 'twins.weight_decay'} if name.startswith('cifar') else set()

@@ -12,7 +12,7 @@ tfds = pytest.importorskip('tensorflow_datasets')
 
 from autolora_jax.data import create_dataset, sources, transforms  # noqa: E402
 from autolora_jax.errors import DataError  # noqa: E402
-from configs import caltech256, cifar10, cifar100, cub200, dogs, dtd  # noqa: E402
+from autolora_jax.configs import caltech256, cifar10, cifar100, cub200, dogs, dtd  # noqa: E402
 
 TFDS_CONFIGS = {'cifar10': (cifar10, 10), 'cifar100': (cifar100, 100), 'dtd': (dtd, 47),
                 'stanford_dogs': (dogs, 120), 'caltech_birds2011': (cub200, 200)}

@@ -16,7 +16,7 @@ from autolora_jax import config_checks
 from autolora_jax.data import (check_class_selection, core, create_dataset, fashion_mnist, memory,
                                num_classes_of, sources)
 from autolora_jax.errors import ConfigError, DataError
-from configs import default, demo
+from autolora_jax.configs import default, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -509,7 +509,8 @@ def test_missing_config_file_is_one_paragraph(tmp_path):
   assert 'Traceback' not in done.stderr
   err = done.stderr.strip()
   assert err.startswith('error: the config file configs/nope.py') and 'does not exist' in err
-  assert 'configs/demo.py' in err and 'configs/cifar10.py' in err and len(err.splitlines()) == 1
+  assert 'no packaged config is named nope' in err and 'demo, dogs' in err and 'cifar10' in err
+  assert '--config=NAME' in err and len(err.splitlines()) == 1
   assert not os.path.exists(tmp_path / 'x')
 
 
@@ -517,6 +518,7 @@ def test_config_file_check_for_other_entry_points():
   from autolora_jax import cli  # pylint: disable=g-import-not-at-top
   cli.check_config_file(['prog', '--config=configs/demo.py'])
   cli.check_config_file(['prog', '--config', os.path.join(ROOT, 'configs', 'demo.py')])
+  cli.check_config_file(['prog', '--config=demo'])  # a packaged config by name
   cli.check_config_file(['prog'])  # absent: the flag parser reports it
   with pytest.raises(ConfigError, match='the config file configs/none.py .* does not exist'):
     cli.check_config_file(['prog', '--workdir=/tmp', '--config', 'configs/none.py'])

@@ -14,7 +14,7 @@ import pytest
 from autolora_jax import attacks, config_checks, experiment, losses, models, steps
 from autolora_jax import policy as policy_lib
 from autolora_jax.errors import ConfigError
-from configs import default
+from autolora_jax.configs import default
 
 SIZE, CLASSES, N = 16, 5, 8
 

@@ -11,7 +11,7 @@ import pytest
 
 from autolora_jax import attacks, experiment, loop, losses, steps
 from autolora_jax.data.memory import ArrayDataset
-from configs import default
+from autolora_jax.configs import default
 
 SIZE, CLASSES = 16, 5
 

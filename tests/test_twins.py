@@ -19,7 +19,7 @@ from flax import traverse_util
 from autolora_jax import attacks, checkpoints, config_checks, convert, experiment, models, pretrain, reporting
 from autolora_jax import steps, train
 from autolora_jax.errors import ConfigError
-from configs import default
+from autolora_jax.configs import default
 from tests import helpers, tiny_runs
 
 CLASSES = 5
@@ -190,7 +190,7 @@ def test_method_resolves_to_a_twin_model_its_policy_and_weight_decay():
 
 
 def test_dataset_configs_carry_the_scripts_defaults():
-  from configs import cifar10, cifar100, cub200, dogs, demo  # pylint: disable=g-import-not-at-top
+  from autolora_jax.configs import cifar10, cifar100, cub200, dogs, demo  # pylint: disable=g-import-not-at-top
   for module in (cifar10, cifar100, demo):
     c = module.get_config()
     assert (c.twins.lam, c.twins.weight_decay, c.twins.lr) == (1.0, 1e-5, 0.003), module.__name__

@@ -12,7 +12,7 @@ import pytest
 
 from autolora_jax import config_checks, convert, experiment, models, pretrain
 from autolora_jax.errors import CheckpointError, ConfigError
-from configs import default
+from autolora_jax.configs import default
 from tests import helpers, tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,7 +259,7 @@ def test_every_dataset_config_builds_a_vit_b16_at_224(name):
   """--config.model.arch=vit_b16 on every data-set config: it validates, builds ViT-B/16 at the config's
   224x224 input, and points config.pretrained at the converted ViT."""
   import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'autolora_jax.configs.{name}').get_config()
   config.model.arch = 'vit_b16'
   config_checks.validate(config)
   assert config.model.input_size == 224

@@ -16,7 +16,7 @@ TESTS = os.path.join(ROOT, 'tests')
 def digits_demo():
   """configs/demo.py on scikit-learn's 8x8 digits (1,797 images, a third of mnist5k's per class: the tests'
   runs stay short) at eps 8/255, AutoAttack on 64 test points."""
-  from configs import demo  # pylint: disable=g-import-not-at-top
+  from autolora_jax.configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
   config.dataset.name = 'digits'
   config.dataset.test_fraction = 0.25

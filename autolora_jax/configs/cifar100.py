@@ -1,17 +1,16 @@
-"""Caltech-256 (image folder root/<class>/<image>, 257 classes with clutter): the first
-config.dataset.train_per_class (60) images of each class train, the rest test; pass
---config.dataset.data_dir=DIR/256_ObjectCategories.
+"""CIFAR-100 (TFDS cifar100, 100 classes; 32x32 images resized to 224 inside the model as in the paper).
 
 The paper's setting (SPEC.md): AutoLoRa on the robust ImageNet ResNet-18 (L-inf, eps 4/255) converted into
 pretrained/resnet18_linf_eps4.0 (README.md); --config.model.arch=resnet50 for Table 2 (it then loads
 pretrained/resnet50_linf_eps4.0).
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'caltech256'
+  config.dataset.name = 'cifar100'
   config.pretrained = default.robust_imagenet_fe(config)
+  default.twins_cifar(config)  # TWINS: the CIFAR scripts' weight decay and lambda
   return config

@@ -1,16 +1,15 @@
-"""CIFAR-10 (TFDS cifar10, 10 classes; 32x32 images resized to 224 inside the model as in the paper).
+"""CUB-200-2011 (TFDS caltech_birds2011, 200 classes).
 
 The paper's setting (SPEC.md): AutoLoRa on the robust ImageNet ResNet-18 (L-inf, eps 4/255) converted into
 pretrained/resnet18_linf_eps4.0 (README.md); --config.model.arch=resnet50 for Table 2 (it then loads
 pretrained/resnet50_linf_eps4.0).
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'cifar10'
+  config.dataset.name = 'caltech_birds2011'
   config.pretrained = default.robust_imagenet_fe(config)
-  default.twins_cifar(config)  # TWINS: the CIFAR scripts' weight decay and lambda
   return config

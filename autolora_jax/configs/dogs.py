@@ -5,7 +5,7 @@ pretrained/resnet18_linf_eps4.0 (README.md); --config.model.arch=resnet50 for Ta
 pretrained/resnet50_linf_eps4.0).
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 
 def get_config():

@@ -1,15 +1,15 @@
-"""CUB-200-2011 (TFDS caltech_birds2011, 200 classes).
+"""DTD (TFDS dtd, 47 texture classes, partition 1): its train and validation splits train, test tests.
 
 The paper's setting (SPEC.md): AutoLoRa on the robust ImageNet ResNet-18 (L-inf, eps 4/255) converted into
 pretrained/resnet18_linf_eps4.0 (README.md); --config.model.arch=resnet50 for Table 2 (it then loads
 pretrained/resnet50_linf_eps4.0).
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'caltech_birds2011'
+  config.dataset.name = 'dtd'
   config.pretrained = default.robust_imagenet_fe(config)
   return config

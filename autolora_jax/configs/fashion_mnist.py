@@ -15,7 +15,7 @@ dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`), see README.md.
         --seeds=0,1,2 --workdir=/tmp/fashion
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)  # T-shirt/top, trouser, pullover, dress, coat
 CLASSES = (5, 6, 7, 8, 9)  # sandal, shirt, sneaker, bag, ankle boot

@@ -7,7 +7,7 @@ strokes make robustness almost free, and at the smaller usual budget, 0.1, this 
 the attacks bite (PGD-10 well below clean, AutoAttack below PGD-10). About four minutes on 2 CPU cores.
 """
 
-from configs import default
+from autolora_jax.configs import default
 
 DIGITS = 'mnist5k'
 
