@@ -5,7 +5,7 @@ normalisation, classes, results).
     from autolora_jax import autoattack
     run = autolora_jax.load('/tmp/demo')            # the best checkpoint; checkpoint='final' for the last
     logits = run.logits(images)                     # NHWC float images in [0, 1] -> (N, classes)
-    images, labels = run.test_points(200)           # the first 200 test points, as the run's AutoAttack
+    images, labels = run.test_points()              # the points the run's AutoAttack attacked
     result = autoattack.run(run.logits_fn, images, labels, eps=run.eps, norm=run.norm)
 
 Nothing is trained or evaluated, and no data set is read (except by `Run.test_points`): everything comes
@@ -24,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from autolora_jax import checkpoints, evaluation, experiment, workdir as workdirs
+from autolora_jax import checkpoints, evaluation, experiment, sampling, workdir as workdirs
 from autolora_jax import data as datasets
+from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,20 @@ class Run:
     """The logits as `autoattack.run` takes them: `Partial(f, variables)`, compiled once per model."""
     return jax.tree_util.Partial(evaluation.adversarial_logits(self.model), self.variables)
 
-  def test_points(self, n: int = 0):
-    """(images (n, H, W, C) float32 in [0, 1], labels (n,)): the first n points of the run's test split
-    (0: all), the points its AutoAttack evaluation attacks. Reads the data set (as the run did)."""
+  def test_points(self, n: Optional[int] = None, with_index: bool = False):
+    """(images (n, H, W, C) float32 in [0, 1], labels (n,)): n test points chosen as the run's AutoAttack
+    chooses them (config.autoattack.points: a class-stratified sample with its seed, or the first n); n None:
+    the run's own config.autoattack.num_points, i.e. exactly the points it attacked; 0: all. with_index: also
+    their positions in the test split (n,), which `autoattack.run(..., point_index=...)` draws each point's
+    random keys from, as the run's own evaluation does. Reads the data set (as the run did)."""
+    c = self.config.autoattack
+    n = int(c.num_points) if n is None else int(n)
     data = datasets.create_dataset(self.config.dataset, seed=int(self.config.seed),
                                    reference_compat=bool(self.config.reference_compat))
     try:
-      total = data.num_examples('test')
-      return evaluation.first_points(data, 'test', total if n <= 0 else min(n, total),
-                                     int(self.config.eval_batch_size))
+      indices = sampling.sample_points(data.labels('test'), n, int(c.seed), str(c.get('points', 'first')))
+      images, labels, index = sampling.sample_of(data, 'test', indices)
+      return (to_unit(images), labels, index) if with_index else (to_unit(images), labels)
     finally:
       data.close()
 

@@ -55,6 +55,8 @@ SWEEP_METHOD = 'vanilla_rft'
 CHECKPOINTS = ('best', 'final')
 METRICS = ('clean', 'pgd10', 'autoattack')
 METRIC_NAMES = {'clean': 'SA', 'pgd10': 'PGD-10', 'autoattack': 'AA'}
+# Summarised too where runs have them (config.eval.corruptions): the mean accuracy over the common corruptions.
+EXTRA_METRICS = ('corruption_mean',)
 METHOD_NAMES = {'autolora': 'AutoLoRa', 'vanilla_rft': 'vanilla RFT', 'pgd_at': 'PGD-AT', 'twins': 'TWINS'}
 STD_NOTE = 'sample standard deviation over seeds (ddof=1); 0 for a single seed'
 COMPARISON_FILES = ('comparison.json', 'comparison.md', 'comparison.png')
@@ -377,14 +379,14 @@ def summarize(results_by_method_seed: Mapping[str, Mapping[int, dict]]) -> dict:
       for name in CHECKPOINTS:
         entry = results.get(name) or {}
         test = entry.get('test') or {}
-        run[name] = {k: _number(test[k]) for k in METRICS if _number(test.get(k)) is not None}
+        run[name] = {k: _number(test[k]) for k in METRICS + EXTRA_METRICS if _number(test.get(k)) is not None}
         run[f'{name}_epoch'] = entry.get('epoch')
       run['wall_seconds'] = _number(results.get('wall_seconds'))
       runs[str(seed)] = run
     entry = {'n': len(seeds), 'seeds': seeds, 'runs': runs}
     for name in CHECKPOINTS:
       entry[name] = {}
-      for k in METRICS:
+      for k in METRICS + EXTRA_METRICS:
         values = [r[name][k] for r in runs.values() if k in r[name]]
         if values:
           entry[name][k] = mean_std(values)
@@ -401,7 +403,8 @@ def describe_config(config, config_file: str = '', command: str = '') -> dict:
           'eps': float(experiment.effective_eps(config)), 'pgd_steps': int(config.attack.eval_steps),
           'reference_compat': bool(config.reference_compat),
           'autoattack': {'enabled': bool(aa.enabled), 'version': aa.version,
-                         'num_points': int(aa.num_points)},
+                         'num_points': int(aa.num_points), 'points': str(aa.get('points', 'first')),
+                         'seed': int(aa.seed)},
           'command': command}
 
 
@@ -438,8 +441,14 @@ def _setting_lines(summary: dict) -> List[str]:
   aa = summary.get('autoattack') or {}
   if aa.get('enabled', True):
     points = aa.get('num_points', 0)
-    aa_text = (f'AA: AutoAttack ({aa.get("version", "?")}) on '
-               f'{"all test points" if not points else f"the first {points} test points"}')
+    if not points:
+      where = 'all test points'
+    elif aa.get('points', 'first') == 'stratified':
+      where = (f'{points} test points, a class-stratified sample (seed {aa.get("seed", 0)}), the same for every '
+               'method and seed')
+    else:
+      where = f'the first {points} test points'
+    aa_text = f'AA: AutoAttack ({aa.get("version", "?")}) on {where}'
   else:
     aa_text = 'AA: not run (config.autoattack.enabled=False)'
   eps = summary.get('eps')
@@ -457,14 +466,25 @@ def markdown(summary: dict) -> str:
   """comparison.md: a table of every method's mean ± std (percent) for the best and final checkpoints,
   the paper's Table 2 beside ours for the paper's data sets, and the command that made it."""
   lines = ['# Comparison of the fine-tuning methods', ''] + _setting_lines(summary) + ['']
-  lines += ['| method | n seeds | best: SA / PGD-10 / AA | final: SA / PGD-10 / AA | wall time per run |',
-            '|---|---|---|---|---|']
+  corr = any('corruption_mean' in e[c] for e in summary['methods'].values() for c in CHECKPOINTS)
+  lines += ['| method | n seeds | best: SA / PGD-10 / AA | final: SA / PGD-10 / AA | '
+            + ('best / final: corruptions (mean) | ' if corr else '') + 'wall time per run |',
+            '|---|---|---|---|' + ('---|' if corr else '') + '---|']
   for method, e in summary['methods'].items():
+    corr_cell = (f'{format_pm(e["best"].get("corruption_mean"))} / {format_pm(e["final"].get("corruption_mean"))} | '
+                 if corr else '')
     lines.append(f'| {METHOD_NAMES.get(method, method)} (`{method}`) | {e["n"]} | {_triple(e["best"])} | '
-                 f'{_triple(e["final"])} | {_format_wall(e["wall_seconds"])} |')
+                 f'{_triple(e["final"])} | {corr_cell}{_format_wall(e["wall_seconds"])} |')
   lines.append('')
+  if corr:
+    lines += ['Corruptions (mean): the clean accuracy on the corrupted test split averaged over the common '
+              'corruptions and severities of `config.eval` (results.json\'s `corruption_mean`; per corruption: '
+              'each run\'s corruptions.png).', '']
   lines += ['Seeds: ' + '; '.join(f'{m}: {", ".join(map(str, e["seeds"]))}'
                                   for m, e in summary['methods'].items()) + '.', '']
+  lines += ['Each run\'s card (results.md: its numbers, times and command): ' + '; '.join(
+      f'{m}: ' + ', '.join(f'[seed {s}]({m}/seed{s}/{reporting.RESULTS_CARD})' for s in e['seeds'])
+      for m, e in summary['methods'].items()) + '.', '']
   paper = PAPER_TABLE2.get(summary.get('dataset', ''))
   if paper:
     name = PAPER_DATASET_NAMES[summary['dataset']]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import attacks, autoattack, distributed, hub, models, ops, steps
+from autolora_jax import attacks, autoattack, corruptions, distributed, hub, models, ops, sampling, steps
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import CheckpointError, ConfigError
 
@@ -129,8 +129,10 @@ def validate(config) -> None:
                       'on CIFAR-10, the usual L1 budget); the PGD eps is an L-infinity or L2 length.')
   _positive_int('autoattack.batch_size', aa.batch_size)
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
-    raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (the first N test points; 0 = '
+    raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
+  _choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
+  corruptions.check_config(config)  # config.eval's common corruptions
   check_host(config.host)
   distributed.check(config.distributed)
 

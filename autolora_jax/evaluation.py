@@ -2,11 +2,11 @@
 
 * `test(exp, ckpts, final_state)`: the end of every run: clean, PGD-10 and AutoAttack test accuracy of the
   best and the final checkpoint into results.json.
-* `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, norm, the first `num_points`
-  test points, batch size, seed; eps = the run's PGD eps unless autoattack.eps says otherwise, 0.0314 under
-  reference_compat) on the adversarial branch
-  (the deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and
-  "pgd10".
+* `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, norm, `num_points` test
+  points (a class-stratified seeded sample, sampling.sample_points), batch size, seed; eps = the run's PGD
+  eps unless autoattack.eps says otherwise, 0.0314 under reference_compat) on the adversarial branch (the
+  deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and
+  "pgd10", and the clean and PGD-10 accuracy on the same points beside them.
 * `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
   a workdir written by an earlier training run and evaluates both on the test split (clean, PGD-10, AA)
   into results.json, keeping what the training run wrote there.
@@ -25,29 +25,12 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import autoattack, checkpoints, experiment, loop, reporting
+from autolora_jax import (autoattack, checkpoints, corruptions, eval_progress, experiment, loop, preemption,
+                          reporting, sampling)
 from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 
 log = logging.getLogger(__name__)
-
-
-def first_points(data, split: str, n: int, global_batch: int, with_index: bool = False) -> Tuple[np.ndarray, ...]:
-  """This process's rows among the first n examples of a split: (images float32 (m, H, W, C) in [0, 1],
-  labels (m,)), and with_index their positions in the split (m,)."""
-  xs, ys, idx = [], [], []
-  for b, batch in enumerate(data.eval_batches(split, global_batch)):
-    if b * global_batch >= n:
-      break
-    keep = (batch['mask'] > 0) & (b * global_batch + batch['index'] < n)
-    xs.append(to_unit(batch['image'][keep]))
-    ys.append(batch['label'][keep])
-    idx.append((b * global_batch + batch['index'])[keep])
-  if not xs:
-    out = (np.zeros((0,), np.float32), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
-  else:
-    out = (np.concatenate(xs), np.concatenate(ys), np.concatenate(idx).astype(np.int32))
-  return out if with_index else out[:2]
 
 
 def input_shape(data, global_batch: int) -> list:
@@ -55,16 +38,6 @@ def input_shape(data, global_batch: int) -> list:
   batch = next(iter(data.eval_batches('test', global_batch)))
   h, w, c = np.shape(batch['image'])[1:]
   return [int(c), int(h), int(w)]
-
-
-def first_batches(data, split: str, n: int, global_batch: int):
-  """The evaluation batches that hold the first n examples of a split, masked beyond them (for PGD-10 on
-  the points AutoAttack attacks: the two numbers then compare on the same points)."""
-  for b, batch in enumerate(data.eval_batches(split, global_batch)):
-    if b * global_batch >= n:
-      break
-    inside = (b * global_batch + batch['index'] < n).astype(np.float32)
-    yield {**batch, 'mask': batch['mask'] * inside}
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +57,7 @@ def _global_sum(values) -> list:
 
 
 class AutoAttackEvaluation:
-  """AutoAttack of a run's checkpoints on the first `settings.num_points` test points."""
+  """AutoAttack of a run's checkpoints on `settings.num_points` test points (`indices`)."""
 
   def __init__(self, settings, model, data, eval_batch_size: int, *, progress: bool = False):
     self.enabled = bool(settings.enabled)
@@ -96,35 +69,58 @@ class AutoAttackEvaluation:
     self.attacks = tuple(settings.attacks) if self.version == 'custom' else None
     self.num_test = data.num_examples('test')
     self.num_points = self.num_test if settings.num_points == 0 else min(int(settings.num_points), self.num_test)
+    self.how = str(settings.points)
     self.progress = progress
     self._data = data
     self._eval_batch = int(eval_batch_size)
     self._points = None
+    self._indices = None
+    self._raw = None
     self.seconds: Dict[str, float] = {}
     self._apply = adversarial_logits(model)
+
+  def indices(self) -> np.ndarray:
+    """The attacked points' positions in the test split (all processes'), sorted: `sampling.sample_points`."""
+    if self._indices is None:
+      self._indices = sampling.sample_points(self._data.labels('test'), self.num_points, self.seed, self.how)
+    return self._indices
 
   def points(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, their indices in the test split): this process's share of the attacked points."""
     if self._points is None:
-      self._points = first_points(self._data, 'test', self.num_points, self._eval_batch, with_index=True)
+      images, labels, index = self._sample()
+      self._points = to_unit(images), labels, index
     return self._points
 
-  def attack(self, variables: dict, desc: str = 'AA') -> autoattack.AutoAttackResult:
-    """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays)."""
+  def batches(self, global_batch: int):
+    """The attacked points as masked evaluation batches (this process's rows, the images as the data set
+    gives them), for the clean and PGD-10 accuracy on the same points."""
+    images, labels, _ = self._sample()
+    return sampling.point_batches(images, labels, len(self.indices()), global_batch)
+
+  def _sample(self):
+    if self._raw is None:
+      self._raw = sampling.sample_of(self._data, 'test', self.indices())
+    return self._raw
+
+  def attack(self, variables: dict, desc: str = 'AA', resume=None, on_progress=None) -> autoattack.AutoAttackResult:
+    """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays);
+    resume, on_progress: `autoattack.run`'s (eval_progress.TestProgress.autoattack makes them)."""
     x, y, index = self.points()  # keys from the points' test-split indices: any process count, same draws
     logits_fn = jax.tree_util.Partial(self._apply, variables)
     return autoattack.run(logits_fn, x, y, eps=self.eps, norm=self.norm, version=self.version, seed=self.seed,
                           batch_size=self.batch_size, attacks=self.attacks, point_index=index, progress=self.progress,
-                          desc=desc)
+                          desc=desc, resume=resume, on_progress=on_progress)
 
-  def add(self, entry: dict, state, name: str, replicated: bool = True) -> Optional[dict]:
+  def add(self, entry: dict, state, name: str, replicated: bool = True, keeper=None) -> Optional[dict]:
     """Runs AA on a checkpoint's state and writes entry['test']['autoattack'] (robust accuracy, a fraction)
     and entry['autoattack'] (accuracy after each attack, points broken by each); returns the latter (None
-    when disabled). The wall time goes to `summary()`, so that entries of identical runs compare equal."""
+    when disabled). The wall time goes to `summary()`, so that entries of identical runs compare equal.
+    keeper: an eval_progress.TestProgress, which saves the progress and resumes it (None: neither)."""
     if not self.enabled:
       return None
     variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, replicated)
-    result = self.attack(variables, desc=f'AA ({name})')
+    result = self.attack(variables, desc=f'AA ({name})', **(keeper.autoattack(name, self) if keeper else {}))
     counts = _global_sum([result.num_points, int(result.clean.sum()), int(result.robust.sum())]
                          + [int(np.sum(result.fell_to == a)) for a in result.attacks])
     total = counts[0]
@@ -148,25 +144,42 @@ class AutoAttackEvaluation:
     attacks = self.attacks or autoattack.version_attacks(self.version, self.norm)
     return {'autoattack': {'version': self.version, 'norm': self.norm, 'attacks': list(attacks),
                            'eps': self.eps, 'num_points': self.num_points, 'num_test': self.num_test,
-                           'seed': self.seed, 'seconds': dict(self.seconds)}}
+                           'points': self.how if self.num_points < self.num_test else 'all',
+                           'indices': [int(i) for i in self.indices()] if self.num_points < self.num_test
+                           else None, 'seed': self.seed, 'seconds': dict(self.seconds)}}
 
   def describe(self) -> str:
     """One line for under the results table."""
     if not self.enabled:
       return 'autoattack: disabled (config.autoattack.enabled=False)'
-    return (f'autoattack: version {self.version}, {self.norm} eps {self.eps:.4f}, on the first {self.num_points} of '
-            f'{self.num_test} test points (clean and pgd10: all {self.num_test})')
+    if self.num_points >= self.num_test:
+      where = f'on all {self.num_test} test points'
+    elif self.how == 'stratified':
+      where = (f'on {self.num_points} of {self.num_test} test points, a class-stratified sample (seed {self.seed}; '
+               'clean and pgd10 on all, *_autoattack_points on the same sample)')
+    else:
+      where = (f'on the first {self.num_points} of {self.num_test} test points (clean and pgd10 on all, '
+               '*_autoattack_points on the same points)')
+    return f'autoattack: version {self.version}, {self.norm} eps {self.eps:.4f}, {where}'
 
 
-def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
+def test(exp, ckpts: checkpoints.Checkpoints, final_state, command: Optional[str] = None, guard=None) -> dict:
   """Test accuracies (clean, PGD-10, AutoAttack) of the best and the final checkpoint of an
-  `experiment.Experiment`; writes results.json (process 0)."""
+  `experiment.Experiment`; writes results.json and results.md (process 0). `command`: the command line that
+  made the run, for the card. `guard`: the run's preemption.Guard: a SIGTERM stops after the AutoAttack
+  batch it comes in, and the same command resumes there (eval_progress: what is kept in WORKDIR/eval_state)."""
   results = {'method': exp.method, 'reference_compat': exp.reference_compat, 'dataset': exp.dataset_name,
              'arch': exp.arch, 'num_test': exp.data.num_examples('test'), 'input_shape': input_shape(exp.data, exp.eval_batch_size)}
+  results['threat_model'] = {'norm': exp.attack.norm, 'eps': exp.attack.eps, 'step_size': exp.attack.step_size,
+                             'eval_steps': exp.attack.eval_steps}
+  if command:
+    results['command'] = command
   if exp.twins is not None:
     results['twins'] = exp.twins._asdict()  # TWINS-AT or TWINS-TRADES, lam, beta
   aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)
   final_meta = ckpts.restore_meta('latest')
+  keeper = eval_progress.TestProgress.of(exp, ckpts, final_meta, guard)  # what a stopped evaluation kept
+  keeper.check('before the test evaluation')
   for name in ('best', 'final'):
     if name == 'best':
       state, meta = exp.restore_best(ckpts, final_state, f'The test evaluates the final state (epoch '
@@ -180,22 +193,34 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state) -> dict:
         # The best checkpoint is the final state (same epoch): the same weights give the same numbers.
         results['final'] = {**copy.deepcopy(results['best']), 'same_as_best': True}
         continue
+    finished = keeper.finished(name, epoch, state)  # evaluated before a stop: not again
+    if finished is not None:
+      results[name] = finished['entry']
+      results.update(finished.get('top_level') or {})  # e.g. the corruptions' settings and times
+      if finished.get('aa_seconds') is not None:
+        aa.seconds[name] = finished['aa_seconds']
+      continue
     acc = exp.evaluate(state, 'test', desc=f'test ({name})')
     results[name] = {'epoch': epoch, 'test': {'clean': acc['clean_adv'], 'pgd10': acc['pgd'],
                                               'clean_nat_branch': acc['clean_nat']}}
     if aa.enabled and aa.num_points < aa.num_test:  # PGD-10 on AutoAttack's points, to compare the two
       gb = exp.eval_batch_size
-      points = first_batches(exp.data, 'test', aa.num_points, gb)
-      sub = loop.evaluate(exp.p_eval_step, state, points, total=aa.num_points, global_batch=gb)
+      sub = loop.evaluate(exp.p_eval_step, state, aa.batches(gb), total=aa.num_points, global_batch=gb)
+      results[name]['test']['clean_autoattack_points'] = sub['clean_adv']
       results[name]['test']['pgd10_autoattack_points'] = sub['pgd']
-    aa.add(results[name], state, name)
+    aa.add(results[name], state, name, keeper=keeper)
+    corruptions.evaluate(exp, results, name, state)  # config.eval.corruptions (off by default)
+    keeper.record(name, results[name], aa.seconds.get(name),
+                  top_level={k: results[k] for k in ('corruptions',) if k in results})
   results.update(aa.summary())
   if exp.is_chief:
+    corruptions.draw(exp, results)
     path = reporting.write_results(exp.workdir, results)
     print('\nTest accuracy (' + exp.dataset_name + f', {results["num_test"]} examples):')
     print(reporting.results_table(results))
     print(aa.describe())
     print(f'Written to {path}')
+  keeper.done()  # results.json holds it all now
   return results
 
 
@@ -250,7 +275,9 @@ def evaluate_workdir(config, workdir: str) -> dict:
       log.warning('The run in %s has not finished (last epoch %s): evaluating its latest state as "final".',
                   path, meta.get('epoch'))
     previous = read_results(path) if exp.is_chief else {}
-    results = test(exp, ckpts, loop.replicate(host_state))
+    with preemption.Guard() as guard:  # SIGTERM/SIGINT: stop after an AutoAttack batch, resumable
+      results = test(exp, ckpts, loop.replicate(host_state), command=previous.get('command'),  # the training's
+                     guard=guard)
     merged = {**previous, **results, 'eval_seconds': time.time() - start}
     if exp.is_chief:
       reporting.write_results(path, merged)

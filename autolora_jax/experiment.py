@@ -41,8 +41,8 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import (checkpoints, config_checks, convert, distributed, loop, models, ops, policy, pretrain,
-                          steps)
+from autolora_jax import (checkpoints, config_checks, convert, corruptions, distributed, loop, models, ops, policy,
+                          pretrain, steps)
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
@@ -66,8 +66,9 @@ class Attack(NamedTuple):
 
 
 class AutoAttackSettings(NamedTuple):
-  """AutoAttack at the end of a run: version, the first `num_points` test points (0: all), batch, seed, eps,
-  norm ('Linf', 'L2' or 'L1')."""
+  """AutoAttack at the end of a run: version, `num_points` test points (0: all) chosen as `points` says
+  ('stratified' by class with `seed`, or the 'first'; sampling.sample_points), batch, seed, eps, norm
+  ('Linf', 'L2' or 'L1')."""
   enabled: bool
   version: str
   num_points: int
@@ -76,6 +77,7 @@ class AutoAttackSettings(NamedTuple):
   eps: float
   norm: str = 'Linf'
   attacks: Tuple[str, ...] = ()  # version 'custom'
+  points: str = 'stratified'
 
 
 class Twins(NamedTuple):
@@ -136,7 +138,8 @@ def autoattack_settings(config) -> AutoAttackSettings:
   c = config.autoattack
   eps = float(c.get('eps', 0.0)) or float(effective_eps(config))  # reference_compat: 0.0314, as for PGD
   return AutoAttackSettings(bool(c.enabled), str(c.version), int(c.num_points), int(c.batch_size), int(c.seed),
-                            eps, autoattack_norm(config), tuple(c.get('attacks', ())))
+                            eps, autoattack_norm(config), tuple(c.get('attacks', ())),
+                            str(c.get('points', 'first')))
 
 
 def twins_settings(config) -> Optional[Twins]:
@@ -332,6 +335,8 @@ class Experiment:
     if self.data.num_examples('validation') < 1:
       raise ConfigError(f'config.dataset.val_fraction={config.dataset.val_fraction} leaves no '
                              'validation example: the schedule and the loss scalars need one. Raise it.')
+    # config.eval's common corruptions (corruptions.Settings); images too small for them fail here, untrained.
+    self.corruptions = corruptions.settings(config, self.data, self.eval_batch_size)
     self._plan = None
     if load_fe and config.pretrain.epochs > 0:  # its data loads later, after the model: check its classes now
       datasets.check_class_selection(config.pretrain.dataset, key='config.pretrain.dataset')

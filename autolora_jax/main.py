@@ -83,18 +83,17 @@ def main(argv):
   cache = values['compilation_cache'].value
   host.enable_compilation_cache(host.default_compilation_cache_dir() if cache is None else cache)
   config, workdir = values['config'].value, values['workdir'].value
+  command = shlex.join(command_prefix(sys.argv[0]) + [a for a in sys.argv[1:] if not a.startswith('--overwrite')])
   try:
     if values['mode'].value == 'eval':
       evaluation.evaluate_workdir(config, workdir)
     else:
-      train.train_and_evaluate(config, workdir, overwrite=values['overwrite'].value)
+      train.train_and_evaluate(config, workdir, overwrite=values['overwrite'].value, command=command)
   except errors.input_errors() as e:
     cli.fail(str(e))
   except errors.NonFiniteLossError as e:
     cli.fail(str(e), status=1)
   except errors.Preempted as e:
-    command = shlex.join(command_prefix(sys.argv[0]) +
-                         [a for a in sys.argv[1:] if not a.startswith('--overwrite')])
     print(f'{e}\nTo resume: {command}', file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)
 

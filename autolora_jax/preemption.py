@@ -48,6 +48,7 @@ class Guard:
   def __init__(self, multiprocess: Optional[bool] = None):
     self.multiprocess = jax.process_count() > 1 if multiprocess is None else multiprocess
     self.signal_name: Optional[str] = None  # the signal that asked to stop (local to this process)
+    self.position: Optional[int] = None  # the last position `should_stop` was called at (None: not yet)
     self._previous = {}
 
   @property
@@ -61,8 +62,8 @@ class Guard:
     first = self.signal_name is None
     self.signal_name = self.signal_name or name
     if first:
-      log.warning('%s received: finishing the current step, then saving a checkpoint to resume from '
-                  '(Ctrl-C again to stop at once, without one).', name)
+      log.warning('%s received: finishing the current step (in the test: AutoAttack batch), then saving a '
+                  'checkpoint to resume from (Ctrl-C again to stop at once, without one).', name)
     if self.multiprocess and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service owns SIGTERM and tells all processes
 
@@ -85,8 +86,12 @@ class Guard:
     """True when the run should stop here; `position` (see `position_id`) must grow from call to call.
 
     Multi-process: true on all processes at the same position, chosen after a notice reached any of
-    them; call it at every position, in the same order on every process.
+    them; call it at every position, in the same order on every process. JAX's service stops at the
+    position after the highest one any process had reached when the notice came, so positions must go up
+    by one from call to call (a gap there is a position nobody stops at); code that checks after the
+    training (evaluation.test) goes on from `position` + 1.
     """
+    self.position = position
     if not self.multiprocess:
       return self.requested
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence
 
 METRICS_FILE = 'metrics.jsonl'
 RESULTS_FILE = 'results.json'
+RESULTS_CARD = 'results.md'
 CURVES_FILE = 'curves.png'
 
 
@@ -114,10 +115,81 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
 
 
 def write_results(workdir: str, results: dict) -> str:
-  """results.json, e.g. {"best": {"epoch": E, "test": {"clean": a, "pgd10": b}}, "final": {...}}."""
+  """results.json, e.g. {"best": {"epoch": E, "test": {"clean": a, "pgd10": b}}, "final": {...}}, and the
+  card results.md beside it (`results_card`)."""
   path = os.path.join(workdir, RESULTS_FILE)
   _atomic_write(path, json.dumps(results, indent=2) + '\n')
+  _atomic_write(os.path.join(workdir, RESULTS_CARD), results_card(results))
   return path
+
+
+def _pct(value) -> str:
+  return f'{100 * value:.2f}' if isinstance(value, (int, float)) and math.isfinite(value) else '–'
+
+
+def _duration(seconds) -> str:
+  if not isinstance(seconds, (int, float)):
+    return '–'
+  return f'{seconds:.1f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
+
+
+# results.json's test metrics in the card's order, with their column names.
+CARD_COLUMNS = (('clean', 'clean'), ('pgd10', 'PGD-10'), ('autoattack', 'AutoAttack'),
+                ('clean_autoattack_points', 'clean (AA points)'), ('pgd10_autoattack_points', 'PGD-10 (AA points)'),
+                ('corruption_mean', 'corruptions (mean)'), ('clean_nat_branch', 'clean, natural branch'))
+
+
+def results_card(results: dict) -> str:
+  """results.md: what the run is (method, architecture, data set, threat model, AutoAttack's setting), the
+  test numbers of its checkpoints (percent), its wall times and the command that reproduces it."""
+  aa = results.get('autoattack') or {}
+  tm = results.get('threat_model') or {}
+  rows = [(name, entry) for name, entry in results.items() if isinstance(entry, dict) and 'test' in entry]
+  columns = [(k, label) for k, label in CARD_COLUMNS if any(k in e['test'] for _, e in rows)]
+  shape = results.get('input_shape')
+  lines = [f"# {results.get('method', '?')} on {results.get('dataset', '?')} ({results.get('arch', '?')})", '',
+           '| | |', '|---|---|',
+           f"| method | `{results.get('method', '?')}`"
+           + (' (reference_compat)' if results.get('reference_compat') else '') + ' |',
+           f"| architecture | `{results.get('arch', '?')}` |",
+           f"| data set | `{results.get('dataset', '?')}`, {results.get('num_test', '?')} test points"
+           + (f', images {shape[1]} x {shape[2]} x {shape[0]}' if shape else '') + ' |']
+  if tm:
+    norm = {'linf': 'L-infinity', 'l2': 'L2'}.get(tm.get('norm'), tm.get('norm', '?'))
+    lines.append(f"| threat model | {norm} eps {tm.get('eps', float('nan')):.4g}; PGD-10 = "
+                 f"{tm.get('eval_steps', 10)} steps of {tm.get('step_size', float('nan')):.4g} |")
+  if aa:
+    points = aa.get('points', 'first')
+    where = (f"all {aa.get('num_test')} test points" if points == 'all' else
+             f"{aa.get('num_points')} of {aa.get('num_test')} test points, "
+             + ('a class-stratified sample (seed {}; indices in results.json)'.format(aa.get('seed'))
+                if points == 'stratified' else 'the first of the split'))
+    lines.append(f"| AutoAttack | version {aa.get('version')} ({', '.join(aa.get('attacks', []))}), "
+                 f"{aa.get('norm')} eps {aa.get('eps', float('nan')):.4g}, on {where} |")
+  lines += ['', '## Test accuracy (%)', '',
+            '| checkpoint | epoch | ' + ' | '.join(label for _, label in columns) + ' |',
+            '|---|---|' + '---|' * len(columns)]
+  for name, entry in rows:
+    lines.append(f"| {name} | {entry.get('epoch', '')} | "
+                 + ' | '.join(_pct(entry['test'].get(k)) for k, _ in columns) + ' |')
+  lines += ['', '## Time', '']
+  if 'wall_seconds' in results:
+    lines.append(f"- the whole run (training and test): {_duration(results['wall_seconds'])}")
+  if 'eval_seconds' in results:
+    lines.append(f"- the last test evaluation (--mode=eval): {_duration(results['eval_seconds'])}")
+  for name, seconds in (aa.get('seconds') or {}).items():
+    lines.append(f'- AutoAttack of the {name} checkpoint: {_duration(seconds)}')
+  command = results.get('command')
+  lines += ['', '## Reproduce', '']
+  if command:
+    lines += ['```bash', command, '```']
+  else:
+    lines.append('`autolora_jax.train.train_and_evaluate(config, workdir)` with the config in config.json.')
+  return '\n'.join(lines) + '\n'
+
+
+# Short column names of the printed table ('corr.': the mean accuracy over the common corruptions).
+TABLE_LABELS = {'corruption_mean': 'corr.'}
 
 
 def results_table(results: dict) -> str:
@@ -126,8 +198,9 @@ def results_table(results: dict) -> str:
   metrics: List[str] = []
   for entry in rows.values():
     metrics += [m for m, v in entry['test'].items() if isinstance(v, (int, float)) and m not in metrics]
-  widths = [max(len(m) + 2, 9) for m in metrics]
-  header = f"{'checkpoint':<12}{'epoch':>6}" + ''.join(f'{m:>{w}}' for m, w in zip(metrics, widths))
+  labels = [TABLE_LABELS.get(m, m) for m in metrics]
+  widths = [max(len(m) + 2, 9) for m in labels]
+  header = f"{'checkpoint':<12}{'epoch':>6}" + ''.join(f'{m:>{w}}' for m, w in zip(labels, widths))
   lines = [header, '-' * len(header)]
   for name, entry in rows.items():
     cells = ''.join(f"{100 * entry['test'][m]:>{w - 1}.2f}%" if m in entry['test'] else ' ' * w

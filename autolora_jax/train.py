@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Optional
 
 from autolora_jax import checkpoints, evaluation, experiment, loop, policy, preemption, reporting, steps
 from autolora_jax import workdir as workdirs
@@ -159,15 +160,17 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
   return state
 
 
-def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
+def train_and_evaluate(config, workdir: str, overwrite: bool = False, command: Optional[str] = None) -> dict:
   """Runs robust fine-tuning (config.method) as `config` describes, in (or resuming from) `workdir`.
 
   A multi-process run initialises jax.distributed first (autolora_jax.distributed). A workdir holding a run
   of another config is refused unless `overwrite` (which moves that run to workdir/replaced/<time>/); bad
   input found at start-up leaves the workdir as it was (autolora_jax.workdir). SIGTERM/SIGINT stop after the
-  current step with a checkpoint and raise errors.Preempted (autolora_jax.preemption).
+  current step with a checkpoint and raise errors.Preempted (autolora_jax.preemption); during the test at the
+  end, after the current AutoAttack batch, its progress kept for the restart (autolora_jax.eval_progress).
 
-  Returns the results dict written to workdir/results.json.
+  `command`: the command line that started the run (run.py and autolora-train pass theirs), recorded in
+  results.json and the card results.md. Returns the results dict written to workdir/results.json.
   """
   start = time.time()
   experiment.start(config)
@@ -177,10 +180,10 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
     exp = experiment.Experiment(config, prepare_workdir(claimed.path))
     ckpts = checkpoints.Checkpoints(exp.workdir)
     writers = Writers(exp.workdir, exp.is_chief, exp.tensorboard, exp.plot_every)
-    guard = preemption.Guard()  # SIGTERM/SIGINT stop after a step
+    guard = preemption.Guard()  # SIGTERM/SIGINT stop after a step (in the test: after an AutoAttack batch)
     with guard:
       final_state = train(exp, ckpts, writers, guard)
-    results = evaluation.test(exp, ckpts, final_state)
+      results = evaluation.test(exp, ckpts, final_state, command=command, guard=guard)
     results['wall_seconds'] = time.time() - start
     if exp.is_chief:
       reporting.write_results(exp.workdir, results)

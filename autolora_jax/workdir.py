@@ -31,7 +31,7 @@ CONFIG_FILE = 'config.json'
 REPLACED_DIR = 'replaced'
 # What a run writes into its workdir; another run's copies of these are moved aside by --overwrite.
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.json', 'curves.png',
-             'tensorboard')
+             'tensorboard', 'eval_state', 'corruptions.png')
 # Keys that do not change what a run computes: they may differ between a run and its resumption (a key
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
@@ -43,7 +43,9 @@ METHOD_SECTIONS = {'twins': 'twins'}
 # config.json lacks them resumes when they have this value.
 ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.norm': 'auto', 'autoattack.eps': 0.0,
               'autoattack.attacks': [], 'model.lora_targets': ['q', 'k', 'v', 'proj', 'fc1', 'fc2'],
-              'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0}
+              'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0,
+              'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
+              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
 
 
 def config_dict(config) -> dict:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, train
+from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, sampling, train
 from autolora_jax.data.memory import ArrayDataset
 from autolora_jax import workdir as workdir_lib
 from autolora_jax.errors import ConfigError, WorkdirError
@@ -55,27 +55,20 @@ def test_autoattack_config_is_validated():
     config_checks.validate(config)
 
 
-def test_first_batches_mask_everything_after_the_first_n_points():
+def test_point_batches_hold_the_sampled_points_once_with_a_mask():
   images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
   labels = np.arange(10, dtype=np.int32) % 3
   data = ArrayDataset({'test': (images, labels)}, num_classes=3)
-  for n in (1, 4, 6, 10):
-    batches = list(evaluation.first_batches(data, 'test', n, global_batch=4))
-    assert len(batches) == -(-n // 4)
+  for indices in ([0], [1, 4, 5, 9], np.arange(10)):
+    x, y, index = sampling.sample_of(data, 'test', np.asarray(indices))
+    np.testing.assert_array_equal(x, images[indices])
+    np.testing.assert_array_equal(y, labels[indices])
+    np.testing.assert_array_equal(index, indices)
+    batches = list(sampling.point_batches(x, y, len(indices), global_batch=4))
+    assert len(batches) == -(-len(indices) // 4)
     kept = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
-    np.testing.assert_array_equal(kept, images[:n])
-
-
-def test_first_points_are_the_first_of_the_split_in_order():
-  images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
-  labels = np.arange(10, dtype=np.int32) % 3
-  data = ArrayDataset({'test': (images, labels)}, num_classes=3)
-  for n in (1, 4, 6, 10, 25):
-    x, y = evaluation.first_points(data, 'test', n, global_batch=4)
-    np.testing.assert_array_equal(x, images[:n])
-    np.testing.assert_array_equal(y, labels[:n])
-    _, _, index = evaluation.first_points(data, 'test', n, global_batch=4, with_index=True)
-    np.testing.assert_array_equal(index, np.arange(min(n, 10)))
+    np.testing.assert_array_equal(kept, images[indices])
+    assert all(b['image'].shape == (4, 1, 1, 1) for b in batches)
 
 
 def test_eval_mode_needs_a_trained_workdir(tmp_path):
@@ -95,7 +88,8 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   trained = train.train_and_evaluate(config, workdir)
   printed = capsys.readouterr().out
-  assert 'autoattack' in printed and 'version fast' in printed and 'first 16 of' in printed
+  assert 'autoattack' in printed and 'version fast' in printed and 'on 16 of' in printed
+  assert 'class-stratified sample' in printed
   for name in ('best', 'final'):
     entry = trained[name]
     assert set(entry['test']) >= {'clean', 'pgd10', 'autoattack'}
@@ -108,10 +102,17 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
   assert trained['final'] == {**trained['best'], 'same_as_best': True}
   for name in ('best', 'final'):  # PGD-10 on AutoAttack's 16 points beside PGD-10 on all test points
     assert 0 <= trained[name]['test']['pgd10_autoattack_points'] <= 1
+  for name in ('best', 'final'):  # the clean accuracy on those points is AutoAttack's own starting point
+    assert trained[name]['test']['clean_autoattack_points'] == trained[name]['autoattack']['clean']
   settings = dict(trained['autoattack'])
   assert set(settings.pop('seconds')) == {'best'}
+  indices = settings.pop('indices')
+  assert len(indices) == 16 and indices == sorted(set(indices))
   assert settings == {'version': 'fast', 'norm': 'Linf', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': config.attack.eps,
-                      'num_points': 16, 'num_test': trained['num_test'], 'seed': 0}
+                      'num_points': 16, 'num_test': trained['num_test'], 'points': 'stratified', 'seed': 0}
+
+  card = open(os.path.join(workdir, 'results.md')).read()
+  assert '| best | 1 |' in card and 'class-stratified sample' in card and '## Reproduce' in card
 
   # --mode=eval on the finished workdir: the same numbers again (same checkpoints, same seed), written into
   # results.json beside what the training run wrote there.
@@ -196,3 +197,27 @@ def test_l2_robust_fine_tuning_end_to_end(tmp_path):
   assert list(entry['autoattack']['accuracy_after']) == ['clean', 'apgd-ce', 'apgd-t']
   with open(tmp_path / 'run' / 'results.json') as f:
     assert json.load(f)['autoattack']['norm'] == 'L2'
+
+
+def test_results_card_names_the_run_its_numbers_and_its_command(tmp_path):
+  from autolora_jax import reporting
+  results = {'method': 'autolora', 'reference_compat': False, 'dataset': 'mnist5k', 'arch': 'resnet18_cifar',
+             'num_test': 500, 'input_shape': [3, 28, 28],
+             'threat_model': {'norm': 'linf', 'eps': 0.3, 'step_size': 0.075, 'eval_steps': 10},
+             'command': 'autolora-train --config=demo --workdir=/tmp/demo',
+             'best': {'epoch': 5, 'test': {'clean': 0.88, 'pgd10': 0.68, 'autoattack': 0.57,
+                                           'pgd10_autoattack_points': 0.71}},
+             'final': {'epoch': 6, 'test': {'clean': 0.896, 'pgd10': 0.692, 'autoattack': 0.6}},
+             'autoattack': {'version': 'fast', 'norm': 'Linf', 'attacks': ['apgd-ce', 'apgd-t'], 'eps': 0.3,
+                            'num_points': 200, 'num_test': 500, 'points': 'stratified', 'seed': 0,
+                            'indices': list(range(200)), 'seconds': {'best': 31.5, 'final': 200.0}},
+             'wall_seconds': 219.1}
+  path = reporting.write_results(str(tmp_path), results)
+  assert json.load(open(path)) == results
+  card = open(tmp_path / 'results.md').read()
+  assert card.startswith('# autolora on mnist5k (resnet18_cifar)')
+  assert '| best | 5 | 88.00 | 68.00 | 57.00 | 71.00 |' in card
+  assert '| final | 6 | 89.60 | 69.20 | 60.00 | – |' in card
+  assert 'version fast (apgd-ce, apgd-t), Linf eps 0.3, on 200 of 500 test points, a class-stratified' in card
+  assert '- AutoAttack of the final checkpoint: 3.3 min' in card and '3.7 min' in card
+  assert '```bash\nautolora-train --config=demo --workdir=/tmp/demo\n```' in card

@@ -258,6 +258,8 @@ def test_cli_export_and_crosscheck_with_the_original_autoattack(finished_run, tm
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.load(open(out / 'crosscheck.json'))
   assert report['num_points'] == 16 and report['attacks'] == ['apgd-ce', 'apgd-t']
+  results = json.load(open(os.path.join(finished_run, 'results.json')))
+  assert report['ours']['robust_accuracy'] == results['best']['test']['autoattack']  # the run's own points
   assert report['clean_agreement'] == 16  # the same model: the same clean verdicts
   assert report['agreement'] >= 14
   assert abs(report['ours']['robust_accuracy'] - report['original']['robust_accuracy']) <= 2 / 16
@@ -284,4 +286,7 @@ def test_readme_example_runs(finished_run, tmp_path):
   namespace = {}
   exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   assert os.path.isfile(tmp_path / 'exp' / 'model.pt')
-  assert 0.0 <= namespace['result'].robust_accuracy <= 1.0
+  run = namespace['run']
+  assert len(namespace['labels']) == run.config.autoattack.num_points == 16
+  # The run's own AutoAttack numbers again: the same points, the same per-point random draws.
+  assert namespace['result'].robust_accuracy == run.results['best']['test']['autoattack']

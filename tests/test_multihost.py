@@ -41,9 +41,9 @@ def local_copies(tree):
 
 
 original_test = evaluation.test
-def test(exp, ckpts, final_state):  # keeps this process's final parameters, as held in its device memory
+def test(exp, ckpts, final_state, **kwargs):  # keeps this process's final parameters, as held in its device memory
   np.savez(out, **local_copies(final_state.params))
-  return original_test(exp, ckpts, final_state)
+  return original_test(exp, ckpts, final_state, **kwargs)
 evaluation.test = test
 
 original_initial_state = experiment.Experiment.initial_state

@@ -124,6 +124,55 @@ def sigterm_at(epoch: int, step: int) -> None:
   loop.train_epoch = train_epoch
 
 
+def sigterm_in_autoattack(checkpoint: str, batch: int) -> None:
+  """Makes this process send itself SIGTERM while AutoAttack batch `batch` (1-based, counted over the attack
+  batches of all passes, the clean pass not counted) of the test of `checkpoint` ('best' or 'final') ends:
+  the evaluation then stops after that batch."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from autolora_jax import autoattack  # pylint: disable=g-import-not-at-top
+  original = autoattack.run
+
+  def run(*args, on_progress=None, desc='AA', **kwargs):
+    seen = {'key': None, 'batches': 0}
+
+    def hook(state):
+      key = (state.stage, state.pass_index)
+      if key == seen['key'] and state.stage > 0:  # after a batch (a new key: a pass begins)
+        seen['batches'] += 1
+        if desc == f'AA ({checkpoint})' and seen['batches'] == batch:
+          os.kill(os.getpid(), signal.SIGTERM)
+      seen['key'] = key
+      if on_progress is not None:
+        on_progress(state)
+    return original(*args, on_progress=hook, desc=desc, **kwargs)
+
+  autoattack.run = run
+
+
+def save_autoattack_verdicts(folder: str) -> None:
+  """Makes every AutoAttack of the test print where it begins (AUTOATTACK_BEGINS <checkpoint> fresh, or the
+  (stage, pass, start) it resumes at) and write its per-point outcome (robust, fell_to, x_adv, the points'
+  indices) to folder/<checkpoint>.npz (multi-process: <checkpoint>-p<process index>.npz) when it finishes."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from autolora_jax import autoattack  # pylint: disable=g-import-not-at-top
+  original = autoattack.run
+
+  def run(*args, desc='AA', point_index=None, resume=None, **kwargs):
+    name = desc[desc.find('(') + 1:desc.rfind(')')] if '(' in desc else desc
+    where = 'fresh' if resume is None else f'{resume.stage},{resume.pass_index},{resume.start}'
+    print('AUTOATTACK_BEGINS', name, where, file=sys.stderr, flush=True)
+    result = original(*args, desc=desc, point_index=point_index, resume=resume, **kwargs)
+    os.makedirs(folder, exist_ok=True)
+    file = name if jax.process_count() == 1 else f'{name}-p{jax.process_index()}'
+    np.savez(os.path.join(folder, f'{file}.npz'), robust=result.robust, fell_to=result.fell_to,
+             x_adv=result.x_adv, index=np.asarray(point_index))
+    return result
+
+  autoattack.run = run
+
+
 def sigterm_during_save(epoch: int) -> None:
   """Makes this process send itself SIGTERM as soon as the checkpoint at the end of `epoch` is handed to
   Orbax (saved asynchronously: still being written); prints SAVING_AT_SIGTERM and whether it was."""

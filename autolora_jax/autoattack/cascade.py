@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +140,66 @@ class AutoAttackResult:
             'robust': self.robust_accuracy, 'accuracy_after': dict(self.accuracy),
             'broken_by': {a: int(np.sum(self.fell_to == a)) for a in self.attacks},
             'settings': {a: dict(v) for a, v in self.settings.items()}, 'seconds': dict(self.seconds)}
+
+
+class CascadeState(NamedTuple):
+  """Where `run` is and what it has found so far: what `on_progress` receives and `resume` continues from.
+
+  The position: `stage` 0 is the clean pass, stage i >= 1 the i-th attack of `attacks`; `pass_index` the
+  restart or target pass of that attack (0 in the clean pass); `todo` the positions (in x) of the points the
+  pass works through, as they were at its start (the clean pass: all); `start` where in `todo` the next
+  batch starts (len(todo): the pass is done).
+
+  The findings: `pred`, `zero_grad` (N,) the clean predictions and zero-gradient flags (filled up to the
+  position in the clean pass); `num_classes`; from stage 1 on `robust`, `fell_to` and `x_adv` as in
+  `AutoAttackResult` (so far; all False / '' / x in the clean pass); `attacked` per attack begun, the (N,)
+  points it was run on so far; `accuracy` after each finished stage; `seconds` per stage (the current one:
+  so far). `batch_size`: the largest batch actually run (min(batch_size, N)).
+
+  The arrays are `run`'s own, not copies: they change as the run goes on after the callback returns. Keep a
+  state past its callback with `copy()` (or write it out inside the callback); a callback that raises ends
+  the run, so the state it was given stays as it is.
+  """
+  attacks: Tuple[str, ...]
+  stage: int
+  pass_index: int
+  todo: np.ndarray
+  start: int
+  batch_size: int
+  pred: np.ndarray
+  zero_grad: np.ndarray
+  num_classes: int
+  robust: np.ndarray
+  fell_to: np.ndarray
+  x_adv: np.ndarray
+  attacked: Dict[str, np.ndarray]
+  accuracy: Dict[str, float]
+  seconds: Dict[str, float]
+
+  @property
+  def pass_done(self) -> bool:
+    """The pass's batches have all run (at its end, or a pass with no points)."""
+    return self.start >= len(self.todo)
+
+  def copy(self) -> 'CascadeState':
+    """A copy that the run does not change any more."""
+    return self._replace(todo=self.todo.copy(), pred=self.pred.copy(), zero_grad=self.zero_grad.copy(),
+                         robust=self.robust.copy(), fell_to=self.fell_to.copy(), x_adv=self.x_adv.copy(),
+                         attacked={k: v.copy() for k, v in self.attacked.items()},
+                         accuracy=dict(self.accuracy), seconds=dict(self.seconds))
+
+
+def _check_resume(state: CascadeState, cascade: Tuple[str, ...], x: np.ndarray) -> None:
+  n = x.shape[0]
+  arrays = (state.pred, state.zero_grad, state.robust, state.fell_to)
+  if (tuple(state.attacks) != cascade or any(np.shape(a) != (n,) for a in arrays)
+      or np.shape(state.x_adv) != x.shape or not 0 <= state.stage <= len(cascade)
+      or (len(state.todo) and (np.min(state.todo) < 0 or np.max(state.todo) >= n))
+      or any(k not in cascade for k in state.attacked)):
+    raise AutoAttackInputError(
+        f'resume: the state does not belong to this run (attacks {tuple(state.attacks)} on '
+        f'{np.shape(state.robust)[0] if np.ndim(state.robust) else "?"} points; this run: attacks {cascade} on '
+        f'{n} points of shape {x.shape[1:]}). Resume with the inputs and settings the state was made with.')
 
 
 def _as_partial(logits_fn):
@@ -288,7 +348,8 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
         p_init: float = DEFAULTS['p_init'], alpha_max: float = DEFAULTS['alpha_max'],
         eta: float = DEFAULTS['eta'], beta: float = DEFAULTS['beta'], eot_iter: Optional[int] = None,
         randomized: bool = False, devices=None, point_index=None, progress: bool = True,
-        sanity_checks: bool = True, desc: str = 'AA') -> AutoAttackResult:
+        sanity_checks: bool = True, desc: str = 'AA', resume: Optional[CascadeState] = None,
+        on_progress: Optional[Callable[[CascadeState], None]] = None) -> AutoAttackResult:
   """AutoAttack of `logits_fn` on (x, y) under the `norm` budget eps.
 
   Args:
@@ -317,6 +378,15 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
     progress: tqdm bars per attack (points done, robust so far).
     sanity_checks: warn (`checks.AutoAttackWarning`) for randomised models, probability outputs, zero
       gradients, too few classes, and Square beating the gradient attacks.
+    resume: a `CascadeState` that `on_progress` was given by an earlier call with the same inputs and
+      settings: the run continues at its position (the pass's batch after the last one done) and returns
+      what an uninterrupted run returns (x_adv, robust, fell_to, accuracy; seconds add up). Every point's
+      randomness comes from its own key, a function of (seed, attack, pass, point_index), and a pass's
+      batches are cut from its `todo` as at its start, so no draw depends on where the run stopped.
+    on_progress: called with a `CascadeState` at the start of every pass (the clean pass, then each restart
+      or target pass of each attack, also one left with no points) and after every batch of it; it may
+      write the state out (for a resumable evaluation) and may raise to stop the run (the exception passes
+      through `run`); a state it is given is a valid `resume` (copy it to keep it: `CascadeState`).
   Returns:
     An `AutoAttackResult`: x_adv, per-point `robust`, where each point fell, accuracy after each stage.
   """
@@ -362,36 +432,65 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
     pad = np.concatenate([idx, np.full(b - len(idx), idx[0])])
     return pad, np.arange(b) < len(idx)
 
+  if resume is not None:
+    _check_resume(resume, cascade, x)
+  at = resume.stage if resume is not None else 0  # the stage to begin with
+
+  def emit(stage, p, todo, next_start):
+    if on_progress is not None:
+      on_progress(CascadeState(cascade, stage, p, todo, int(min(next_start, len(todo))), bs, pred, zero_grad,
+                               num_classes, robust, fell_to, x_adv, dict(attacked), dict(accuracy),
+                               dict(seconds)))
+
   # Clean predictions, and the sanity checks (on the first batch; zero gradients on every point).
   start = time.time()
-  pred = np.zeros(n, np.int32)
-  zero_grad = np.zeros(n, bool)
-  num_classes = 0
-  for s in range(0, n, bs):
-    idx = np.arange(s, min(s + bs, n))
-    pad, _ = padded(idx)
-    xb, yb = put_points(x[pad]), put_points(y[pad])
-    logits, zero = _clean(fn, xb, yb, model_key(0, 0, s), copts)
-    logits = np.asarray(logits)
-    pred[idx] = np.argmax(logits, -1)[:len(idx)]
-    zero_grad[idx] = np.asarray(zero)[:len(idx)]
-    if s == 0:
-      num_classes = logits.shape[-1]
-      if sanity_checks:
-        again = [np.asarray(_clean(fn, xb, yb, model_key(0, r, s), copts)[0]) for r in (1, 2)]
-        if version != 'rand':  # the rand version is for randomised models (the original skips the check)
-          checks.check_randomized([logits] + again, y[pad])
-        checks.check_probabilities(logits)
-        checks.check_num_classes(num_classes, cascade, n_target_classes)
-  if sanity_checks and n:
-    checks.check_zero_gradients(zero_grad)
-  clean = pred == y
-  robust = clean.copy()
-  fell_to = np.where(clean, '', 'clean').astype('<U8')
-  x_adv = x.copy()
-  accuracy = {'clean': float(np.mean(robust)) if n else float('nan')}
-  seconds = {'clean': time.time() - start}
-  attacked = {}
+  if resume is None:
+    pred, zero_grad, num_classes = np.zeros(n, np.int32), np.zeros(n, bool), 0
+    seconds, accuracy, attacked = {}, {}, {}
+  else:
+    pred, zero_grad = np.array(resume.pred, np.int32), np.array(resume.zero_grad, bool)
+    num_classes = int(resume.num_classes)
+    seconds, accuracy = dict(resume.seconds), dict(resume.accuracy)
+    attacked = {a: np.array(m, bool) for a, m in resume.attacked.items()}
+  if at == 0:
+    robust, fell_to, x_adv = np.zeros(n, bool), np.full(n, '', '<U8'), x  # filled after the clean pass
+    every = np.arange(n, dtype=np.int64)
+    first = resume.start if resume is not None else 0
+    spent = seconds.get('clean', 0.0)
+    emit(0, 0, every, first)
+    for s in range(first, n, bs):
+      idx = np.arange(s, min(s + bs, n))
+      pad, _ = padded(idx)
+      xb, yb = put_points(x[pad]), put_points(y[pad])
+      logits, zero = _clean(fn, xb, yb, model_key(0, 0, s), copts)
+      logits = np.asarray(logits)
+      pred[idx] = np.argmax(logits, -1)[:len(idx)]
+      zero_grad[idx] = np.asarray(zero)[:len(idx)]
+      if s == 0:
+        num_classes = logits.shape[-1]
+        if sanity_checks:
+          again = [np.asarray(_clean(fn, xb, yb, model_key(0, r, s), copts)[0]) for r in (1, 2)]
+          if version != 'rand':  # the rand version is for randomised models (the original skips the check)
+            checks.check_randomized([logits] + again, y[pad])
+          checks.check_probabilities(logits)
+          checks.check_num_classes(num_classes, cascade, n_target_classes)
+      seconds['clean'] = spent + time.time() - start
+      emit(0, 0, every, s + bs)
+    if not n:  # no points (a process's share can be empty): the class count from the model's output shape
+      z = jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)
+      num_classes = int(jax.eval_shape(lambda v: _call(fn, v, model_key(0, 0, 0)), z).shape[-1])
+    if sanity_checks and n:
+      checks.check_zero_gradients(zero_grad)
+    clean = pred == y
+    robust = clean.copy()
+    fell_to = np.where(clean, '', 'clean').astype('<U8')
+    x_adv = x.copy()
+    accuracy['clean'] = float(np.mean(robust)) if n else float('nan')
+    seconds['clean'] = spent + time.time() - start
+  else:
+    clean = pred == y
+    robust, fell_to = np.array(resume.robust, bool), np.array(resume.fell_to, '<U8')
+    x_adv = np.array(resume.x_adv, np.float32)
   options = {'apgd': (('n_iter', int(n_iter)), ('rho', float(rho))),
              'fab-t': (('alpha_max', float(alpha_max)), ('beta', float(beta)), ('eta', float(eta)),
                        ('n_iter', int(n_iter))),
@@ -399,9 +498,7 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
   options['fab'] = options['fab-t']
   used = {}
 
-  for attack in cascade:
-    start = time.time()
-    was_attacked = np.zeros(n, bool)
+  for number, attack in enumerate(cascade, start=1):
     o = per_attack[attack]
     kernel = _kernel(attack)
     opts = options[kernel]
@@ -411,6 +508,13 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
     if kernel == 'square':
       opts = opts + (('n_queries', int(o['n_queries'])),)
     used[attack] = dict(o, **dict(opts))
+    if number < at:
+      continue  # finished before the run was resumed
+    resumed = resume is not None and number == at
+    start = time.time()
+    spent = seconds.get(attack, 0.0) if resumed else 0.0
+    was_attacked = attacked[attack] if resumed and attack in attacked else np.zeros(n, bool)
+    attacked[attack] = was_attacked
     if attack in TARGETED:
       n_passes = common.num_targets(o['n_target_classes'], num_classes)
       if attack == 'apgd-t' and num_classes < 4:
@@ -423,18 +527,24 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
                     mininterval=0.5, leave=True)
     label = 'target' if attack in TARGETED else 'restart'
     try:
-      for p in range(n_passes):
-        todo = np.flatnonzero(robust)
-        if not len(todo):
-          break
-        bar.total += len(todo)
+      for p in range(resume.pass_index if resumed else 0, n_passes):
+        if resumed and p == resume.pass_index:
+          todo, first = np.asarray(resume.todo, np.int64), int(resume.start)
+        else:
+          todo, first = np.flatnonzero(robust), 0
+        # A pass with no points left still reports its start (the callbacks' sequence is the same on every
+        # process of a multi-process evaluation, whatever its points).
+        emit(number, p, todo, first)
+        if first >= len(todo):
+          continue
+        bar.total += len(todo) - first
         if n_passes > 1:
           bar.set_postfix({'robust': f'{int(robust.sum())}/{n}', label: f'{p + 1}/{n_passes}'})
         bar.refresh()
         # Keyed by the attack's name, not its place: a stage draws the same in any cascade.
         stage = ATTACKS.index(attack) + 1
         pass_key = jax.random.fold_in(jax.random.fold_in(base_key, stage), p)
-        for s in range(0, len(todo), bs):
+        for s in range(first, len(todo), bs):
           idx = todo[s:s + bs]
           m = len(idx)
           pad, active = padded(idx)
@@ -453,11 +563,12 @@ def run(logits_fn: Callable, x, y, *, eps: float = 8 / 255, norm: str = 'Linf', 
           if n_passes > 1:
             postfix[label] = f'{p + 1}/{n_passes}'
           bar.set_postfix(postfix, refresh=False)
+          seconds[attack] = spent + time.time() - start
+          emit(number, p, todo, s + bs)
     finally:
       bar.close()
-    attacked[attack] = was_attacked
     accuracy[attack] = float(np.mean(robust)) if n else float('nan')
-    seconds[attack] = time.time() - start
+    seconds[attack] = spent + time.time() - start
     log.info('AutoAttack %s (%s): robust accuracy %.2f%% (%d/%d) after %.1f s', attack, norm,
              100 * accuracy[attack], int(robust.sum()), n, seconds[attack])
   if sanity_checks:

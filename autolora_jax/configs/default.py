@@ -169,9 +169,25 @@ def get_config():
   # 'auto' (the training attack's: Linf for attack.norm 'linf', L2 for 'l2') | 'Linf' | 'L2' | 'L1'.
   config.autoattack.norm = 'auto'
   config.autoattack.eps = 0.0  # 0: attack.eps (0.0314 under reference_compat); else this radius
-  config.autoattack.num_points = 0  # the first N test points; 0 = all
+  # N test points (0 = all): a seeded sample stratified by class (points 'stratified', seed autoattack.seed:
+  # the same points for every method and seed of a comparison), or the first N of the split ('first').
+  config.autoattack.num_points = 0
+  config.autoattack.points = 'stratified'
   config.autoattack.batch_size = 250
   config.autoattack.seed = 0
+
+  # More test evaluations at the end of a run and with --mode=eval (autolora_jax/corruptions.py).
+  config.eval = ml_collections.ConfigDict()
+  # Common corruptions (CIFAR-10-C / ImageNet-C): () = off; names from corruptions.CORRUPTIONS, or ('all',)
+  # (--config.eval.corruptions=all, or =gaussian_noise,fog): the clean accuracy of the deployed model on the
+  # corrupted test split, per corruption and severity.
+  config.eval.corruptions = ()
+  config.eval.severities = (1, 2, 3, 4, 5)  # of 1 (mildest) to 5
+  config.eval.corruption_seed = 0  # the corrupted images' random numbers (the same images for the same seed)
+  config.eval.corruption_points = 0  # N test points (a class-stratified sample, seed corruption_seed); 0 = all
+  # 'auto': TFDS's published CIFAR-10-C (cifar10_corrupted) for cifar10 when it is prepared, else computed here;
+  # 'generate': always computed here; 'tfds': the published images only.
+  config.eval.corruption_source = 'auto'
 
   # How the host drives the devices (none of these changes what a run computes; README "Feeding the devices").
   config.host = ml_collections.ConfigDict()

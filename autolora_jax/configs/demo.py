@@ -42,7 +42,8 @@ def get_config():
   config.twins.boundaries = (3, 5)
   config.batch_size = 64
 
-  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on the first 200 test points.
+  # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on 200 test points (a sample with
+  # every class in proportion, config.autoattack.points).
   config.autoattack.version = 'fast'
   config.autoattack.num_points = 200
   config.autoattack.batch_size = 100  # the points left for APGD-T fill fewer padded rows

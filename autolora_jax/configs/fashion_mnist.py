@@ -53,7 +53,7 @@ def get_config():
   config.twins.boundaries = (4, 6)
   config.batch_size = 64
 
-  # AutoAttack: the fast version (APGD-CE, APGD-T) on the first 200 test points.
+  # AutoAttack: the fast version (APGD-CE, APGD-T) on 200 test points (a class-stratified sample).
   config.autoattack.version = 'fast'
   config.autoattack.num_points = 200
   config.autoattack.batch_size = 200

@@ -104,6 +104,20 @@ class ImageDataset:
     """The source keys of a split, in its evaluation order (for checks: disjointness, coverage)."""
     return self.splits[split].keys
 
+  def labels(self, split: str) -> np.ndarray:
+    """The labels of a split (int32, all processes' examples), in its evaluation order."""
+    return self.splits[split].labels.astype(np.int32)
+
+  def examples(self, split: str, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(images as the evaluation gives them (m, H, W, C), labels (m,)) of the examples at `indices` (their
+    positions in the split's evaluation order), decoded on the thread pool."""
+    chosen = self.splits[split]
+    cache = self._cache.get(split)
+    tasks = [(self._eval_example, (chosen.records[i], cache, int(i))) for i in np.asarray(indices, np.int64)]
+    images = next(self._run(iter([(tasks, {})])))['image'] if tasks else np.zeros((0,) + self.eval_shape,
+                                                                                np.uint8)
+    return images, chosen.labels[np.asarray(indices, np.int64)].astype(np.int32)
+
   def train_order(self, epoch: int) -> np.ndarray:
     """The permutation of the training split that epoch `epoch` visits (a function of seed and epoch)."""
     return epoch_order(self.seed, epoch, self.num_examples('train'))

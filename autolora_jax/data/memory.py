@@ -50,6 +50,17 @@ class ArrayDataset:
   def steps_per_epoch(self, global_batch: int) -> int:
     return self.num_examples('train') // global_batch
 
+  def labels(self, split: str) -> np.ndarray:
+    """The labels of a split (int32, all processes' examples), in its evaluation order."""
+    return np.asarray(self.splits[split][1]).astype(np.int32)
+
+  def examples(self, split: str, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(images float32 in [0, 1] (m, H, W, C), labels (m,)) of the examples at `indices` (their positions in
+    the split's evaluation order)."""
+    images, labels = self.splits[split]
+    idx = np.asarray(indices, np.int64)
+    return self._images(images[idx]), np.asarray(labels)[idx].astype(np.int32)
+
   def train_order(self, epoch: int) -> np.ndarray:
     """The permutation of the training split that epoch `epoch` visits."""
     return epoch_order(self.seed, epoch, self.num_examples('train'))

@@ -43,8 +43,9 @@ def model_card(card: dict, workdir: Optional[str] = None) -> str:
       '',
   ]
   if aa:
+    how = {'stratified': 'a class-stratified sample of', 'all': 'all'}.get(aa.get('points'), 'the first')
     lines += [f'Clean and PGD-10 on all {card.get("num_test")} test points; AutoAttack (version '
-              f'{aa.get("version")}: {", ".join(aa.get("attacks", []))}) on the first {aa.get("num_points")} '
+              f'{aa.get("version")}: {", ".join(aa.get("attacks", []))}) on {how} {aa.get("num_points")} '
               'of them, computed by autolora-jax\'s JAX AutoAttack.', '']
   lines += [
       '## Files',
@@ -80,7 +81,8 @@ def model_card(card: dict, workdir: Optional[str] = None) -> str:
       '```',
       '',
       'It attacks `model.pt` with the original AutoAttack and the JAX model with autolora-jax\'s on the same '
-      'test points, with the same attacks, norm and eps, and writes crosscheck.json.',
+      'test points (those the run\'s AutoAttack attacked), with the same attacks, norm and eps, and writes '
+      'crosscheck.json.',
   ]
   check = card.get('crosscheck')
   if check:
@@ -95,7 +97,7 @@ def crosscheck_table(check: dict) -> str:
     r = check[name]
     rows.append(f'| {label} | {_pct(r["robust_accuracy"])} | {r["seconds"]:.1f} s |')
   rows.append('')
-  rows.append(f'{check["num_points"]} points, {check["norm"]} eps {check["eps"]:.4g}, attacks '
+  rows.append(f'{check["points"]}, {check["norm"]} eps {check["eps"]:.4g}, attacks '
               f'{", ".join(check["attacks"])}; per-point agreement {check["agreement"]}/{check["num_points"]}'
               f' ({check["clean_agreement"]}/{check["num_points"]} before the attacks).')
   return '\n'.join(rows)

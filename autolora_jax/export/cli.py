@@ -22,7 +22,7 @@ def define_flags() -> dict:
   _FLAGS['out'] = flags.DEFINE_string('out', None, 'Folder to write model.safetensors, model.json, model.pt and '
                                       'README.md to; refused if it exists and is not empty, unless --overwrite.')
   _FLAGS['overwrite'] = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder.')
-  _FLAGS['check'] = flags.DEFINE_integer('check', 0, 'Also attack the first N test points with the original '
+  _FLAGS['check'] = flags.DEFINE_integer('check', 0, 'Also attack N test points (chosen as the run\'s AutoAttack chooses them) with the original '
                                          'PyTorch AutoAttack (pip install pyautoattack) and with ours; writes '
                                          'crosscheck.json. 0: no check.')
   _FLAGS['check_batch_size'] = flags.DEFINE_integer('check_batch_size', 0, 'Batch size of both AutoAttacks in '

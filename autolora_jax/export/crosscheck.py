@@ -1,6 +1,7 @@
 """The exported model checked by the original AutoAttack (PyTorch, PyPI `pyautoattack`) beside ours.
 
-`crosscheck(run, model_pt, n)` attacks the first n test points of the run twice, with the same attacks, norm,
+`crosscheck(run, model_pt, n)` attacks n test points of the run (chosen as its own AutoAttack chooses them,
+`api.Run.test_points`) twice, with the same attacks, norm,
 eps, seed and settings: autolora-jax's JAX AutoAttack on the JAX model, and the original on the exported
 TorchScript program. The original has no 'fast' version: it runs as version='custom' with our cascade's
 attack list, and every attack's settings (restarts, target classes, queries, ...) set to what ours ran
@@ -86,7 +87,7 @@ def run_original(model_pt: str, x: np.ndarray, y: np.ndarray, *, eps: float, nor
 
 def crosscheck(run, model_pt: str, n: int, out: Optional[str] = None, batch_size: Optional[int] = None,
                progress: bool = True) -> dict:
-  """Both AutoAttacks on the first n test points of an `api.Run` (see the module docstring).
+  """Both AutoAttacks on n test points of an `api.Run` (`Run.test_points(n)`; see the module docstring).
 
   Returns (and writes to out/crosscheck.json when `out` is given): the settings, each side's robust
   accuracy, per-point robustness and wall time, and the per-point agreement.
@@ -98,16 +99,17 @@ def crosscheck(run, model_pt: str, n: int, out: Optional[str] = None, batch_size
   attacks = tuple(c.get('attacks', ())) if version == 'custom' else None
   batch_size = int(batch_size or c.batch_size)
   seed = int(c.seed)
-  x, y = run.test_points(n)
+  x, y, index = run.test_points(n, with_index=True)
   start = time.time()
   ours = autoattack.run(run.logits_fn, x, y, eps=run.eps, norm=run.norm, version=version, seed=seed,
-                        batch_size=batch_size, attacks=attacks, progress=progress, desc='AA (autolora-jax)')
+                        batch_size=batch_size, attacks=attacks, point_index=index, progress=progress,
+                        desc='AA (autolora-jax)')
   ours_seconds = time.time() - start
   attack_list = list(ours.attacks)
   original = run_original(model_pt, x, y, eps=run.eps, norm=run.norm, attacks=attack_list,
                           settings=ours.settings, seed=seed, batch_size=batch_size)
   report = {
-      'num_points': int(len(y)), 'points': f'the first {len(y)} test points', 'eps': run.eps, 'norm': run.norm,
+      'num_points': int(len(y)), 'points': points_text(run, len(y)), 'eps': run.eps, 'norm': run.norm,
       'version': version, 'attacks': attack_list, 'seed': seed, 'batch_size': batch_size,
       'settings': {k: capped(v, run.num_classes) for k, v in ours.settings.items()},
       'ours': {'robust_accuracy': float(np.mean(ours.robust)), 'clean_accuracy': float(np.mean(ours.clean)),
@@ -127,6 +129,14 @@ def crosscheck(run, model_pt: str, n: int, out: Optional[str] = None, batch_size
       f.write('\n')
     os.replace(tmp, path)
   return report
+
+
+def points_text(run, n: int) -> str:
+  """Which test points the check attacked, in words."""
+  c = run.config.autoattack
+  if str(c.get('points', 'first')) == 'stratified':
+    return f'{n} test points, a class-stratified sample (seed {int(c.seed)}), as the run\'s AutoAttack draws them'
+  return f'the first {n} test points'
 
 
 def capped(settings: dict, num_classes: int) -> dict:
