@@ -1,5 +1,6 @@
-"""The README's Python example runs as written (its names are the users' contract)."""
+"""The Python examples of the README and docs/ run as written (their names are the users' contract)."""
 
+import glob
 import os
 import re
 
@@ -7,14 +8,20 @@ import jax
 import numpy as np
 import pytest
 
-ROOT_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_README = os.path.join(ROOT, 'README.md')
+DOCS = [ROOT_README] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 
 
 def python_blocks(section: str):
-  with open(ROOT_README) as f:
-    text = f.read()
-  body = text.split(f'## {section}\n', 1)[1].split('\n## ', 1)[0]
-  return re.findall(r'```python\n(.*?)```', body, flags=re.S)
+  """The Python blocks of the section titled `section` in the README or a page of docs/."""
+  for path in DOCS:
+    with open(path) as f:
+      text = f.read()
+    if f'## {section}\n' in text:
+      body = text.split(f'## {section}\n', 1)[1].split('\n## ', 1)[0]
+      return re.findall(r'```python\n(.*?)```', body, flags=re.S)
+  raise AssertionError(f'no section {section!r} in README.md or docs/')
 
 
 @pytest.mark.slow
