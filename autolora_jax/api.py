@@ -4,8 +4,8 @@ normalisation, classes, results).
     import autolora_jax
     from autolora_jax import autoattack
     run = autolora_jax.load('/tmp/demo')            # the best checkpoint; checkpoint='final' for the last
-    logits = run.logits(images)                     # NHWC float images in [0, 1] -> (N, classes)
     images, labels = run.test_points()              # the points the run's AutoAttack attacked
+    logits = run.logits(images)                     # NHWC float images in [0, 1] -> (N, classes)
     result = autoattack.run(run.logits_fn, images, labels, eps=run.eps, norm=run.norm)
 
 Nothing is trained or evaluated, and no data set is read (except by `Run.test_points`): everything comes
