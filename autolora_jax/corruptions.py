@@ -894,7 +894,7 @@ def plot_heatmap(results: dict, path: str) -> Dict[str, np.ndarray]:
                                                      1.2 + 0.38 * rows), squeeze=False)
   drawn = {}
   image = None
-  for ax, (checkpoint, (names, severities, matrix)) in zip(axes[0], panels):
+  for k, (ax, (checkpoint, (names, severities, matrix))) in enumerate(zip(axes[0], panels)):
     image = ax.imshow(100 * matrix, cmap='viridis', vmin=0, vmax=100, aspect='auto')
     drawn[checkpoint] = np.ma.filled(np.asarray(image.get_array(), dtype=np.float64), np.nan)
     for i in range(len(names)):
@@ -903,7 +903,7 @@ def plot_heatmap(results: dict, path: str) -> Dict[str, np.ndarray]:
           ax.text(j, i, f'{100 * matrix[i, j]:.1f}', ha='center', va='center', fontsize=7,
                   color='white' if matrix[i, j] < 0.6 else 'black')
     ax.set_xticks(range(len(severities)), [str(s) for s in severities])
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names if k == 0 else [])  # the rows' names once, left of the panels
     entry = results[checkpoint]
     test = entry['test']
     clean = test.get('clean')

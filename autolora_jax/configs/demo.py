@@ -4,7 +4,14 @@ It first makes a robust FE in-process (PGD-AT on the digits 0-4), then runs Auto
 with a narrow ResNet-18 at eps 0.3, MNIST's usual larger L-infinity budget. At 8/255 MNIST's nearly binary
 strokes make robustness almost free, and at the smaller usual budget, 0.1, this short run already reached
 90% PGD-10 accuracy against 96% clean (measured): too close to show what robust fine-tuning is for. At 0.3
-the attacks bite (PGD-10 well below clean, AutoAttack below PGD-10). About four minutes on 2 CPU cores.
+the attacks bite (PGD-10 well below clean, AutoAttack below PGD-10).
+
+    autolora-train --config=demo --workdir=/tmp/demo
+    python run.py --config=configs/demo.py --workdir=/tmp/demo      # the same, in a checkout
+
+Expected on 2 AMD EPYC cores (jax 0.10.2): the best checkpoint at epoch 5, test clean 88.0%, PGD-10 68.0%,
+AutoAttack (fast, 200 stratified points) 58.0%; about 4 minutes cold, under 2 minutes with the compiled
+programs cached. Other CPU kinds can train a slightly different model from the same seed (round-off).
 """
 
 from autolora_jax.configs import default
