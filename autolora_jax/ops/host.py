@@ -138,10 +138,11 @@ def enable_compilation_cache(path: str) -> bool:
   """JAX's persistent compilation cache in `path`: a program compiled once (keyed by its computation, the
   JAX version and the device) is read from disk by later runs, so a second run of a config and
   `--mode=eval` compile nothing. Every program is cached, however fast it compiled. A
-  JAX_COMPILATION_CACHE_DIR the user set wins. '' leaves the cache off. Returns whether the cache is on.
+  JAX_COMPILATION_CACHE_DIR the user set wins, an empty one included. '' leaves the cache off. Returns whether
+  the cache is on.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or path
+  path = os.environ.get('JAX_COMPILATION_CACHE_DIR', path)
   if not path:
     return False
   try:
