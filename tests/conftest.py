@@ -2,6 +2,10 @@
 root and tests/ on the import path: `import tiny_runs`; the configs are the package's,
 `from autolora_jax.configs import default`).
 
+After each test module the compiled programs are released (`jax.clear_caches`): every program XLA compiles
+for the CPU maps memory of its own, and one process running the whole suite otherwise passes the kernel's
+limit on memory maps (vm.max_map_count, 65,530 by default), where XLA's compiler aborts.
+
 The cache (in the system's temp folder, keyed by program and JAX version) lets the many tests that compile
 the same small train and eval steps, subprocesses included, compile each program once.
 """
@@ -12,3 +16,18 @@ import tempfile
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'autolora-jax-test-xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# A bounded cache is a locked one: the processes of the multi-process tests read and write it at once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
+
+
+import gc
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  yield
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()

@@ -128,6 +128,9 @@ def set_xla_cpu_flags(backend: Optional[str] = None) -> bool:
   return True
 
 
+CACHE_MAX_BYTES = 4 << 30  # 4 GiB of compiled programs: some hundred configs' train and eval programs.
+
+
 def default_compilation_cache_dir() -> str:
   """The user's cache folder for compiled programs: $XDG_CACHE_HOME/autolora-jax/xla (~/.cache/...)."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
@@ -140,6 +143,10 @@ def enable_compilation_cache(path: str) -> bool:
   `--mode=eval` compile nothing. Every program is cached, however fast it compiled. A
   JAX_COMPILATION_CACHE_DIR the user set wins, an empty one included. '' leaves the cache off. Returns whether
   the cache is on.
+
+  The cache is bounded (CACHE_MAX_BYTES, least recently used entries evicted; JAX_COMPILATION_CACHE_MAX_SIZE
+  wins): with a bound JAX takes a file lock around every read and write, so the processes of a multi-process
+  run on one host, or two runs side by side, never read an entry another one is still writing.
   """
   import jax  # pylint: disable=g-import-not-at-top
   path = os.environ.get('JAX_COMPILATION_CACHE_DIR', path)
@@ -153,6 +160,8 @@ def enable_compilation_cache(path: str) -> bool:
                   '--compilation_cache= to turn the cache off.')
     return False
   jax.config.update('jax_compilation_cache_dir', path)
+  if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:
+    jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return True
