@@ -1,20 +1,28 @@
-"""Small pieces shared by the command-line entry points (autolora-train = run.py = autolora_jax/main.py,
-autolora-compare = python -m autolora_jax.compare).
+"""The command-line bootstrap that every entry point uses (autolora-train = run.py = autolora_jax/main.py,
+autolora-compare = python -m autolora_jax.compare, autolora-export = python -m autolora_jax.export).
 
-`fail` prints a one-paragraph error and exits (status 2 for bad input). `make_flags_parser` is an absl
-`flags_parser` that first resolves the --config value (`resolve_config`: a file that exists is used as
-given; a bare NAME, NAME.py, or configs/NAME.py where no such file is, means the packaged config
-autolora_jax/configs/NAME.py, so the installed commands take `--config=demo` from any folder) and turns a
-config that is neither (`check_config_file`, looked at before absl parses the flags: the config loader would
-otherwise end in a traceback) or a bad `--config.KEY=VALUE` override into such an error.
+`run_command(main, usage, module)` is the common start of a command: it parses the flags, sets up logging
+and the host (XLA's CPU settings, the persistent compilation cache of --compilation_cache), calls
+`main(command)` and turns the package's errors into a one-paragraph message and an exit status: 2 for bad
+input, 1 for a non-finite loss, preemption.EXIT_CODE (75) for a preemption.
+
+`fail` prints such a message and exits. `make_flags_parser` is an absl `flags_parser` that first resolves
+the --config value (`resolve_config`: a file that exists is used as given; a bare NAME, NAME.py, or
+configs/NAME.py where no such file is, means the packaged config autolora_jax/configs/NAME.py, so the
+installed commands take `--config=demo` from any folder) and turns a config that is neither
+(`check_config_file`, looked at before absl parses the flags: the config loader would otherwise end in a
+traceback) or a bad `--config.KEY=VALUE` override into such an error.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import shlex
+import shutil
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from absl import flags
 
@@ -158,3 +166,117 @@ def make_flags_parser(usage: str):
            'against it.')
 
   return parse_flags
+
+
+def define_config_flag():
+  """Defines --config (a packaged config by name, or a config file; see `resolve_config`) and returns its
+  holder; `load_config` reads it."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  return config_flags.DEFINE_config_file(
+      'config', None, 'A packaged config by name (demo, cifar10, fashion_mnist, ...: '
+      'autolora_jax/configs/NAME.py), or a config file path.', lock_config=True)
+
+
+def load_config(holder):
+  """(config, config file) of a --config flag's holder: a config file that fails to load, or a bad
+  override, is a one-paragraph error (exit 2); a missing file was refused before, by `check_config_file`
+  in the flags parser."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_file = config_flags.get_config_filename(flags.FLAGS[holder.name])
+  try:
+    config = holder.value
+    config.method  # pylint: disable=pointless-statement (a file that failed to load raises here)
+    return config, config_file
+  except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
+    detail = ' '.join(str(e.args[0] if e.args else e).split())
+    fail(f'the config file {config_file!r} or a --config override could not be used: {detail}. Every key a '
+         'run reads is defined in configs/default.py; check the file and the spelling and type of the '
+         'overrides against it.')
+
+
+def command_prefix(argv0: str, module: str) -> List[str]:
+  """How this process was started, as the words before the flags of a command that repeats it:
+  ['python', 'run.py'] (a script), ['python', '-m', MODULE] (`module`'s file, or its __main__.py for a
+  package), or ['autolora-train'] (a console script; its full path where that name on PATH is another
+  program or none)."""
+  base = os.path.basename(argv0)
+  if base.endswith('.py'):
+    loaded = sys.modules.get(module)
+    origin = getattr(loaded, '__file__', None) or ''
+    if origin.endswith('__init__.py'):
+      origin = os.path.join(os.path.dirname(origin), '__main__.py')
+    if origin and os.path.abspath(argv0) == os.path.abspath(origin):
+      return ['python', '-m', module]
+    return ['python', argv0]
+  found = shutil.which(base)
+  if found and os.path.exists(argv0) and os.path.samefile(found, argv0):
+    return [base]
+  return [argv0]
+
+
+def command_line(module: str, argv: Optional[Sequence[str]] = None, omit: Sequence[str] = ()) -> str:
+  """The shell command that repeats this process's command (`command_prefix` and the flags of `argv`,
+  default sys.argv), without the flags that start with one of `omit`."""
+  argv = sys.argv if argv is None else argv
+  return shlex.join(command_prefix(argv[0], module) + [a for a in argv[1:] if not a.startswith(tuple(omit))])
+
+
+_HOST_FLAGS = {}
+
+
+def define_host_flags() -> dict:
+  """Defines the flags every command has (once; absl's flags are global): --compilation_cache."""
+  if not _HOST_FLAGS:
+    _HOST_FLAGS['compilation_cache'] = flags.DEFINE_string(
+        'compilation_cache', None, 'Folder of the persistent cache of compiled programs (default: '
+        '~/.cache/autolora-jax/xla, or $XDG_CACHE_HOME/autolora-jax/xla); a second run of a config compiles '
+        'nothing. Empty: no cache.')
+  return _HOST_FLAGS
+
+
+def set_up(compilation_cache: Optional[str] = None) -> None:
+  """Logging (libraries: warnings; this package: progress messages) and the host settings, before the first
+  computation: on the CPU, freed memory kept for reuse and XLA's own convolution kernels (both nothing on
+  GPU and TPU hosts, see autolora_jax/ops/host.py); the compilation cache in `compilation_cache` (None: the
+  default folder; '': none)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from autolora_jax.ops import host  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('autolora_jax').setLevel(logging.INFO)
+  host.retain_freed_memory()
+  host.set_xla_cpu_flags()
+  cache = host.default_compilation_cache_dir() if compilation_cache is None else compilation_cache
+  host.enable_compilation_cache(cache)
+
+
+def run_command(main: Callable[[str], None], usage: str, module: str, *, stopped: str = 'To resume: {command}',
+                failed: str = '', omit: Sequence[str] = ()) -> None:
+  """Runs a command from sys.argv: its flags (defined beforehand; --compilation_cache here) parsed by
+  `make_flags_parser(usage)`, positional arguments refused, `set_up`, then `main(command)`, `command` being
+  the shell command that repeats this one (`command_line(module, omit=omit)`).
+
+  Bad input (`errors.input_errors()`) ends with its message and exit status 2; `errors.NonFiniteLossError`
+  with its message, `failed` and status 1; `errors.Preempted` with its message, `stopped` and status
+  preemption.EXIT_CODE. `failed` and `stopped` may name `{command}`.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (data, TensorBoard) only for errors
+  from absl import app  # pylint: disable=g-import-not-at-top
+  host_flags = define_host_flags()
+
+  def start(argv):
+    if len(argv) > 1:
+      fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
+    from autolora_jax import errors, preemption  # pylint: disable=g-import-not-at-top
+    set_up(host_flags['compilation_cache'].value)
+    command = command_line(module, omit=omit)
+    try:
+      main(command)
+    except errors.input_errors() as e:
+      fail(str(e))
+    except errors.NonFiniteLossError as e:
+      fail('\n'.join([str(e)] + ([failed.format(command=command)] if failed else [])), status=1)
+    except errors.Preempted as e:
+      print(f'{e}\n{stopped.format(command=command)}', file=sys.stderr)
+      sys.exit(preemption.EXIT_CODE)
+
+  app.run(start, flags_parser=make_flags_parser(usage))

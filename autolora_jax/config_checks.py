@@ -16,6 +16,14 @@ from autolora_jax.errors import CheckpointError, ConfigError
 
 DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
+# config.attack.norm -> AutoAttack's norm when config.autoattack.norm is 'auto'.
+AUTOATTACK_NORM = {'linf': 'Linf', 'l2': 'L2'}
+
+
+def autoattack_norm(config) -> str:
+  """AutoAttack's norm: config.autoattack.norm, or for 'auto' the training attack's (Linf, L2)."""
+  norm = str(config.autoattack.get('norm', 'auto'))
+  return AUTOATTACK_NORM.get(str(config.attack.get('norm', 'linf')), 'Linf') if norm == 'auto' else norm
 
 
 def _choice(name: str, value, choices: Iterable) -> None:
@@ -110,8 +118,7 @@ def validate(config) -> None:
   aa = config.autoattack
   _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
   _choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
-  from autolora_jax import experiment  # pylint: disable=g-import-not-at-top (experiment imports this module)
-  aa_norm = experiment.autoattack_norm(config)
+  aa_norm = autoattack_norm(config)
   listed = tuple(aa.get('attacks', ()))
   if aa.version == 'custom' and (not listed or any(x not in autoattack.ATTACKS for x in listed)):
     raise ConfigError(f'config.autoattack.version=custom runs config.autoattack.attacks, a non-empty list of '

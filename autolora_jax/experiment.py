@@ -123,22 +123,12 @@ def effective_eps(config) -> float:
   return attack_settings(config).eps
 
 
-# config.attack.norm -> AutoAttack's norm when config.autoattack.norm is 'auto'.
-AUTOATTACK_NORM = {'linf': 'Linf', 'l2': 'L2'}
-
-
-def autoattack_norm(config) -> str:
-  """AutoAttack's norm: config.autoattack.norm, or for 'auto' the training attack's (Linf, L2)."""
-  norm = str(config.autoattack.get('norm', 'auto'))
-  return AUTOATTACK_NORM.get(str(config.attack.get('norm', 'linf')), 'Linf') if norm == 'auto' else norm
-
-
 def autoattack_settings(config) -> AutoAttackSettings:
   """config.autoattack with eps 0 = the run's PGD eps and norm 'auto' = the training attack's."""
   c = config.autoattack
   eps = float(c.get('eps', 0.0)) or float(effective_eps(config))  # reference_compat: 0.0314, as for PGD
   return AutoAttackSettings(bool(c.enabled), str(c.version), int(c.num_points), int(c.batch_size), int(c.seed),
-                            eps, autoattack_norm(config), tuple(c.get('attacks', ())),
+                            eps, config_checks.autoattack_norm(config), tuple(c.get('attacks', ())),
                             str(c.get('points', 'first')))
 
 

@@ -16,7 +16,8 @@ RESULTS_CARD = 'results.md'
 CURVES_FILE = 'curves.png'
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file: a reader sees the old file or the new one whole."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -38,7 +39,7 @@ class MetricsLog:
   def truncate(self, last_epoch: int) -> List[dict]:
     """Drops the lines of epochs after `last_epoch` (a resumed run rewrites them); returns those kept."""
     kept = [r for r in self.read() if r['epoch'] <= last_epoch]
-    _atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
+    atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
     return kept
 
   def append(self, record: dict) -> None:
@@ -118,8 +119,8 @@ def write_results(workdir: str, results: dict) -> str:
   """results.json, e.g. {"best": {"epoch": E, "test": {"clean": a, "pgd10": b}}, "final": {...}}, and the
   card results.md beside it (`results_card`)."""
   path = os.path.join(workdir, RESULTS_FILE)
-  _atomic_write(path, json.dumps(results, indent=2) + '\n')
-  _atomic_write(os.path.join(workdir, RESULTS_CARD), results_card(results))
+  atomic_write(path, json.dumps(results, indent=2) + '\n')
+  atomic_write(os.path.join(workdir, RESULTS_CARD), results_card(results))
   return path
 
 

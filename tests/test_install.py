@@ -84,16 +84,24 @@ def test_the_argv_rewrite(tmp_path, monkeypatch):
 
 
 def test_the_resume_command_names_the_command_used(tmp_path, monkeypatch):
-  assert train_main.command_prefix('run.py') == ['python', 'run.py']
-  assert train_main.command_prefix(train_main.__file__) == ['python', '-m', 'autolora_jax.main']
-  script = tmp_path / 'bin' / 'autolora-train'
-  script.parent.mkdir()
-  script.write_text('#!/bin/sh\n')
-  script.chmod(0o755)
-  monkeypatch.setenv('PATH', str(script.parent))
-  assert train_main.command_prefix(str(script)) == ['autolora-train']  # on PATH: its name
-  monkeypatch.setenv('PATH', str(tmp_path))
-  assert train_main.command_prefix(str(script)) == [str(script)]  # not on PATH: its path
+  from autolora_jax.compare import cli as compare_cli  # pylint: disable=g-import-not-at-top
+  assert cli.command_prefix('run.py', train_main.MODULE) == ['python', 'run.py']
+  assert cli.command_prefix(train_main.__file__, train_main.MODULE) == ['python', '-m', 'autolora_jax.main']
+  main_file = os.path.join(os.path.dirname(compare_cli.__file__), '__main__.py')  # python -m of a package
+  assert cli.command_prefix(main_file, compare_cli.MODULE) == ['python', '-m', 'autolora_jax.compare']
+  for name, module in (('autolora-train', train_main.MODULE), ('autolora-compare', compare_cli.MODULE)):
+    script = tmp_path / 'bin' / name
+    script.parent.mkdir(exist_ok=True)
+    script.write_text('#!/bin/sh\n')
+    script.chmod(0o755)
+    monkeypatch.setenv('PATH', str(script.parent))
+    assert cli.command_prefix(str(script), module) == [name]  # on PATH: its name
+    monkeypatch.setenv('PATH', str(tmp_path))
+    assert cli.command_prefix(str(script), module) == [str(script)]  # not on PATH: its path
+  argv = ['autolora-train', '--config=demo', '--overwrite', '--workdir=a b']
+  monkeypatch.setattr(cli, 'command_prefix', lambda argv0, module: [argv0])
+  assert cli.command_line(train_main.MODULE, argv, omit=('--overwrite',)) == \
+      "autolora-train --config=demo '--workdir=a b'"
 
 
 # -- the entry points from a folder outside the checkout ---------------------------------------------------

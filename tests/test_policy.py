@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from autolora_jax import policy, schedule
+from autolora_jax import policy
 
 
 def run_curve(curve, **kwargs):
@@ -26,16 +26,12 @@ def run_curve(curve, **kwargs):
   return lrs, reloads, conditions, stop
 
 
-def test_the_old_module_path_still_imports():
-  assert schedule.auto_lr is policy.auto_lr and schedule.auto_scalars is policy.auto_scalars
-
-
 def test_auto_scalars():
-  assert schedule.auto_scalars(0.8) == pytest.approx((0.2, 4.8))
-  assert schedule.auto_scalars(0.0) == (1.0, 0.0)
-  assert schedule.auto_scalars(0.5, l2_max=2.0) == (0.5, 1.0)
+  assert policy.auto_scalars(0.8) == pytest.approx((0.2, 4.8))
+  assert policy.auto_scalars(0.0) == (1.0, 0.0)
+  assert policy.auto_scalars(0.5, l2_max=2.0) == (0.5, 1.0)
   with pytest.raises(ValueError):
-    schedule.auto_scalars(1.5)
+    policy.auto_scalars(1.5)
 
 
 def test_window_boundaries():

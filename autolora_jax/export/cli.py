@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from absl import flags
 
-from absl import app, flags, logging  # noqa: E402
+from autolora_jax import cli
+
+MODULE = 'autolora_jax.export'
+USAGE = 'Pass --workdir=WORKDIR (a finished run) and --out=DIR; see README.md, "Export".'
 
 _FLAGS = {}
 
@@ -27,62 +29,47 @@ def define_flags() -> dict:
                                          'crosscheck.json. 0: no check.')
   _FLAGS['check_batch_size'] = flags.DEFINE_integer('check_batch_size', 0, 'Batch size of both AutoAttacks in '
                                                     "the check (0: the run's config.autoattack.batch_size).")
-  _FLAGS['compilation_cache'] = flags.DEFINE_string(
-      'compilation_cache', None, 'Folder of the persistent cache of compiled programs (default: the one '
-      'training uses, ~/.cache/autolora-jax/xla). Empty: no cache.')
   flags.mark_flags_as_required(['workdir', 'out'])
   return _FLAGS
 
 
-def main(argv) -> None:
-  from autolora_jax import api, cli, errors  # pylint: disable=g-import-not-at-top
+def main(command: str) -> None:  # pylint: disable=unused-argument
+  """Exports the run of --workdir into --out, and with --check=N cross-checks it."""
+  from autolora_jax import api  # pylint: disable=g-import-not-at-top
   from autolora_jax import export as exporting  # pylint: disable=g-import-not-at-top
-  from autolora_jax.ops import host  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value.')
-  logging.set_verbosity(logging.WARNING)
-  std_logging.getLogger('autolora_jax').setLevel(std_logging.INFO)
-  f = {k: v.value for k, v in _FLAGS.items()}
-  host.set_xla_cpu_flags()  # as training does (CPU only), before the first computation
-  cache = f["compilation_cache"]
-  host.enable_compilation_cache(host.default_compilation_cache_dir() if cache is None else cache)
-  try:
-    if f["check"] < 0:
-      raise exporting.ExportError(f'--check={f["check"]}: give a number of test points (0: no check).')
-    if f["checkpoint"] not in api.CHECKPOINTS:
-      raise exporting.ExportError(f'--checkpoint={f["checkpoint"]!r}: choose one of {api.CHECKPOINTS}.')
-    if f["check"]:
-      from autolora_jax.export import crosscheck  # pylint: disable=g-import-not-at-top
-      crosscheck.import_original()  # a missing package is told before the export
-    card = exporting.export(f["workdir"], f["out"], checkpoint=f["checkpoint"],
-                            overwrite=f["overwrite"])
-    out = card['out']
-    test = card.get('test', {})
-    print(f'Exported the {card["checkpoint"]} checkpoint (epoch {card["epoch"]}) of {f["workdir"]} to {out}:\n'
-          f'  {", ".join(exporting.FILES)}\n'
-          f'  {card["arch"]} ({card["stem"]} stem), {card["num_classes"]} classes, input {card["input_shape"]}, '
-          f'{card["threat_model"]["norm"]} eps {card["threat_model"]["eps"]:.4g}; test: '
-          + ', '.join(f'{k} {100 * v:.1f}%' for k, v in test.items() if isinstance(v, float)))
-    if f["check"]:
-      from autolora_jax.export import card as cards  # pylint: disable=g-import-not-at-top
-      run = api.load(f["workdir"], f["checkpoint"])
-      report = crosscheck.crosscheck(run, os.path.join(out, 'model.pt'), f["check"], out=out,
-                                     batch_size=f["check_batch_size"] or None)
-      table = cards.crosscheck_table(report)
-      card = exporting.check_card(out)
-      with open(os.path.join(out, 'README.md'), 'w') as f:
-        f.write(cards.model_card({**card, 'crosscheck': report}, workdir=run.workdir))
-      print(f'\nCross-check with the original AutoAttack ({os.path.join(out, "crosscheck.json")}):\n{table}')
-  except errors.input_errors() as e:
-    cli.fail(str(e))
+  f = {k: v.value for k, v in define_flags().items()}
+  if f["check"] < 0:
+    raise exporting.ExportError(f'--check={f["check"]}: give a number of test points (0: no check).')
+  if f["checkpoint"] not in api.CHECKPOINTS:
+    raise exporting.ExportError(f'--checkpoint={f["checkpoint"]!r}: choose one of {api.CHECKPOINTS}.')
+  if f["check"]:
+    from autolora_jax.export import crosscheck  # pylint: disable=g-import-not-at-top
+    crosscheck.import_original()  # a missing package is told before the export
+  card = exporting.export(f["workdir"], f["out"], checkpoint=f["checkpoint"],
+                          overwrite=f["overwrite"])
+  out = card['out']
+  test = card.get('test', {})
+  print(f'Exported the {card["checkpoint"]} checkpoint (epoch {card["epoch"]}) of {f["workdir"]} to {out}:\n'
+        f'  {", ".join(exporting.FILES)}\n'
+        f'  {card["arch"]} ({card["stem"]} stem), {card["num_classes"]} classes, input {card["input_shape"]}, '
+        f'{card["threat_model"]["norm"]} eps {card["threat_model"]["eps"]:.4g}; test: '
+        + ', '.join(f'{k} {100 * v:.1f}%' for k, v in test.items() if isinstance(v, float)))
+  if f["check"]:
+    from autolora_jax.export import card as cards  # pylint: disable=g-import-not-at-top
+    run = api.load(f["workdir"], f["checkpoint"])
+    report = crosscheck.crosscheck(run, os.path.join(out, 'model.pt'), f["check"], out=out,
+                                   batch_size=f["check_batch_size"] or None)
+    table = cards.crosscheck_table(report)
+    card = exporting.check_card(out)
+    with open(os.path.join(out, 'README.md'), 'w') as readme:
+      readme.write(cards.model_card({**card, 'crosscheck': report}, workdir=run.workdir))
+    print(f'\nCross-check with the original AutoAttack ({os.path.join(out, "crosscheck.json")}):\n{table}')
 
 
 def run() -> None:
-  """The console script `autolora-export`."""
-  from autolora_jax import cli  # pylint: disable=g-import-not-at-top
+  """The console script `autolora-export` (and python -m autolora_jax.export)."""
   define_flags()
-  app.run(main, flags_parser=cli.make_flags_parser(
-      'Pass --workdir=WORKDIR (a finished run) and --out=DIR; see README.md, "Export".'))
+  cli.run_command(main, USAGE, MODULE)
 
 
 if __name__ == '__main__':

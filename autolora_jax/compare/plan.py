@@ -1,0 +1,155 @@
+"""What a comparison runs: the methods and their names, the seeds, the sweep's grid, and one `Job` (config and
+workdir) per run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from autolora_jax import models, steps
+from autolora_jax.errors import ConfigError
+
+DEFAULT_METHODS = ('autolora', 'vanilla_rft', 'pgd_at', 'twins')
+METHOD_NAMES = {'autolora': 'AutoLoRa', 'vanilla_rft': 'vanilla RFT', 'pgd_at': 'PGD-AT', 'twins': 'TWINS'}
+SWEEP_METHOD = 'vanilla_rft'  # the baseline whose hyper-parameters the sweep varies
+DEFAULT_SEEDS = (0, 1, 2)  # the comparison's; the sweep's default is one seed, SWEEP_SEEDS
+SWEEP_SEEDS = (0,)
+SWEEP_LRS = (0.001, 0.003, 0.01, 0.03)
+SWEEP_L2S = (0.0, 1.0, 6.0)
+PRETRAIN_DIR = 'pretrain'
+
+
+def default_methods(config) -> Tuple[str, ...]:
+  """DEFAULT_METHODS, without TWINS for a ViT (TWINS doubles BatchNorms, which a ViT does not have)."""
+  if models.is_vit(config.model.arch):
+    return tuple(m for m in DEFAULT_METHODS if m != 'twins')
+  return DEFAULT_METHODS
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+
+def parse_methods(text_or_list) -> List[str]:
+  """Method names (a comma list or a sequence), each one of `steps.METHODS`; ConfigError otherwise."""
+  names = _split(text_or_list)
+  if not names:
+    raise ConfigError(f'--methods is empty: give a comma list of methods from {steps.METHODS}, e.g. '
+                      '--methods=autolora,vanilla_rft.')
+  unknown = [n for n in names if n not in steps.METHODS]
+  if unknown:
+    raise ConfigError(f'Unknown method{"s" if len(unknown) > 1 else ""} {", ".join(map(repr, unknown))} in '
+                      f'--methods: choose from {", ".join(steps.METHODS)} (e.g. '
+                      f'--methods={",".join(steps.METHODS)}).')
+  return unique(names)
+
+
+def parse_seeds(text_or_list) -> List[int]:
+  """Seeds (a comma list or a sequence) as non-negative ints; ConfigError otherwise."""
+  seeds = []
+  for item in _split(text_or_list):
+    if isinstance(item, str) and item.isdigit():
+      seeds.append(int(item))
+    elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and item >= 0:
+      seeds.append(int(item))
+    else:
+      raise ConfigError(f'--seeds takes non-negative whole numbers, e.g. --seeds=0,1,2; got {item!r}.')
+  if not seeds:
+    raise ConfigError('--seeds is empty: give at least one seed, e.g. --seeds=0,1,2.')
+  return unique(seeds)
+
+
+def parse_values(text_or_list, flag: str) -> List[float]:
+  """Grid values (a comma list or a sequence) as floats; ConfigError naming `flag` otherwise."""
+  values = []
+  for item in _split(text_or_list):
+    try:
+      value = float(item)
+    except ValueError:
+      value = float('nan')
+    if not math.isfinite(value):
+      raise ConfigError(f'--{flag} takes a comma list of numbers, e.g. --{flag}=0.001,0.01; got {item!r}.')
+    values.append(value)
+  if not values:
+    raise ConfigError(f'--{flag} is empty: give a comma list of numbers.')
+  return unique(values)
+
+
+def _split(text_or_list) -> list:
+  if isinstance(text_or_list, str):
+    return [s.strip() for s in text_or_list.split(',') if s.strip()]
+  return list(text_or_list)
+
+
+def unique(items: Iterable) -> list:
+  """The items in their order, each once."""
+  out = []
+  for item in items:
+    if item not in out:
+      out.append(item)
+  return out
+
+
+def number_label(x: float) -> str:
+  """A short label of a grid value for folder names and tables: 0.001 -> '0.001', 6.0 -> '6'."""
+  return f'{x:g}'
+
+
+def sweep_label(lr: float, l2: float) -> str:
+  return f'lr{number_label(lr)}_l2{number_label(l2)}'
+
+
+# -- the runs ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+  """One run: its group (a method, or a sweep point's label), seed, workdir and config."""
+  group: str
+  seed: int
+  workdir: str
+  config: object
+  lr: Optional[float] = None  # sweep points only
+  l2: Optional[float] = None
+
+  @property
+  def name(self) -> str:
+    return f'{self.group}/seed{self.seed}'
+
+
+def run_config(config, workdir: str, method: str, seed: int, **fixed):
+  """A copy of `config` for one run: method, seed, the shared FE cache DIR/pretrain, and `config.fixed`
+  values (the sweep's lr, l2). The original stays as it was."""
+  c = copy.deepcopy(config)  # keeps field references (e.g. config.pretrained following model.arch)
+  c.method = method
+  c.seed = int(seed)
+  c.pretrain.cache_dir = os.path.join(os.path.abspath(workdir), PRETRAIN_DIR)
+  for key, value in fixed.items():
+    c.fixed[key] = float(value)
+  return c
+
+
+def plan_comparison(config, method_names: Sequence[str], seeds: Sequence[int], workdir: str) -> List[Job]:
+  """The runs of the comparison, method by method: DIR/<method>/seed<k>."""
+  root = os.path.abspath(workdir)
+  return [Job(m, s, os.path.join(root, m, f'seed{s}'), run_config(config, root, m, s))
+          for m in method_names for s in seeds]
+
+
+def plan_sweep(config, lrs: Sequence[float], l2s: Sequence[float], seeds: Sequence[int],
+               workdir: str) -> List[Job]:
+  """The sweep's SWEEP_METHOD runs over lrs x l2s: DIR/sweep/lr<lr>_l2<l2>/seed<k>."""
+  root = os.path.abspath(workdir)
+  jobs, labels = [], {}
+  for lr in lrs:
+    for l2 in l2s:
+      label = sweep_label(lr, l2)
+      if labels.setdefault(label, (lr, l2)) != (lr, l2):
+        raise ConfigError(f'The sweep points (lr, l2) = {labels[label]} and {(lr, l2)} would share the same '
+                          f'folder sweep/{label}: give grid values that differ in their first 6 digits.')
+      for s in seeds:
+        jobs.append(Job(label, s, os.path.join(root, 'sweep', label, f'seed{s}'),
+                        run_config(config, root, SWEEP_METHOD, s, lr=lr, l2=l2), lr=lr, l2=l2))
+  return jobs
