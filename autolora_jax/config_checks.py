@@ -49,12 +49,8 @@ def validate(config) -> None:
   """Raises ConfigError for the first problem found in `config`."""
   _choice('method', config.method, steps.METHODS)
   m = config.model
-  _choice('model.arch', m.arch, models.ARCHITECTURES)
-  if models.is_vit(m.arch):
-    check_vit(config)
-  else:
-    _choice('model.stem', m.stem, models.STEMS)
-  _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
+  _choice('model.arch', m.arch, models.arch_names())
+  check_arch(config)
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
   if m.precision not in models.PRECISIONS:
@@ -154,45 +150,25 @@ def check_pretrained(pretrained) -> None:
       raise ConfigError(f'config.pretrained: {e}') from None
 
 
-def check_vit(config) -> None:
-  """A ViT's config.model (stem, input size, LoRa targets and init, config.model.vit) and the settings that
-  only a ResNet has: reference_compat's block placement and TWINS's BatchNorms."""
+def check_arch(config) -> None:
+  """config.model as its architecture (`models.spec`) takes it: the family's own checks, the stem and LoRa
+  placement; and the settings that need what it may lack: reference_compat the authors' code, TWINS
+  BatchNorms."""
   m = config.model
-  if m.stem not in models.VIT_STEMS:
-    raise ConfigError(f'config.model.stem={m.stem!r} is a ResNet stem; config.model.arch={m.arch} takes '
-                      f"'imagenet' (the 16x16 patch embedding) or 'convstem' (the convolutional stem of the robust "
-                      f'ImageNet ViTs), e.g. --config.model.stem=imagenet.')
-  if m.input_size % models.vit.PATCH_SIZE:
-    up = -(-m.input_size // models.vit.PATCH_SIZE) * models.vit.PATCH_SIZE
-    raise ConfigError(f'config.model.input_size={m.input_size} is not a multiple of the ViT\'s 16x16 patches: '
-                      f'use e.g. --config.model.input_size={up} (224 is the ImageNet checkpoints\' own; other '
-                      'sizes resample their position embedding).')
-  targets = m.get('lora_targets', models.LORA_TARGETS)
-  if isinstance(targets, str) or not targets or any(t not in models.LORA_TARGETS for t in targets):
-    raise ConfigError(f'config.model.lora_targets={targets!r} has an unknown LoRa target: choose a non-empty '
-                      f'list from {models.LORA_TARGETS} (q, k, v: slices of the fused qkv projection; proj: the '
-                      "attention output; fc1, fc2: the MLP), e.g. --config.model.lora_targets=\"('q','v')\".")
-  _choice('model.lora_init', m.get('lora_init', 'normal'), models.LORA_INITS)
-  sizes = m.get('vit') or {}
-  for key in ('dim', 'depth', 'heads'):
-    v = sizes.get(key, 0)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise ConfigError(f'config.model.vit.{key} must be an integer >= 0 (0: the architecture\'s own), got {v!r}.')
-  dim, _, heads = models.VIT_SIZES[m.arch]
-  dim, heads = sizes.get('dim') or dim, sizes.get('heads') or heads
-  if dim % heads:
-    raise ConfigError(f'The ViT\'s width {dim} (config.model.vit.dim) is not a multiple of its {heads} heads '
-                      '(config.model.vit.heads).')
-  if m.lora_placement != 'all':
-    raise ConfigError(f"config.model.lora_placement={m.lora_placement!r} places LoRa in ResNet blocks; a ViT "
-                      'places it by config.model.lora_targets: leave lora_placement at \'all\'.')
-  if config.reference_compat:
+  arch = models.spec(m.arch)
+  if arch.check_config is not None:
+    arch.check_config(m)
+  _choice('model.stem', m.stem, arch.stems)
+  _choice('model.lora_placement', m.lora_placement, arch.lora_placements)
+  if config.reference_compat and not arch.reference_code:
     raise ConfigError('config.reference_compat reproduces the authors\' public ResNet code (LoRa in the last '
-                      f'block of each stage, ...), which has no ViT: with config.model.arch={m.arch} set '
+                      f'block of each stage, ...), which has no {arch.label}: with config.model.arch={m.arch} set '
                       '--config.reference_compat=False.')
-  if config.method == 'twins':
-    raise ConfigError(f'TWINS doubles the BatchNorms of a network, and config.model.arch={m.arch} has none (it '
-                      'normalises with LayerNorms): use a ResNet for TWINS, or another method with the ViT.')
+  if config.method == 'twins' and not arch.has_batchnorm:
+    with_bn = tuple(s.name for s in models.specs() if s.has_batchnorm)
+    raise ConfigError(f'TWINS doubles the BatchNorms of a network, and config.model.arch={m.arch} has none: use '
+                      f'an architecture with BatchNorms for TWINS ({", ".join(with_bn)}), or another method with '
+                      f'the {arch.label}.')
 
 
 def check_host(h) -> None:

@@ -210,12 +210,12 @@ def load_pretrained(path: str, arch: str, stem: str, width: int) -> Tuple[dict, 
     CheckpointError for a missing or unreadable checkpoint, or one of another architecture or width.
   """
   converted_arch = convert.arch_for(arch, stem)
-  if models.is_vit(arch):
-    width = None  # a ViT's width and depth are checked by the conversion (--arch) and the transplant
   if converted_arch not in convert.ARCHS:
     raise CheckpointError(f'config.pretrained is set, but there is no conversion for config.model.arch='
                           f'{arch!r} with stem={stem!r}: pre-trained checkpoints exist for '
                           f'{tuple(convert.ARCHS)} (--arch of python -m autolora_jax.convert).')
+  if not models.spec(arch).takes('width'):
+    width = None  # its sizes (a ViT's width and depth) are checked by the conversion (--arch) and the transplant
   variables, meta = convert.load_any(path, converted_arch)
   if width is not None and meta['width'] != width:
     raise CheckpointError(f'config.pretrained={path!r} holds a {converted_arch} of width {meta["width"]}, '

@@ -197,10 +197,9 @@ def _gpu() -> bool:
 def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, data) -> tuple:
   conv_fn, pool_fn = ops.convolutions(FLAGS.conv_impl, jax.default_backend())
   common = dict(lora_rank=FLAGS.lora_rank, input_size=input_size, conv_fn=conv_fn, dtype=jnp.dtype(FLAGS.dtype))
-  if models.is_vit(arch):
-    model = models.VITS[arch](FLAGS.num_classes, **common)
-  else:
-    model = models.RESNETS[arch](FLAGS.num_classes, width=FLAGS.width, stem=FLAGS.stem, pool_fn=pool_fn, **common)
+  spec = models.spec(arch)
+  stem = FLAGS.stem if FLAGS.stem in spec.stems else spec.stems[0]
+  model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common)
   x, y = data
   variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}

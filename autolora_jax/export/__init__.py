@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 import autolora_jax
-from autolora_jax import convert, models
+from autolora_jax import convert
 from autolora_jax.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,14 @@ def check_out(out: str, overwrite: bool) -> str:
 
 def model_spec(model, variables: dict, arch: str) -> dict:
   """The architecture part of model.json for a Flax model (a `models.ResNet` or `models.ViT`) with its
-  variables and `config.model.arch`: what `torch_models.build` and `autolora-convert --arch` need."""
+  variables and `config.model.arch`: what `torch_models.build` and `autolora-convert --arch` need (the
+  architecture's fields from its mapping, `export_fields`)."""
   params = variables['params']
   spec = {'arch': arch, 'stem': model.stem, 'convert_arch': convert.arch_for(arch, model.stem),
           'num_classes': int(np.shape(params['head']['bias'])[0]), 'model_input_size': int(model.input_size),
           'mean': None if model.mean is None else [float(v) for v in model.mean],
           'std': None if model.std is None else [float(v) for v in model.std]}
-  if isinstance(model, models.ViT):
-    proj = params['patch_embed']['proj']
-    first = proj['stem_0']['kernel'] if 'stem_0' in proj else proj['kernel']
-    spec.update(width=int(model.dim), dim=int(model.dim), depth=int(model.depth), heads=int(model.heads),
-                patch_size=int(model.patch_size), mlp_ratio=int(model.mlp_ratio), in_channels=int(np.shape(first)[2]))
-  else:
-    spec.update(width=int(model.width), in_channels=int(np.shape(params['conv1']['kernel'])[2]))
+  spec.update(convert.mapping(arch).export_fields(model, params))
   return spec
 
 

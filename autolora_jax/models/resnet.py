@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autolora_jax.models.archs import ArchSpec
 from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm
 from autolora_jax.models.lora import ConvFn, LoRaConv, native_conv2d
 
@@ -241,3 +242,14 @@ def resnet50(num_classes, **kwargs) -> ResNet:
 
 
 RESNETS = {'resnet18': resnet18, 'resnet50': resnet50}
+
+
+def _attributes(model_config) -> dict:
+  return {'width': model_config.width, 'lora_placement': model_config.lora_placement}
+
+
+SPECS = tuple(
+    ArchSpec(name=name, label='ResNet', builder=builder, attributes=_attributes, has_batchnorm=True,
+             stems=STEMS, lora_placements=LORA_PLACEMENTS, reference_code=True,
+             converter='autolora_jax.convert.resnet', pretrained=f'{name}_linf_eps4.0')
+    for name, builder in RESNETS.items())

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autolora_jax.errors import ConfigError
+from autolora_jax.models.archs import ArchSpec
 from autolora_jax.models.batchnorm import TWIN_MODES
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, torch_linear_uniform,
@@ -388,3 +390,60 @@ def vit(arch: str, num_classes: int, **kwargs) -> ViT:
 
 vit_s16 = functools.partial(vit, 'vit_s16')
 vit_b16 = functools.partial(vit, 'vit_b16')
+VITS = {'vit_s16': vit_s16, 'vit_b16': vit_b16}
+
+
+def vit_size(model_config) -> dict:
+  """`config.model.vit`'s dim, depth and heads that are set (0: the architecture's own, VIT_SIZES)."""
+  sizes = model_config.get('vit') or {}
+  return {k: int(sizes[k]) for k in ('dim', 'depth', 'heads') if sizes.get(k)}
+
+
+def _attributes(model_config) -> dict:
+  return {'lora_targets': tuple(model_config.get('lora_targets', LORA_TARGETS)),
+          'lora_init': model_config.get('lora_init', 'normal'), **vit_size(model_config)}
+
+
+def check_config(model_config) -> None:
+  """ConfigError with the fix for a ViT `config.model` it cannot build: the stem, an input size that is not
+  a multiple of the patches, unknown LoRa targets or init, config.model.vit, a ResNet lora_placement."""
+  m = model_config
+  if m.stem not in VIT_STEMS:
+    raise ConfigError(f'config.model.stem={m.stem!r} is a ResNet stem; config.model.arch={m.arch} takes '
+                      f"'imagenet' (the 16x16 patch embedding) or 'convstem' (the convolutional stem of the robust "
+                      f'ImageNet ViTs), e.g. --config.model.stem=imagenet.')
+  if m.input_size % PATCH_SIZE:
+    up = -(-m.input_size // PATCH_SIZE) * PATCH_SIZE
+    raise ConfigError(f'config.model.input_size={m.input_size} is not a multiple of the ViT\'s 16x16 patches: '
+                      f'use e.g. --config.model.input_size={up} (224 is the ImageNet checkpoints\' own; other '
+                      'sizes resample their position embedding).')
+  targets = m.get('lora_targets', LORA_TARGETS)
+  if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
+    raise ConfigError(f'config.model.lora_targets={targets!r} has an unknown LoRa target: choose a non-empty '
+                      f'list from {LORA_TARGETS} (q, k, v: slices of the fused qkv projection; proj: the '
+                      "attention output; fc1, fc2: the MLP), e.g. --config.model.lora_targets=\"('q','v')\".")
+  init = m.get('lora_init', 'normal')
+  if init not in LORA_INITS:
+    raise ConfigError(f'config.model.lora_init={init!r} is not supported: choose one of {LORA_INITS} '
+                      f'(e.g. --config.model.lora_init={LORA_INITS[0]}).')
+  sizes = m.get('vit') or {}
+  for key in ('dim', 'depth', 'heads'):
+    v = sizes.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ConfigError(f'config.model.vit.{key} must be an integer >= 0 (0: the architecture\'s own), got {v!r}.')
+  dim, _, heads = VIT_SIZES[m.arch]
+  dim, heads = sizes.get('dim') or dim, sizes.get('heads') or heads
+  if dim % heads:
+    raise ConfigError(f'The ViT\'s width {dim} (config.model.vit.dim) is not a multiple of its {heads} heads '
+                      '(config.model.vit.heads).')
+  if m.lora_placement != 'all':
+    raise ConfigError(f"config.model.lora_placement={m.lora_placement!r} places LoRa in ResNet blocks; a ViT "
+                      'places it by config.model.lora_targets: leave lora_placement at \'all\'.')
+
+
+SPECS = tuple(
+    ArchSpec(name=name, label='ViT', builder=builder, attributes=_attributes, has_batchnorm=False,
+             stems=VIT_STEMS, lora_placements=('all',), lora_targets=LORA_TARGETS,
+             ignores=('width', 'pool_fn', 'lora_placement'), reference_code=False,
+             converter='autolora_jax.convert.vit', pretrained=f'{name}_linf_eps4.0', check_config=check_config)
+    for name, builder in VITS.items())
