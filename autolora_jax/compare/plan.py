@@ -26,7 +26,7 @@ PRETRAIN_DIR = 'pretrain'
 
 def default_methods(config) -> Tuple[str, ...]:
   """DEFAULT_METHODS, without TWINS for a ViT (TWINS doubles BatchNorms, which a ViT does not have)."""
-  if models.is_vit(config.model.arch):
+  if not models.spec(config.model.arch).has_batchnorm:
     return tuple(m for m in DEFAULT_METHODS if m != 'twins')
   return DEFAULT_METHODS
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from typing import Tuple
 
 import jax
@@ -14,6 +12,10 @@ from autolora_jax.convert.api import NORMALIZATIONS, convert_file
 from autolora_jax.convert.families import ARCHS
 from autolora_jax.convert.storage import save
 from autolora_jax.errors import CheckpointError
+
+
+USAGE = ('Pass --src=FILE (a PyTorch or safetensors checkpoint), --dst=DIR and --arch=ARCH; see '
+         'docs/checkpoints_and_data.md, "Converting them".')
 
 
 def _parse_floats(text: str, name: str) -> Tuple[float, ...]:
@@ -65,15 +67,7 @@ def _define_flags():
 
 
 def run_cli() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """The console script `autolora-convert` (and python -m autolora_jax.convert)."""
+  from autolora_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except CheckpointError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-
-  app.run(guarded)
+  cli.run_command(lambda command: main(None), USAGE, 'autolora_jax.convert')
