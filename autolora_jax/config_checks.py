@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from autolora_jax import attacks, autoattack, corruptions, distributed, hub, models, ops, sampling, steps
+from autolora_jax import attacks, autoattack, corruptions, distributed, hub, models, ops, sampling
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import CheckpointError, ConfigError
 
@@ -18,19 +18,22 @@ DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
 
 
-def _choice(name: str, value, choices: Iterable) -> None:
+def choice(name: str, value, choices: Iterable) -> None:
+  """ConfigError unless config.<name> = `value` is one of `choices`."""
   choices = tuple(choices)
   if value not in choices:
     raise ConfigError(f'config.{name}={value!r} is not supported: choose one of {choices} '
                       f'(e.g. --config.{name}={choices[0]}).')
 
 
-def _positive_int(name: str, value) -> None:
+def positive_int(name: str, value) -> None:
+  """ConfigError unless config.<name> = `value` is an integer > 0."""
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ConfigError(f'config.{name} must be a positive integer, got {value!r}.')
 
 
-def _in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
+def in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
+  """ConfigError unless config.<name> = `value` is a number in (low, high] ([low, high] if not low_open)."""
   ok = isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
   if not ok:
     bracket = '(' if low_open else '['
@@ -39,59 +42,50 @@ def _in_range(name: str, value, low: float, high: float, low_open: bool = True) 
 
 def validate(config) -> None:
   """Raises ConfigError for the first problem found in `config`."""
-  _choice('method', config.method, steps.METHODS)
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
+  method = methods.get(config.method)
   m = config.model
-  _choice('model.arch', m.arch, models.ARCHITECTURES)
+  choice('model.arch', m.arch, models.ARCHITECTURES)
   if models.is_vit(m.arch):
     check_vit(config)
   else:
-    _choice('model.stem', m.stem, models.STEMS)
-  _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
-  _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
-  _choice('model.dtype', m.dtype, DTYPES)
+    choice('model.stem', m.stem, models.STEMS)
+  choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
+  choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
+  choice('model.dtype', m.dtype, DTYPES)
   if m.precision not in models.PRECISIONS:
     raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '
                       f'{models.PRECISIONS}, the matmul precision of the convolutions on GPUs and TPUs '
                       "('default': bfloat16 passes on TPUs and TF32 on A100/H100 GPUs for float32 "
                       "convolutions; 'high': more exact; 'highest': float32), e.g. "
                       '--config.model.precision=highest. CPUs compute float32 in float32 with any of them.')
-  _positive_int('model.width', m.width)
-  _positive_int('model.input_size', m.input_size)
+  positive_int('model.width', m.width)
+  positive_int('model.input_size', m.input_size)
   if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
     raise ConfigError(f'config.model.lora_rank must be an integer >= 0 (0: no LoRa branch), got '
                       f'{m.lora_rank!r}; the paper uses 8.')
-  if config.method == 'autolora':
-    if m.lora_rank <= 0:
-      raise ConfigError(f'config.model.lora_rank must be a positive integer for AutoLoRa (the natural '
-                        f'branch lives in the LoRa parameters), got {m.lora_rank!r}; the paper uses 8.')
+  method.check(config)  # what the method needs of the model, e.g. AutoLoRa's LoRa rank
   if (m.mean is None) != (m.std is None) or (m.mean is not None and (len(m.mean) != 3 or len(m.std) != 3
                                                                      or min(m.std) <= 0)):
     raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
                       f'std > 0, got mean={m.mean!r}, std={m.std!r}.')
   a = config.attack
-  _choice('attack.norm', a.get('norm', 'linf'), attacks.NORMS)
+  choice('attack.norm', a.get('norm', 'linf'), attacks.NORMS)
   top = 1.0 if a.get('norm', 'linf') == 'linf' else 1000.0  # an L2 length in [0, 1] pixels, e.g. 0.5, 3.0
-  _in_range('attack.eps', a.eps, 0.0, top)
-  _in_range('attack.step_size', a.step_size, 0.0, top)
-  _positive_int('attack.train_steps', a.train_steps)
-  _positive_int('attack.eval_steps', a.eval_steps)
-  _in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
+  in_range('attack.eps', a.eps, 0.0, top)
+  in_range('attack.step_size', a.step_size, 0.0, top)
+  positive_int('attack.train_steps', a.train_steps)
+  positive_int('attack.eval_steps', a.eval_steps)
+  in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
   if config.dataset.val_fraction >= 1.0:
     raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
-  _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
-  _positive_int('dataset.train_per_class', config.dataset.train_per_class)
+  in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
+  positive_int('dataset.train_per_class', config.dataset.train_per_class)
   check_data_config('dataset', config.dataset)
-  _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
-  _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
-  s = config.auto_lr
-  _in_range('auto_lr.lr0', s.lr0, 0.0, 10.0)
-  _in_range('auto_lr.rho', s.rho, 0.0, 1.0)
-  _positive_int('auto_lr.window', s.window)
-  _positive_int('auto_lr.max_epochs', s.max_epochs)
-  _in_range('auto_lr.min_lr', s.min_lr, 0.0, 10.0, low_open=False)
-  _in_range('auto_scalars.l2_max', config.auto_scalars.l2_max, 0.0, 1e6, low_open=False)
-  _positive_int('batch_size', config.batch_size)
-  _positive_int('eval_batch_size', config.eval_batch_size)
+  in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
+  in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
+  positive_int('batch_size', config.batch_size)
+  positive_int('eval_batch_size', config.eval_batch_size)
   if not isinstance(config.pretrain.epochs, int) or config.pretrain.epochs < 0:
     raise ConfigError(f'config.pretrain.epochs must be an integer >= 0, got {config.pretrain.epochs!r}.')
   if config.pretrain.epochs > 0:
@@ -102,14 +96,14 @@ def validate(config) -> None:
     if not config.pretrain.dataset.name:
       raise ConfigError('config.pretrain.epochs > 0 needs config.pretrain.dataset.name, the data set the '
                         'in-process PGD-AT pre-training uses.')
-    _positive_int('pretrain.batch_size', config.pretrain.batch_size)
+    positive_int('pretrain.batch_size', config.pretrain.batch_size)
     check_data_config('pretrain.dataset', config.pretrain.dataset)
-    _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+    in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   check_pretrained(config.pretrained)
-  check_method_settings(config)  # reference_compat and the baselines' config.fixed
+  check_method_settings(config)  # reference_compat and every method's own config section
   aa = config.autoattack
-  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
-  _choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
+  choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
+  choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
   from autolora_jax import experiment  # pylint: disable=g-import-not-at-top (experiment imports this module)
   aa_norm = experiment.autoattack_norm(config)
   listed = tuple(aa.get('attacks', ()))
@@ -127,11 +121,11 @@ def validate(config) -> None:
   if aa.get('norm', 'auto') == 'L1' and not aa.get('eps', 0.0):
     raise ConfigError('config.autoattack.norm=L1 needs its own radius: set config.autoattack.eps (e.g. 12 '
                       'on CIFAR-10, the usual L1 budget); the PGD eps is an L-infinity or L2 length.')
-  _positive_int('autoattack.batch_size', aa.batch_size)
+  positive_int('autoattack.batch_size', aa.batch_size)
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
-  _choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
+  choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
   corruptions.check_config(config)  # config.eval's common corruptions
   check_host(config.host)
   distributed.check(config.distributed)
@@ -165,7 +159,7 @@ def check_vit(config) -> None:
     raise ConfigError(f'config.model.lora_targets={targets!r} has an unknown LoRa target: choose a non-empty '
                       f'list from {models.LORA_TARGETS} (q, k, v: slices of the fused qkv projection; proj: the '
                       "attention output; fc1, fc2: the MLP), e.g. --config.model.lora_targets=\"('q','v')\".")
-  _choice('model.lora_init', m.get('lora_init', 'normal'), models.LORA_INITS)
+  choice('model.lora_init', m.get('lora_init', 'normal'), models.LORA_INITS)
   sizes = m.get('vit') or {}
   for key in ('dim', 'depth', 'heads'):
     v = sizes.get(key, 0)
@@ -183,15 +177,18 @@ def check_vit(config) -> None:
     raise ConfigError('config.reference_compat reproduces the authors\' public ResNet code (LoRa in the last '
                       f'block of each stage, ...), which has no ViT: with config.model.arch={m.arch} set '
                       '--config.reference_compat=False.')
-  if config.method == 'twins':
-    raise ConfigError(f'TWINS doubles the BatchNorms of a network, and config.model.arch={m.arch} has none (it '
-                      'normalises with LayerNorms): use a ResNet for TWINS, or another method with the ViT.')
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
+  method = methods.get(config.method)
+  if method.needs_batchnorm:
+    raise ConfigError(f'{method.title} (config.method={config.method}) needs a network with BatchNorms, and '
+                      f'config.model.arch={m.arch} has none (it normalises with LayerNorms): use a ResNet for '
+                      f'{method.title}, or another method with the ViT.')
 
 
 def check_host(h) -> None:
   """config.host: how the host feeds the devices (see configs/default.py)."""
-  _positive_int('host.metrics_every', h.metrics_every)
-  _positive_int('host.plot_every', h.plot_every)
+  positive_int('host.metrics_every', h.metrics_every)
+  positive_int('host.plot_every', h.plot_every)
   if not isinstance(h.decode_threads, int) or isinstance(h.decode_threads, bool) or h.decode_threads < 0:
     raise ConfigError(f'config.host.decode_threads must be an integer >= 0 (the threads that decode the '
                       'images; 0 = the cores this process may run on, at most 32), got '
@@ -210,7 +207,7 @@ def check_data_config(key: str, data_config) -> None:
   if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
     raise ConfigError(f'config.{key}.train_per_class_limit must be an integer >= 0 (at most that many training '
                       f'examples of each class; 0 = all), got {limit!r}.')
-  _choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
+  choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
   check_class_selection(data_config, key=f'config.{key}', read=False)
 
 
@@ -220,12 +217,8 @@ def check_devices(config, device_count: int, process_count: int = 1) -> None:
   check_batch_divides('eval_batch_size', config.eval_batch_size, device_count)
   if config.pretrain.epochs > 0:
     check_batch_divides('pretrain.batch_size', config.pretrain.batch_size, device_count)
-  if config.method == 'twins' and (config.batch_size // device_count) % 2:
-    raise ConfigError(
-        f'TWINS splits every device\'s batch into two halves (frozen and adaptive BatchNorms), but '
-        f'config.batch_size={config.batch_size} gives each of the {device_count} devices '
-        f'{config.batch_size // device_count} examples, an odd number. Use a multiple of {2 * device_count}, '
-        f'e.g. --config.batch_size={max(2 * device_count, config.batch_size - config.batch_size % (2 * device_count))}.')
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
+  methods.get(config.method).check_devices(config, device_count)  # e.g. TWINS's even per-device batch
   if device_count % process_count:
     raise ConfigError(f'The {device_count} devices of this run do not split evenly over its {process_count} '
                       'processes: give every process the same number of devices.')
@@ -242,24 +235,16 @@ def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:
 
 
 def check_method_settings(config) -> None:
-  """Raises ConfigError for a bad `config.reference_compat`, `config.fixed` or `config.twins` (the
-  baselines' settings)."""
+  """Raises ConfigError for a bad `config.reference_compat` or a bad value in a registered method's own
+  config section (config.fixed, config.twins, ...: `Method.check_section`, for every section the config
+  holds, whichever method runs)."""
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
   if not isinstance(config.reference_compat, bool):
     raise ConfigError(f'config.reference_compat must be True or False, got {config.reference_compat!r}.')
-  f = config.fixed
-  check_lr_schedule('fixed', f, 'a vanilla RFT or PGD-AT run')
-  if not isinstance(f.l1, (int, float)) or not 0 <= f.l1 <= 1:
-    raise ConfigError(f'config.fixed.l1 (weight of the natural cross-entropy) must lie in [0, 1], got '
-                      f'{f.l1!r}.')
-  if not isinstance(f.l2, (int, float)) or f.l2 < 0:
-    raise ConfigError(f'config.fixed.l2 (weight of the KL term) must be >= 0, got {f.l2!r}.')
-  t = config.twins
-  _choice('twins.loss', t.loss, steps.TWINS_LOSSES)
-  check_lr_schedule('twins', t, 'a TWINS run')
-  for name, what in (('lam', "the frozen-BN half's loss weight"), ('beta', "TWINS-TRADES's KL weight")):
-    if not isinstance(t[name], (int, float)) or isinstance(t[name], bool) or t[name] < 0:
-      raise ConfigError(f'config.twins.{name} ({what}) must be a number >= 0, got {t[name]!r}.')
-  _in_range('twins.weight_decay', t.weight_decay, 0.0, 1.0, low_open=False)
+  for method in methods.registered():
+    sections = methods.defined_sections(method)
+    if sections and all(section in config for section in sections):
+      method.check_section(config)
 
 
 def check_lr_schedule(key: str, c, what: str) -> None:

@@ -1,4 +1,4 @@
-"""The pure per-device steps: train state, optimizer, AutoLoRa train step and evaluation step.
+"""The pure per-device steps: train state, optimizer, the train step of every method and the evaluation step.
 
 Each step is a pure function meant for `jax.pmap(..., axis_name='batch')`:
 
@@ -21,11 +21,18 @@ import optax
 from flax.training import train_state
 from jax import lax
 
-from autolora_jax import attacks, losses, models
+from autolora_jax import attacks, models
 
 AXIS = 'batch'
-METHODS = ('autolora', 'vanilla_rft', 'pgd_at', 'twins')
-TWINS_LOSSES = ('at', 'trades')  # TWINS-AT, TWINS-TRADES
+
+
+def __getattr__(name):
+  """METHODS (the registered methods' names, `autolora_jax.methods.names()`) and TWINS_LOSSES (TWINS's
+  losses, `methods.twins.LOSSES`), read from where they are defined."""
+  if name in ('METHODS', 'TWINS_LOSSES'):
+    from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
+    return methods.names() if name == 'METHODS' else methods.twins.LOSSES
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 class TrainState(train_state.TrainState):
@@ -104,37 +111,35 @@ def accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: float, steps: int,
-                    kl_denominator: Optional[float] = None, twins_loss: str = 'at', twins_lam: float = 1.0,
-                    twins_beta: float = 6.0, axis_name: Optional[str] = AXIS, norm: str = 'linf') -> Callable:
-  """Builds the per-device train step `(state, batch, rng) -> (state, metrics)`.
+def make_train_step(model, *, method='autolora', eps: float, step_size: float, steps: int,
+                    kl_denominator: Optional[float] = None, settings: Any = None,
+                    twins_loss: Optional[str] = None, twins_lam: Optional[float] = None,
+                    twins_beta: Optional[float] = None, axis_name: Optional[str] = AXIS,
+                    norm: str = 'linf') -> Callable:
+  """Builds the per-device train step `(state, batch, rng) -> (state, metrics)` of a method.
 
-  Methods (SPEC.md; TWINS from the authors' train-TWINS-AT.py and train-TWINS-TRADES.py):
-    'autolora': z_nat = natural (LoRa) branch on x with the FE held constant, z_adv = adversarial branch on
-      x_adv; loss l1 * CE(z_nat) + (1 - l1) * CE(z_adv) + l2 * KL(p_nat || p_adv).
-    'vanilla_rft': the same loss with z_nat from the FE itself (adversarial branch on x, no routing).
-    'pgd_at': CE(z_adv) alone (l1 = l2 = 0); no natural forward at all.
-    'twins': a model with doubled BatchNorms (`twin_bn`); the batch split by `twin_halves`, one half
-      through the frozen BNs and the other through the adaptive ones (bn='mix'), and
-      `losses.twins_at_loss` (twins_loss 'at', on x_adv) or `losses.twins_trades_loss` ('trades': x_adv
-      first, then x, as the authors' order of the BN updates) with twins_lam and twins_beta.
-  x_adv is PGD (random start, a key per example) on the adversarial branch (the adaptive BNs) in evaluation
-  mode. The training forwards run BatchNorm in training mode, for AutoLoRa the natural one first, as the
-  reference does.
+  The step: x_adv is PGD (random start, a key per example) on the method's deployed branch in evaluation
+  mode; then the gradient of the method's loss (`Method.make_loss`, its forwards in training mode),
+  averaged over the mapped devices, updates the state; the BatchNorm statistics are the loss's forwards'.
+  Metrics: 'loss', the loss's parts and accuracies, 'grad_norm' (averaged over the devices).
 
   Args:
-    model: a `models.ResNet` (with twin_bn=True for 'twins').
+    model: the run's model (a `models.ResNet`, with twin_bn=True for 'twins', or a `models.ViT`).
+    method: a name from `autolora_jax.methods.names()` or a `methods.Method`.
     eps, step_size, steps, norm: the training attack (norm 'linf' or 'l2', `attacks.pgd`).
     kl_denominator: divide the KL sum by this instead of the batch size (TWINS-TRADES: None is the
       per-device batch, both halves, as the authors divide by their whole batch).
+    settings: the method's settings (`Method.settings(config)`); None: TWINS's from twins_loss, twins_lam
+      and twins_beta (defaults 'at', 1.0, 6.0) for 'twins', none for the other methods.
     axis_name: the pmap axis to reduce over; None for an unmapped (single-device, jit) step.
   """
-  if method not in METHODS:
-    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
-  if method == 'twins' and (not model.twin_bn or twins_loss not in TWINS_LOSSES):
-    raise ValueError(f"method 'twins' needs a model with twin_bn=True and twins_loss in {TWINS_LOSSES}; got "
-                     f'twin_bn={model.twin_bn}, twins_loss={twins_loss!r}.')
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
+  m = methods.get(method)
+  if settings is None and m.name == 'twins':
+    settings = methods.twins.Twins('at' if twins_loss is None else twins_loss,
+                                   1.0 if twins_lam is None else twins_lam, 6.0 if twins_beta is None else twins_beta)
   train_model = model.clone(bn_axis_name=axis_name)
+  branch = m.deployed_branch
 
   def pmean(x):
     return lax.pmean(x, axis_name) if axis_name else x
@@ -144,46 +149,13 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
                                     mutable=['batch_stats'], **kwargs)
     return logits, upd['batch_stats']
 
-  def autolora_loss_fn(params, state, x, x_adv, y):
-    """The loss of 'autolora', 'vanilla_rft' and 'pgd_at': (loss, (parts, batch_stats, accuracies))."""
-    stats, nat_logits = state.batch_stats, None
-    if method != 'pgd_at':
-      nat_branch, nat_params = ('nat', route_natural(params)) if method == 'autolora' else ('adv', params)
-      nat_logits, stats = forward(nat_params, stats, x, branch=nat_branch)
-    adv_logits, stats = forward(params, stats, x_adv, branch='adv')
-    if method == 'pgd_at':
-      loss = losses.cross_entropy(adv_logits, y)
-      parts = {'ce_adv': loss}
-    else:
-      loss, parts = losses.autolora_loss(nat_logits, adv_logits, y, state.l1, state.l2, kl_denominator)
-    accs = {'adv_acc': accuracy(adv_logits, y)}
-    if nat_logits is not None:
-      accs['nat_acc'] = accuracy(nat_logits, y)
-    return loss, (parts, stats, accs)
-
-  def twins_loss_fn(params, state, x, x_adv, y):
-    """TWINS: adv_acc and nat_acc are the adaptive half's, frozen_adv_acc the frozen half's."""
-    half = x.shape[0] // 2
-    y = twin_halves(y)
-    yf, ya = y[:half], y[half:]
-    adv_logits, stats = forward(params, state.batch_stats, twin_halves(x_adv), bn='mix')
-    accs = {'adv_acc': accuracy(adv_logits[half:], ya), 'frozen_adv_acc': accuracy(adv_logits[:half], yf)}
-    if twins_loss == 'at':
-      loss, parts = losses.twins_at_loss(adv_logits[:half], adv_logits[half:], yf, ya, twins_lam)
-    else:
-      nat_logits, stats = forward(params, stats, twin_halves(x), bn='mix')
-      loss, parts = losses.twins_trades_loss(
-          nat_logits[:half], adv_logits[:half], nat_logits[half:], adv_logits[half:], yf, ya, twins_lam,
-          twins_beta, x.shape[0] if kl_denominator is None else kl_denominator)
-      accs['nat_acc'] = accuracy(nat_logits[half:], ya)
-    return loss, (parts, stats, accs)
-
-  loss_fn = twins_loss_fn if method == 'twins' else autolora_loss_fn
+  loss_fn = m.make_loss(methods.LossContext(model=model, forward=forward, settings=settings,
+                                            kl_denominator=kl_denominator))
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
     x, y = unit_images(batch['image']), batch['label']
     eval_vars = {'params': state.params, 'batch_stats': state.batch_stats}
-    x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch='adv', train=False), x, y, eps=eps,
+    x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch=branch, train=False), x, y, eps=eps,
                         step_size=step_size, steps=steps, key=example_keys(rng, batch['index']), norm=norm)
     x_adv = lax.stop_gradient(x_adv)
     (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -197,13 +169,13 @@ def make_train_step(model, *, method: str = 'autolora', eps: float, step_size: f
 
 
 def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: bool = True,
-                   axis_name: Optional[str] = AXIS, norm: str = 'linf') -> Callable:
+                   axis_name: Optional[str] = AXIS, norm: str = 'linf', branch: str = 'adv') -> Callable:
   """Builds `eval_step(state, batch) -> counts`: correct-prediction counts summed over the batch and devices.
 
-  Counts (masked): 'count' (real examples), 'clean_adv' and 'clean_nat' (clean accuracy of each branch)
-  and, with attack=True, 'pgd' (PGD robust accuracy of the adversarial branch under `norm`, no random
-  start). Everything
-  runs in evaluation mode.
+  Counts (masked): 'count' (real examples), 'clean_adv' (clean accuracy of the deployed `branch`: the
+  adversarial one, 'adv', for every method but one that deploys W + dW, `Method.deployed_branch`),
+  'clean_nat' (the natural branch's) and, with attack=True, 'pgd' (PGD robust accuracy of the deployed
+  branch under `norm`, no random start). Everything runs in evaluation mode.
   """
 
   def psum(x):
@@ -213,17 +185,17 @@ def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: b
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     x, y, mask = unit_images(batch['image']), batch['label'], batch['mask']
 
-    def logits_fn(branch):
-      return lambda z: model.apply(variables, z, branch=branch, train=False)
+    def logits_fn(which):
+      return lambda z: model.apply(variables, z, branch=which, train=False)
 
     def correct(logits):
       return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
-    counts = {'count': jnp.sum(mask), 'clean_adv': correct(logits_fn('adv')(x)),
+    counts = {'count': jnp.sum(mask), 'clean_adv': correct(logits_fn(branch)(x)),
               'clean_nat': correct(logits_fn('nat')(x))}
     if attack:
-      x_adv = attacks.pgd(logits_fn('adv'), x, y, eps=eps, step_size=step_size, steps=steps, norm=norm)
-      counts['pgd'] = correct(logits_fn('adv')(x_adv))
+      x_adv = attacks.pgd(logits_fn(branch), x, y, eps=eps, step_size=step_size, steps=steps, norm=norm)
+      counts['pgd'] = correct(logits_fn(branch)(x_adv))
     return psum(counts)
 
   return eval_step
