@@ -18,26 +18,28 @@ DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
 
 
-def choice(name: str, value, choices: Iterable) -> None:
-  """ConfigError unless config.<name> = `value` is one of `choices`."""
+def _choice(name: str, value, choices: Iterable) -> None:
   choices = tuple(choices)
   if value not in choices:
     raise ConfigError(f'config.{name}={value!r} is not supported: choose one of {choices} '
                       f'(e.g. --config.{name}={choices[0]}).')
 
 
-def positive_int(name: str, value) -> None:
-  """ConfigError unless config.<name> = `value` is an integer > 0."""
+def _positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ConfigError(f'config.{name} must be a positive integer, got {value!r}.')
 
 
-def in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
-  """ConfigError unless config.<name> = `value` is a number in (low, high] ([low, high] if not low_open)."""
+def _in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
   ok = isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
   if not ok:
     bracket = '(' if low_open else '['
     raise ConfigError(f'config.{name} must lie in {bracket}{low}, {high}], got {value!r}.')
+
+
+# For the methods' own section checks (autolora_jax/methods/): ConfigError unless config.<name> = value is one
+# of the choices, an integer > 0, a number in (low, high] ([low, high] with low_open=False).
+choice, positive_int, in_range = _choice, _positive_int, _in_range
 
 
 def validate(config) -> None:
@@ -45,22 +47,22 @@ def validate(config) -> None:
   from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
   method = methods.get(config.method)
   m = config.model
-  choice('model.arch', m.arch, models.ARCHITECTURES)
+  _choice('model.arch', m.arch, models.ARCHITECTURES)
   if models.is_vit(m.arch):
     check_vit(config)
   else:
-    choice('model.stem', m.stem, models.STEMS)
-  choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
-  choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
-  choice('model.dtype', m.dtype, DTYPES)
+    _choice('model.stem', m.stem, models.STEMS)
+  _choice('model.lora_placement', m.lora_placement, models.LORA_PLACEMENTS)
+  _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
+  _choice('model.dtype', m.dtype, DTYPES)
   if m.precision not in models.PRECISIONS:
     raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '
                       f'{models.PRECISIONS}, the matmul precision of the convolutions on GPUs and TPUs '
                       "('default': bfloat16 passes on TPUs and TF32 on A100/H100 GPUs for float32 "
                       "convolutions; 'high': more exact; 'highest': float32), e.g. "
                       '--config.model.precision=highest. CPUs compute float32 in float32 with any of them.')
-  positive_int('model.width', m.width)
-  positive_int('model.input_size', m.input_size)
+  _positive_int('model.width', m.width)
+  _positive_int('model.input_size', m.input_size)
   if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
     raise ConfigError(f'config.model.lora_rank must be an integer >= 0 (0: no LoRa branch), got '
                       f'{m.lora_rank!r}; the paper uses 8.')
@@ -70,22 +72,22 @@ def validate(config) -> None:
     raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
                       f'std > 0, got mean={m.mean!r}, std={m.std!r}.')
   a = config.attack
-  choice('attack.norm', a.get('norm', 'linf'), attacks.NORMS)
+  _choice('attack.norm', a.get('norm', 'linf'), attacks.NORMS)
   top = 1.0 if a.get('norm', 'linf') == 'linf' else 1000.0  # an L2 length in [0, 1] pixels, e.g. 0.5, 3.0
-  in_range('attack.eps', a.eps, 0.0, top)
-  in_range('attack.step_size', a.step_size, 0.0, top)
-  positive_int('attack.train_steps', a.train_steps)
-  positive_int('attack.eval_steps', a.eval_steps)
-  in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
+  _in_range('attack.eps', a.eps, 0.0, top)
+  _in_range('attack.step_size', a.step_size, 0.0, top)
+  _positive_int('attack.train_steps', a.train_steps)
+  _positive_int('attack.eval_steps', a.eval_steps)
+  _in_range('dataset.val_fraction', config.dataset.val_fraction, 0.0, 1.0)
   if config.dataset.val_fraction >= 1.0:
     raise ConfigError('config.dataset.val_fraction must be below 1: the rest of the training split trains.')
-  in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
-  positive_int('dataset.train_per_class', config.dataset.train_per_class)
+  _in_range('dataset.test_fraction', config.dataset.test_fraction, 0.0, 1.0, low_open=False)
+  _positive_int('dataset.train_per_class', config.dataset.train_per_class)
   check_data_config('dataset', config.dataset)
-  in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
-  in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
-  positive_int('batch_size', config.batch_size)
-  positive_int('eval_batch_size', config.eval_batch_size)
+  _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
+  _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
+  _positive_int('batch_size', config.batch_size)
+  _positive_int('eval_batch_size', config.eval_batch_size)
   if not isinstance(config.pretrain.epochs, int) or config.pretrain.epochs < 0:
     raise ConfigError(f'config.pretrain.epochs must be an integer >= 0, got {config.pretrain.epochs!r}.')
   if config.pretrain.epochs > 0:
@@ -96,14 +98,14 @@ def validate(config) -> None:
     if not config.pretrain.dataset.name:
       raise ConfigError('config.pretrain.epochs > 0 needs config.pretrain.dataset.name, the data set the '
                         'in-process PGD-AT pre-training uses.')
-    positive_int('pretrain.batch_size', config.pretrain.batch_size)
+    _positive_int('pretrain.batch_size', config.pretrain.batch_size)
     check_data_config('pretrain.dataset', config.pretrain.dataset)
-    in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
+    _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   check_pretrained(config.pretrained)
   check_method_settings(config)  # reference_compat and every method's own config section
   aa = config.autoattack
-  choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
-  choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
+  _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
+  _choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
   from autolora_jax import experiment  # pylint: disable=g-import-not-at-top (experiment imports this module)
   aa_norm = experiment.autoattack_norm(config)
   listed = tuple(aa.get('attacks', ()))
@@ -121,11 +123,11 @@ def validate(config) -> None:
   if aa.get('norm', 'auto') == 'L1' and not aa.get('eps', 0.0):
     raise ConfigError('config.autoattack.norm=L1 needs its own radius: set config.autoattack.eps (e.g. 12 '
                       'on CIFAR-10, the usual L1 budget); the PGD eps is an L-infinity or L2 length.')
-  positive_int('autoattack.batch_size', aa.batch_size)
+  _positive_int('autoattack.batch_size', aa.batch_size)
   if not isinstance(aa.num_points, int) or isinstance(aa.num_points, bool) or aa.num_points < 0:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
-  choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
+  _choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
   corruptions.check_config(config)  # config.eval's common corruptions
   check_host(config.host)
   distributed.check(config.distributed)
@@ -159,7 +161,7 @@ def check_vit(config) -> None:
     raise ConfigError(f'config.model.lora_targets={targets!r} has an unknown LoRa target: choose a non-empty '
                       f'list from {models.LORA_TARGETS} (q, k, v: slices of the fused qkv projection; proj: the '
                       "attention output; fc1, fc2: the MLP), e.g. --config.model.lora_targets=\"('q','v')\".")
-  choice('model.lora_init', m.get('lora_init', 'normal'), models.LORA_INITS)
+  _choice('model.lora_init', m.get('lora_init', 'normal'), models.LORA_INITS)
   sizes = m.get('vit') or {}
   for key in ('dim', 'depth', 'heads'):
     v = sizes.get(key, 0)
@@ -187,8 +189,8 @@ def check_vit(config) -> None:
 
 def check_host(h) -> None:
   """config.host: how the host feeds the devices (see configs/default.py)."""
-  positive_int('host.metrics_every', h.metrics_every)
-  positive_int('host.plot_every', h.plot_every)
+  _positive_int('host.metrics_every', h.metrics_every)
+  _positive_int('host.plot_every', h.plot_every)
   if not isinstance(h.decode_threads, int) or isinstance(h.decode_threads, bool) or h.decode_threads < 0:
     raise ConfigError(f'config.host.decode_threads must be an integer >= 0 (the threads that decode the '
                       'images; 0 = the cores this process may run on, at most 32), got '
@@ -207,7 +209,7 @@ def check_data_config(key: str, data_config) -> None:
   if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
     raise ConfigError(f'config.{key}.train_per_class_limit must be an integer >= 0 (at most that many training '
                       f'examples of each class; 0 = all), got {limit!r}.')
-  choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
+  _choice(f'{key}.preprocess', data_config.get('preprocess', 'imagenet'), ('imagenet', 'cifar'))
   check_class_selection(data_config, key=f'config.{key}', read=False)
 
 
@@ -241,6 +243,11 @@ def check_method_settings(config) -> None:
   from autolora_jax import methods  # pylint: disable=g-import-not-at-top (the methods import this module)
   if not isinstance(config.reference_compat, bool):
     raise ConfigError(f'config.reference_compat must be True or False, got {config.reference_compat!r}.')
+  missing = [s for s in methods.get(config.method).sections if s not in config]
+  if missing:
+    raise ConfigError(f'config.method={config.method} reads config.{missing[0]}, which this config lacks: register '
+                      'the method before the config is made (configs/default.py adds the sections of the methods '
+                      'registered then), e.g. import its module at the top of your config file.')
   for method in methods.registered():
     sections = methods.defined_sections(method)
     if sections and all(section in config for section in sections):

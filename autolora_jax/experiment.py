@@ -43,6 +43,13 @@ from autolora_jax.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+def __getattr__(name):
+  """METHODS: the registered methods' names (`methods.names()`), read when asked."""
+  if name == 'METHODS':
+    return methods.names()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 # Item 5: the public code's attack defaults, the paper's 8/255 and 2/255 rounded to four and five
 # decimals (its --epsilon 0.0314 and --alpha 0.00784; AutoAttack is also called with eps=0.0314).
 PAPER_EPS, PAPER_STEP_SIZE = 8 / 255, 2 / 255
