@@ -40,7 +40,7 @@ class Run:
 
   Attributes:
     model: the Flax model of the run (its LoRa branch and TWINS twins included); the deployed model is its
-      adversarial branch, `model.apply(variables, x, branch='adv', train=False)`.
+      `branch`, `model.apply(variables, x, branch=branch, train=False)`.
     variables: {'params', 'batch_stats'} of the checkpoint (numpy arrays).
     config: the run's config (config.json) as a ConfigDict.
     normalization: (mean, std) the model applies inside, or (None, None).
@@ -50,6 +50,8 @@ class Run:
     checkpoint: 'best' or 'final'; epoch: the checkpoint's epoch.
     eps, norm: the threat model the run was trained and evaluated for (AutoAttack's norm: 'Linf', 'L2').
     workdir: the absolute path of the run.
+    branch: the deployed branch: 'adv' (the FE), or 'nat' (W + dW) for a method that deploys it
+      (`Method.deployed_branch`, e.g. lora_at).
   """
   model: Any
   variables: dict
@@ -62,9 +64,10 @@ class Run:
   eps: float
   norm: str
   workdir: str
+  branch: str = 'adv'
 
   def __post_init__(self):
-    self._apply = jax.jit(evaluation.adversarial_logits(self.model))
+    self._apply = jax.jit(evaluation.deployed_logits(self.model, self.branch))
 
   def logits(self, x) -> jax.Array:
     """The deployed model's logits (N, num_classes) for NHWC float images x in [0, 1] (jitted)."""
@@ -73,7 +76,7 @@ class Run:
   @property
   def logits_fn(self) -> jax.tree_util.Partial:
     """The logits as `autoattack.run` takes them: `Partial(f, variables)`, compiled once per model."""
-    return jax.tree_util.Partial(evaluation.adversarial_logits(self.model), self.variables)
+    return jax.tree_util.Partial(evaluation.deployed_logits(self.model, self.branch), self.variables)
 
   def test_points(self, n: Optional[int] = None, with_index: bool = False):
     """(images (n, H, W, C) float32 in [0, 1], labels (n,)): n test points chosen as the run's AutoAttack
@@ -180,4 +183,5 @@ def load(workdir: str, checkpoint: str = 'best') -> Run:
   aa = experiment.autoattack_settings(config)
   return Run(model=model, variables=variables, config=config, normalization=tuple(normalization),
              classes=class_labels(config, num_classes, results), results=results, checkpoint=checkpoint,
-             epoch=int(meta.get('epoch', -1)), eps=float(aa.eps), norm=aa.norm, workdir=path)
+             epoch=int(meta.get('epoch', -1)), eps=float(aa.eps), norm=aa.norm, workdir=path,
+             branch=experiment.method_of(config).deployed_branch)

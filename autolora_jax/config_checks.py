@@ -8,14 +8,14 @@ fails where it is set (run.py reports it the same way).
 
 from __future__ import annotations
 
-from typing import Iterable
-
-from autolora_jax import attacks, autoattack, corruptions, distributed, hub, models, ops, sampling, steps
+from autolora_jax import attacks, autoattack, corruptions, distributed, hub, methods, models, ops, sampling
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import CheckpointError, ConfigError
+from autolora_jax.value_checks import LR_SCHEDULES, check_lr_schedule, choice, in_range, positive_int
+
+_choice, _positive_int, _in_range = choice, positive_int, in_range
 
 DTYPES = ('float32', 'bfloat16')
-LR_SCHEDULES = ('constant', 'piecewise', 'cosine')  # config.fixed.lr_schedule (policy.fixed_lr_schedule)
 # config.attack.norm -> AutoAttack's norm when config.autoattack.norm is 'auto'.
 AUTOATTACK_NORM = {'linf': 'Linf', 'l2': 'L2'}
 
@@ -26,28 +26,9 @@ def autoattack_norm(config) -> str:
   return AUTOATTACK_NORM.get(str(config.attack.get('norm', 'linf')), 'Linf') if norm == 'auto' else norm
 
 
-def _choice(name: str, value, choices: Iterable) -> None:
-  choices = tuple(choices)
-  if value not in choices:
-    raise ConfigError(f'config.{name}={value!r} is not supported: choose one of {choices} '
-                      f'(e.g. --config.{name}={choices[0]}).')
-
-
-def _positive_int(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(f'config.{name} must be a positive integer, got {value!r}.')
-
-
-def _in_range(name: str, value, low: float, high: float, low_open: bool = True) -> None:
-  ok = isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
-  if not ok:
-    bracket = '(' if low_open else '['
-    raise ConfigError(f'config.{name} must lie in {bracket}{low}, {high}], got {value!r}.')
-
-
 def validate(config) -> None:
   """Raises ConfigError for the first problem found in `config`."""
-  _choice('method', config.method, steps.METHODS)
+  method = methods.get(config.method)
   m = config.model
   _choice('model.arch', m.arch, models.arch_names())
   check_arch(config)
@@ -64,10 +45,7 @@ def validate(config) -> None:
   if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
     raise ConfigError(f'config.model.lora_rank must be an integer >= 0 (0: no LoRa branch), got '
                       f'{m.lora_rank!r}; the paper uses 8.')
-  if config.method == 'autolora':
-    if m.lora_rank <= 0:
-      raise ConfigError(f'config.model.lora_rank must be a positive integer for AutoLoRa (the natural '
-                        f'branch lives in the LoRa parameters), got {m.lora_rank!r}; the paper uses 8.')
+  method.check(config)  # what the method needs of the model, e.g. AutoLoRa's LoRa rank
   if (m.mean is None) != (m.std is None) or (m.mean is not None and (len(m.mean) != 3 or len(m.std) != 3
                                                                      or min(m.std) <= 0)):
     raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
@@ -87,13 +65,6 @@ def validate(config) -> None:
   check_data_config('dataset', config.dataset)
   _in_range('optim.momentum', config.optim.momentum, 0.0, 1.0, low_open=False)
   _in_range('optim.weight_decay', config.optim.weight_decay, 0.0, 1.0, low_open=False)
-  s = config.auto_lr
-  _in_range('auto_lr.lr0', s.lr0, 0.0, 10.0)
-  _in_range('auto_lr.rho', s.rho, 0.0, 1.0)
-  _positive_int('auto_lr.window', s.window)
-  _positive_int('auto_lr.max_epochs', s.max_epochs)
-  _in_range('auto_lr.min_lr', s.min_lr, 0.0, 10.0, low_open=False)
-  _in_range('auto_scalars.l2_max', config.auto_scalars.l2_max, 0.0, 1e6, low_open=False)
   _positive_int('batch_size', config.batch_size)
   _positive_int('eval_batch_size', config.eval_batch_size)
   if not isinstance(config.pretrain.epochs, int) or config.pretrain.epochs < 0:
@@ -110,7 +81,7 @@ def validate(config) -> None:
     check_data_config('pretrain.dataset', config.pretrain.dataset)
     _in_range('pretrain.learning_rate', config.pretrain.learning_rate, 0.0, 10.0)
   check_pretrained(config.pretrained)
-  check_method_settings(config)  # reference_compat and the baselines' config.fixed
+  check_method_settings(config)  # reference_compat and every method's own config section
   aa = config.autoattack
   _choice('autoattack.version', aa.version, tuple(autoattack.VERSIONS) + ('custom',))
   _choice('autoattack.norm', aa.get('norm', 'auto'), ('auto',) + autoattack.NORMS)
@@ -164,11 +135,12 @@ def check_arch(config) -> None:
     raise ConfigError('config.reference_compat reproduces the authors\' public ResNet code (LoRa in the last '
                       f'block of each stage, ...), which has no {arch.label}: with config.model.arch={m.arch} set '
                       '--config.reference_compat=False.')
-  if config.method == 'twins' and not arch.has_batchnorm:
+  method = methods.get(config.method)
+  if method.needs_batchnorm and not arch.has_batchnorm:
     with_bn = tuple(s.name for s in models.specs() if s.has_batchnorm)
-    raise ConfigError(f'TWINS doubles the BatchNorms of a network, and config.model.arch={m.arch} has none: use '
-                      f'an architecture with BatchNorms for TWINS ({", ".join(with_bn)}), or another method with '
-                      f'the {arch.label}.')
+    raise ConfigError(f'{method.title} (config.method={config.method}) needs a network with BatchNorms, and '
+                      f'config.model.arch={m.arch} has none: use an architecture with BatchNorms for '
+                      f'{method.title} ({", ".join(with_bn)}), or another method with the {arch.label}.')
 
 
 def check_host(h) -> None:
@@ -203,12 +175,7 @@ def check_devices(config, device_count: int, process_count: int = 1) -> None:
   check_batch_divides('eval_batch_size', config.eval_batch_size, device_count)
   if config.pretrain.epochs > 0:
     check_batch_divides('pretrain.batch_size', config.pretrain.batch_size, device_count)
-  if config.method == 'twins' and (config.batch_size // device_count) % 2:
-    raise ConfigError(
-        f'TWINS splits every device\'s batch into two halves (frozen and adaptive BatchNorms), but '
-        f'config.batch_size={config.batch_size} gives each of the {device_count} devices '
-        f'{config.batch_size // device_count} examples, an odd number. Use a multiple of {2 * device_count}, '
-        f'e.g. --config.batch_size={max(2 * device_count, config.batch_size - config.batch_size % (2 * device_count))}.')
+  methods.get(config.method).check_devices(config, device_count)  # e.g. TWINS's even per-device batch
   if device_count % process_count:
     raise ConfigError(f'The {device_count} devices of this run do not split evenly over its {process_count} '
                       'processes: give every process the same number of devices.')
@@ -225,43 +192,19 @@ def check_batch_divides(name: str, batch_size: int, device_count: int) -> None:
 
 
 def check_method_settings(config) -> None:
-  """Raises ConfigError for a bad `config.reference_compat`, `config.fixed` or `config.twins` (the
-  baselines' settings)."""
+  """Raises ConfigError for a bad `config.reference_compat` or a bad value in a registered method's own
+  config section (config.fixed, config.twins, ...: `Method.check_section`, for every section the config
+  holds, whichever method runs)."""
   if not isinstance(config.reference_compat, bool):
     raise ConfigError(f'config.reference_compat must be True or False, got {config.reference_compat!r}.')
-  f = config.fixed
-  check_lr_schedule('fixed', f, 'a vanilla RFT or PGD-AT run')
-  if not isinstance(f.l1, (int, float)) or not 0 <= f.l1 <= 1:
-    raise ConfigError(f'config.fixed.l1 (weight of the natural cross-entropy) must lie in [0, 1], got '
-                      f'{f.l1!r}.')
-  if not isinstance(f.l2, (int, float)) or f.l2 < 0:
-    raise ConfigError(f'config.fixed.l2 (weight of the KL term) must be >= 0, got {f.l2!r}.')
-  t = config.twins
-  _choice('twins.loss', t.loss, steps.TWINS_LOSSES)
-  check_lr_schedule('twins', t, 'a TWINS run')
-  for name, what in (('lam', "the frozen-BN half's loss weight"), ('beta', "TWINS-TRADES's KL weight")):
-    if not isinstance(t[name], (int, float)) or isinstance(t[name], bool) or t[name] < 0:
-      raise ConfigError(f'config.twins.{name} ({what}) must be a number >= 0, got {t[name]!r}.')
-  _in_range('twins.weight_decay', t.weight_decay, 0.0, 1.0, low_open=False)
+  missing = [s for s in methods.get(config.method).sections if s not in config]
+  if missing:
+    raise ConfigError(f'config.method={config.method} reads config.{missing[0]}, which this config lacks: register '
+                      'the method before the config is made (configs/default.py adds the sections of the methods '
+                      'registered then), e.g. import its module at the top of your config file.')
+  for method in methods.registered():
+    sections = methods.defined_sections(method)
+    if sections and all(section in config for section in sections):
+      method.check_section(config)
 
 
-def check_lr_schedule(key: str, c, what: str) -> None:
-  """config.<key>'s fixed learning-rate schedule (policy.fixed_lr_schedule): lr, lr_schedule, epochs,
-  boundaries and decay; `what` names the run it drives."""
-  if c.lr_schedule not in LR_SCHEDULES:
-    raise ConfigError(f'config.{key}.lr_schedule={c.lr_schedule!r} is not supported: choose one of '
-                      f'{LR_SCHEDULES} (e.g. --config.{key}.lr_schedule=piecewise).')
-  if not isinstance(c.epochs, int) or isinstance(c.epochs, bool) or c.epochs <= 0:
-    raise ConfigError(f'config.{key}.epochs must be a positive integer (the length of {what}), got '
-                      f'{c.epochs!r}.')
-  if not isinstance(c.lr, (int, float)) or not 0 < c.lr <= 10:
-    raise ConfigError(f'config.{key}.lr must lie in (0, 10], got {c.lr!r}.')
-  if not isinstance(c.decay, (int, float)) or not 0 < c.decay <= 1:
-    raise ConfigError(f'config.{key}.decay (the piecewise schedule\'s factor at each boundary) must lie in '
-                      f'(0, 1], got {c.decay!r}.')
-  b = tuple(c.boundaries)
-  if (not all(isinstance(e, int) and not isinstance(e, bool) for e in b) or list(b) != sorted(set(b))
-      or (b and not 0 < b[0] <= b[-1] < c.epochs)):
-    raise ConfigError(f'config.{key}.boundaries must be increasing whole epochs inside (0, {key}.epochs='
-                      f'{c.epochs}), after which the lr is multiplied by {key}.decay; got {b!r} (e.g. '
-                      f'--config.{key}.boundaries="({c.epochs // 2}, {3 * c.epochs // 4})").')

@@ -4,9 +4,10 @@
   best and the final checkpoint into results.json.
 * `AutoAttackEvaluation`: AutoAttack (experiment.AutoAttackSettings: version, norm, `num_points` test
   points (a class-stratified seeded sample, sampling.sample_points), batch size, seed; eps = the run's PGD
-  eps unless autoattack.eps says otherwise, 0.0314 under reference_compat) on the adversarial branch (the
-  deployed model) of a checkpoint; `add` writes its accuracy into a results entry beside "clean" and
-  "pgd10", and the clean and PGD-10 accuracy on the same points beside them.
+  eps unless autoattack.eps says otherwise, 0.0314 under reference_compat) on the deployed model of a
+  checkpoint (the adversarial branch; W + dW for a method that deploys it, `Method.deployed_branch`);
+  `add` writes its accuracy into a results entry beside "clean" and "pgd10", and the clean and PGD-10
+  accuracy on the same points beside them.
 * `evaluate_workdir(config, workdir)`: `run.py --mode=eval`: restores the best and the latest checkpoint of
   a workdir written by an earlier training run and evaluates both on the test split (clean, PGD-10, AA)
   into results.json, keeping what the training run wrote there.
@@ -41,10 +42,16 @@ def input_shape(data, global_batch: int) -> list:
 
 
 @functools.lru_cache(maxsize=None)
+def deployed_logits(model, branch: str = 'adv'):
+  """`f(variables, x) -> logits` of the deployed branch (`Method.deployed_branch`: 'adv' but for a method
+  that deploys W + dW) in inference mode: one function object per model and branch, so that AutoAttack
+  compiles once for all checkpoints (and evaluations) of the same model."""
+  return lambda variables, x: model.apply(variables, x, branch=branch, train=False)
+
+
 def adversarial_logits(model):
-  """`f(variables, x) -> logits` of the adversarial branch in inference mode: one function object per model,
-  so that AutoAttack compiles once for all checkpoints (and evaluations) of the same model."""
-  return lambda variables, x: model.apply(variables, x, branch='adv', train=False)
+  """`deployed_logits` of the adversarial branch, the deployed model of every built-in method but lora_at."""
+  return deployed_logits(model, 'adv')
 
 
 def _global_sum(values) -> list:
@@ -59,7 +66,8 @@ def _global_sum(values) -> list:
 class AutoAttackEvaluation:
   """AutoAttack of a run's checkpoints on `settings.num_points` test points (`indices`)."""
 
-  def __init__(self, settings, model, data, eval_batch_size: int, *, progress: bool = False):
+  def __init__(self, settings, model, data, eval_batch_size: int, *, progress: bool = False,
+               branch: str = 'adv'):
     self.enabled = bool(settings.enabled)
     self.version = settings.version
     self.batch_size = int(settings.batch_size)
@@ -77,7 +85,7 @@ class AutoAttackEvaluation:
     self._indices = None
     self._raw = None
     self.seconds: Dict[str, float] = {}
-    self._apply = adversarial_logits(model)
+    self._apply = deployed_logits(model, branch)
 
   def indices(self) -> np.ndarray:
     """The attacked points' positions in the test split (all processes'), sorted: `sampling.sample_points`."""
@@ -104,7 +112,7 @@ class AutoAttackEvaluation:
     return self._raw
 
   def attack(self, variables: dict, desc: str = 'AA', resume=None, on_progress=None) -> autoattack.AutoAttackResult:
-    """AutoAttack of the adversarial branch with `variables` = {'params', 'batch_stats'} (host arrays);
+    """AutoAttack of the deployed branch with `variables` = {'params', 'batch_stats'} (host arrays);
     resume, on_progress: `autoattack.run`'s (eval_progress.TestProgress.autoattack makes them)."""
     x, y, index = self.points()  # keys from the points' test-split indices: any process count, same draws
     logits_fn = jax.tree_util.Partial(self._apply, variables)
@@ -174,9 +182,9 @@ def test(exp, ckpts: checkpoints.Checkpoints, final_state, command: Optional[str
                              'eval_steps': exp.attack.eval_steps}
   if command:
     results['command'] = command
-  if exp.twins is not None:
-    results['twins'] = exp.twins._asdict()  # TWINS-AT or TWINS-TRADES, lam, beta
-  aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress)
+  results.update(exp.method_def.results(exp.settings))  # the method's own, e.g. TWINS's loss, lam, beta
+  aa = AutoAttackEvaluation(exp.autoattack, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress,
+                            branch=exp.method_def.deployed_branch)
   final_meta = ckpts.restore_meta('latest')
   keeper = eval_progress.TestProgress.of(exp, ckpts, final_meta, guard)  # what a stopped evaluation kept
   keeper.check('before the test evaluation')

@@ -7,22 +7,16 @@ the attacks, pre-training and AutoAttack plain numbers. Nothing writes into the 
 normalisation of a pre-trained checkpoint is a value of the Experiment (`normalization`), recorded in the
 checkpoints' metadata, so `--mode=eval` needs neither the pre-trained file nor a changed config.
 
-Methods (SPEC.md):
-  'autolora'     the LoRa branch carries the natural objective; automatic lr and loss scalars.
-  'vanilla_rft'  the same loss with the natural logits from the FE itself: no LoRa parameters at all,
-                 fixed l1, l2 and learning-rate schedule from `config.fixed` (SPEC.md, "Vanilla RFT").
-  'pgd_at'       the adversarial cross-entropy alone (l1 = l2 = 0, Madry et al.); no LoRa parameters,
-                 learning-rate schedule from `config.fixed`.
-  'twins'        TWINS (Liu et al., CVPR 2023): full fine-tuning of a model with doubled BatchNorms, one
-                 half of each batch through the frozen pre-trained BNs and one through the adaptive ones;
-                 loss, weights, learning-rate schedule and weight decay from `config.twins` (`twins_settings`).
+Methods: `config.method` names a registered `methods.Method` (autolora_jax/methods/: 'autolora',
+'vanilla_rft', 'pgd_at', 'twins', 'lora_at', or one of the user's own); the functions below read its model
+overrides, weight decay, settings and epoch policy from it.
 
 `config.reference_compat = True` reproduces the authors' public code where it differs from the paper
 (SPEC.md, "Where the public code differs"); every item is applied here:
-  item 1  LoRa only in the last block of each stage, never on the shortcut   `model_overrides`
-  item 2  scalars from the training split with training augmentation,        `create_policy`,
+  item 1  LoRa only in the last block of each stage, never on the shortcut   `methods.autolora`
+  item 2  scalars from the training split with training augmentation,        `methods.autolora`,
           not recomputed after a reload                                      `train_split_batches`
-  item 3  the scheduler's condition 2 degenerates                            `create_policy`
+  item 3  the scheduler's condition 2 degenerates                            `methods.autolora`
   item 5  eps 0.0314 instead of 8/255 (PGD and AutoAttack)                   `attack_settings`
   item 6  KL divided by the configured batch size                            `kl_denominator`
   items 4 and 7 (the DTD and Caltech-256 splits and heads)                   `data.create_dataset`
@@ -41,14 +35,20 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import (checkpoints, config_checks, convert, corruptions, distributed, loop, models, ops, policy,
-                          pretrain, steps)
+from autolora_jax import (checkpoints, config_checks, convert, corruptions, distributed, loop, methods, models, ops,
+                          policy, pretrain, steps)
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-METHODS = steps.METHODS  # 'autolora', 'vanilla_rft', 'pgd_at', 'twins'
+
+def __getattr__(name):
+  """METHODS: the registered methods' names (`methods.names()`), read when asked."""
+  if name == 'METHODS':
+    return methods.names()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 # Item 5: the public code's attack defaults, the paper's 8/255 and 2/255 rounded to four and five
 # decimals (its --epsilon 0.0314 and --alpha 0.00784; AutoAttack is also called with eps=0.0314).
@@ -80,11 +80,7 @@ class AutoAttackSettings(NamedTuple):
   points: str = 'stratified'
 
 
-class Twins(NamedTuple):
-  """TWINS's loss: 'at' (TWINS-AT) or 'trades' (TWINS-TRADES), the frozen half's weight lam, TRADES's beta."""
-  loss: str
-  lam: float
-  beta: float
+Twins = methods.twins.Twins  # TWINS's loss, lam, beta
 
 
 Normalization = Tuple[Optional[Tuple[float, ...]], Optional[Tuple[float, ...]]]  # (mean, std), or Nones
@@ -132,31 +128,26 @@ def autoattack_settings(config) -> AutoAttackSettings:
                             str(c.get('points', 'first')))
 
 
+def method_of(config) -> methods.Method:
+  """The registered method that `config.method` names (ConfigError for an unknown name)."""
+  return methods.get(config.method)
+
+
 def twins_settings(config) -> Optional[Twins]:
   """`config.twins`'s loss for method 'twins'; None for the other methods."""
-  if config.method != 'twins':
-    return None
-  t = config.twins
-  return Twins(str(t.loss), float(t.lam), float(t.beta))
+  settings = method_of(config).settings(config)
+  return settings if isinstance(settings, Twins) else None
 
 
 def weight_decay(config) -> float:
-  """The optimizer's coupled weight decay: config.twins.weight_decay for TWINS (its scripts' own),
-  config.optim.weight_decay for the other methods."""
-  return float(config.twins.weight_decay if config.method == 'twins' else config.optim.weight_decay)
+  """The optimizer's coupled weight decay: the method's (config.twins.weight_decay for TWINS, its scripts'
+  own; config.optim.weight_decay for the other built-in methods)."""
+  return float(method_of(config).weight_decay(config))
 
 
 def model_overrides(config) -> Dict[str, object]:
-  """Keyword overrides of `models.create_model` for the method and reference_compat."""
-  if config.method == 'twins':
-    return {'lora_rank': 0, 'twin_bn': True}  # full fine-tuning with doubled BatchNorms
-  if config.method != 'autolora':
-    return {'lora_rank': 0}  # the baselines have no LoRa parameters at all
-  if config.reference_compat:
-    # Item 1: the public code's stage container passes the branch flag to the last block only, and its
-    # shortcut convolutions carry no LoRa.
-    return {'lora_placement': 'last_block'}
-  return {}
+  """Keyword overrides of `models.create_model` for the method (and its reference_compat items)."""
+  return method_of(config).model_overrides(config)
 
 
 def build_model(model_config, num_classes: int, normalization: Optional[Normalization] = None, **overrides):
@@ -188,21 +179,10 @@ def kl_denominator(config, device_count: int) -> Optional[float]:
 
 
 def create_policy(config) -> policy.EpochPolicy:
-  """The epoch policy of `config.method`: `policy.autolora_policy` for 'autolora', `policy.fixed_policy`
-  for the baselines: `config.fixed` (PGD-AT with l1 = l2 = 0), `config.twins`'s schedule for TWINS (whose
-  loss has no l1, l2)."""
-  if config.method == 'autolora':
-    s = config.auto_lr
-    # Item 3 (reference_compat): the public code's condition 2, "the best has not improved since the
-    # previous checkpoint", which never fires at the first checkpoint.
-    lr = policy.auto_lr(lr0=s.lr0, window=s.window, rho=s.rho, max_epochs=s.max_epochs, min_lr=s.min_lr,
-                        condition2='reference' if config.reference_compat else 'paper')
-    return policy.autolora_policy(lr, config.auto_scalars.l2_max,
-                                  scalar_source='train' if config.reference_compat else 'validation')  # 2
-  f = config.twins if config.method == 'twins' else config.fixed
-  l1, l2 = (0.0, 0.0) if config.method in ('pgd_at', 'twins') else (f.l1, f.l2)  # PGD-AT: l1 = l2 = 0
-  schedule = policy.fixed_lr_schedule(f.lr_schedule, f.lr, f.epochs, tuple(f.boundaries), f.decay)
-  return policy.fixed_policy(schedule, f.epochs, l1, l2)
+  """The epoch policy of `config.method` (`Method.policy`): `policy.autolora_policy` for 'autolora',
+  `policy.fixed_policy` over config.fixed for vanilla RFT and PGD-AT (l1 = l2 = 0), over config.twins for
+  TWINS, over config.lora_at for LoRa-AT."""
+  return method_of(config).policy(config)
 
 
 def pretrain_fingerprint(config) -> dict:
@@ -287,10 +267,11 @@ def train_split_batch_size(num_train: int, eval_batch: int, train_batch: int) ->
 class Experiment:
   """One run's data, model, compiled steps and policy, built from a validated config in `workdir`.
 
-  Attributes (plain values once built): method, twins, seed, reference_compat, dataset_name, batch_size,
-  eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every (config.host), is_chief,
-  attack, kl_denominator, autoattack, normalization, data, model, tx, policy, steps_per_epoch, and the
-  pmapped p_train_step, p_eval_step, p_eval_clean.
+  Attributes (plain values once built): method (the name), method_def (the registered `methods.Method`),
+  settings (the method's, `Method.settings`), twins (TWINS's settings or None), seed, reference_compat,
+  dataset_name, batch_size, eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every
+  (config.host), is_chief, attack, kl_denominator, autoattack, normalization, data, model, tx (the method's
+  optimizer), policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
     normalization: the (mean, std) the model applies; None: config.model's, or the pre-trained
@@ -339,24 +320,25 @@ class Experiment:
       if normalization is None:
         normalization = resolve_normalization(m, self._pretrained[1], config.pretrained)
     self.normalization = normalization or configured_normalization(config.model)
-    self.model = create_model(config, self.data.num_classes, normalization)  # no LoRa for the baselines
+    self.model = create_model(config, self.data.num_classes, normalization)  # the method's overrides
     self.input_size = int(config.model.input_size)
     self.arch = convert.arch_for(config.model.arch, config.model.stem)  # e.g. 'resnet18', 'vit_b16_convstem'
-    self.tx = steps.make_optimizer(config.auto_lr.lr0, config.optim.momentum, weight_decay(config))
+    self.method_def = m = method_of(config)
+    self.tx = m.make_optimizer(config.auto_lr.lr0, config.optim.momentum, weight_decay(config))
     self.policy = create_policy(config)  # lr, scalars, best checkpoint and stop, per method
     self.attack = a = attack_settings(config)  # reference_compat: eps 0.0314
     self.autoattack = autoattack_settings(config)
     self.kl_denominator = kl_denominator(config, jax.device_count())
+    self.settings = m.settings(config)  # the method's own, e.g. TWINS's loss, lam and beta
     self.twins = twins_settings(config)  # None unless method 'twins'
-    twins = {} if self.twins is None else dict(twins_loss=self.twins.loss, twins_lam=self.twins.lam,
-                                               twins_beta=self.twins.beta)
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
-        self.model, method=self.method, eps=a.eps, step_size=a.step_size, steps=a.train_steps, norm=a.norm,
-        kl_denominator=self.kl_denominator, **twins))
+        self.model, method=m, eps=a.eps, step_size=a.step_size, steps=a.train_steps, norm=a.norm,
+        kl_denominator=self.kl_denominator, settings=self.settings))
     self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
-        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, norm=a.norm))
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, norm=a.norm, branch=m.deployed_branch))
     self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(
-        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False, norm=a.norm))
+        self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, attack=False, norm=a.norm,
+        branch=m.deployed_branch))
     self._template = None
 
   # -- state -------------------------------------------------------------------------------------------

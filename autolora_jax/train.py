@@ -1,8 +1,9 @@
 """Robust fine-tuning: `train_and_evaluate(config, workdir)`, the one training loop of every method
-(AutoLoRa, vanilla RFT, PGD-AT: `config.method`, see experiment.py).
+(`config.method`, a registered `methods.Method`: AutoLoRa, vanilla RFT, PGD-AT, TWINS, LoRa-AT or one of
+your own; see autolora_jax/methods/).
 
 `train(exp, ...)`, per epoch: train (pmapped step over all local devices), validate (clean accuracy of both
-branches, PGD-10 robust accuracy of the adversarial branch), let the method's epoch policy (policy.py: the
+branches, PGD-10 robust accuracy of the deployed one), let the method's epoch policy (policy.py: the
 automatic learning rate and loss scalars, or fixed ones) set the next epoch's lr and scalars, keep the best
 checkpoint, reload it when the policy says so, save the latest state, log. At the end
 (evaluation.test): test accuracy (clean, PGD-10, AutoAttack) of the best and of the final checkpoint into

@@ -36,9 +36,6 @@ RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.j
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
 IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'host', 'pretrain.cache_dir')
-# Sections that only one method reads ({section: method}): a run of another method that began before the
-# section existed (its config.json lacks it) resumes, and a finished one is recognised by the comparison.
-METHOD_SECTIONS = {'twins': 'twins'}
 # Keys added later whose value here is what every run computed before they existed: a run whose
 # config.json lacks them resumes when they have this value.
 ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.norm': 'auto', 'autoattack.eps': 0.0,
@@ -65,11 +62,16 @@ def _flatten(tree, prefix=''):
 
 
 def config_differences(old: dict, new: dict) -> List[str]:
-  """'key: old -> new' for each key whose value differs (IGNORED_KEYS aside; METHOD_SECTIONS keys that the
-  old run lacks and the new run's method does not read; ADDED_KEYS the old run lacks, at their value);
-  [] when the runs match."""
+  """'key: old -> new' for each key whose value differs; [] when the runs match.
+
+  Not counted: IGNORED_KEYS; the keys of a method's own config section (`Method.sections`, e.g. config.twins)
+  that the old run lacks and the new run's method does not read (a run of another method that began before
+  the section existed resumes, and a finished one is recognised by the comparison); ADDED_KEYS the old run
+  lacks, at their value.
+  """
+  from autolora_jax import methods  # pylint: disable=g-import-not-at-top (imports jax programs; only here)
   a, b = _flatten(old), _flatten(new)
-  unread = [s for s, method in METHOD_SECTIONS.items() if new.get('method') != method]
+  unread = methods.unread_sections(new.get('method'))
   out = []
   for key in sorted(set(a) | set(b)):
     if any(key == k or key.startswith(k + '.') for k in IGNORED_KEYS):

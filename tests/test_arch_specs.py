@@ -18,8 +18,6 @@ from autolora_jax.configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'autolora_jax')
-# compare.py's default_methods still asks models.is_vit; it should ask
-# `models.spec(config.model.arch).has_batchnorm` (TWINS doubles BatchNorms). Remove this entry with it.
 
 
 def _sources(*folders):
@@ -127,7 +125,7 @@ def test_a_spec_registered_anywhere_is_built_validated_and_listed(toy_spec):
   with pytest.raises(convert.CheckpointError, match='no checkpoint conversion for toy'):
     convert.mapping('toy')
   config.method = 'twins'
-  with pytest.raises(config_checks.ConfigError, match=r'TWINS doubles the BatchNorms.*toy has none.*resnet18'):
+  with pytest.raises(config_checks.ConfigError, match=r'TWINS \(config.method=twins\) needs a network with BatchNorms.*toy has none.*resnet18'):
     config_checks.validate(config)
   config.method = 'autolora'
   config.model.stem = 'cifar'

@@ -169,7 +169,7 @@ def test_unknown_lora_target_is_an_error_in_the_config_and_the_model():
     ('model.lora_init', 'xavier', r"lora_init='xavier' is not supported: choose one of \('normal', 'kaiming_uniform'\)"),
     ('model.vit.heads', 5, r'width 768 .* not a multiple of its 5 heads'),
     ('reference_compat', True, r'reproduces the authors\' public ResNet code.*--config.reference_compat=False'),
-    ('method', 'twins', r'TWINS doubles the BatchNorms.*has none'),
+    ('method', 'twins', r'TWINS \(config.method=twins\) needs a network with BatchNorms.*has none'),
     ('model.lora_placement', 'last_block', r"places LoRa in ResNet blocks; a ViT places it by config.model.lora_targets"),
 ])
 def test_vit_config_errors(key, value, message):

@@ -231,3 +231,25 @@ def checkpoint_meta(workdir: str, which: str, step: int) -> dict:
 def checkpoint_steps(workdir: str, which: str = 'latest'):
   folder = os.path.join(workdir, 'checkpoints', which)
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def stopped_then_resumed(make_config, workdir: str, monkeypatch, epoch: int) -> dict:
+  """Runs `train.train_and_evaluate(make_config(), workdir)` until epoch `epoch`'s latest checkpoint is saved,
+  stops it there (an exception), runs it again to the end and returns the resumed run's results."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from autolora_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  original_save = checkpoints.Checkpoints.save
+
+  class Stop(Exception):
+    pass
+
+  def save_then_die(self, which, step, state, meta):
+    original_save(self, which, step, state, meta)
+    if which == 'latest' and meta['epoch'] == epoch:
+      raise Stop()
+
+  monkeypatch.setattr(checkpoints.Checkpoints, 'save', save_then_die)
+  with pytest.raises(Stop):
+    train.train_and_evaluate(make_config(), workdir)
+  monkeypatch.setattr(checkpoints.Checkpoints, 'save', original_save)
+  return train.train_and_evaluate(make_config(), workdir)

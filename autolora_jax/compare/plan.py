@@ -7,15 +7,34 @@ import copy
 import dataclasses
 import math
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from autolora_jax import models, steps
+from autolora_jax import methods, models
 from autolora_jax.errors import ConfigError
 
-DEFAULT_METHODS = ('autolora', 'vanilla_rft', 'pgd_at', 'twins')
-METHOD_NAMES = {'autolora': 'AutoLoRa', 'vanilla_rft': 'vanilla RFT', 'pgd_at': 'PGD-AT', 'twins': 'TWINS'}
+
+
+class _Titles(Mapping):
+  """Method name -> the name tables and plots give it, read from the methods registry when asked (so a
+  method registered later has its title too)."""
+
+  def __getitem__(self, name: str) -> str:
+    if name not in methods.names():
+      raise KeyError(name)
+    return methods.get(name).title
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(methods.names())
+
+  def __len__(self) -> int:
+    return len(methods.names())
+
+
+METHOD_NAMES = _Titles()
+# The built-in methods a comparison runs without --methods (Method.in_default_comparison).
+DEFAULT_METHODS = tuple(n for n in methods.names() if methods.get(n).in_default_comparison)
 SWEEP_METHOD = 'vanilla_rft'  # the baseline whose hyper-parameters the sweep varies
 DEFAULT_SEEDS = (0, 1, 2)  # the comparison's; the sweep's default is one seed, SWEEP_SEEDS
 SWEEP_SEEDS = (0,)
@@ -25,25 +44,28 @@ PRETRAIN_DIR = 'pretrain'
 
 
 def default_methods(config) -> Tuple[str, ...]:
-  """DEFAULT_METHODS, without TWINS for a ViT (TWINS doubles BatchNorms, which a ViT does not have)."""
-  if not models.spec(config.model.arch).has_batchnorm:
-    return tuple(m for m in DEFAULT_METHODS if m != 'twins')
-  return DEFAULT_METHODS
+  """The registered methods a comparison runs without --methods, less those that need BatchNorms (TWINS)
+  where the architecture has none (a ViT)."""
+  has_batchnorm = models.spec(config.model.arch).has_batchnorm
+  return tuple(n for n in methods.names() if methods.get(n).in_default_comparison
+               and (has_batchnorm or not methods.get(n).needs_batchnorm))
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
 
 def parse_methods(text_or_list) -> List[str]:
-  """Method names (a comma list or a sequence), each one of `steps.METHODS`; ConfigError otherwise."""
+  """Method names (a comma list or a sequence), each a registered method (`methods.names()`); ConfigError
+  otherwise."""
   names = _split(text_or_list)
+  registered = methods.names()
   if not names:
-    raise ConfigError(f'--methods is empty: give a comma list of methods from {steps.METHODS}, e.g. '
+    raise ConfigError(f'--methods is empty: give a comma list of methods from {registered}, e.g. '
                       '--methods=autolora,vanilla_rft.')
-  unknown = [n for n in names if n not in steps.METHODS]
+  unknown = [n for n in names if n not in registered]
   if unknown:
     raise ConfigError(f'Unknown method{"s" if len(unknown) > 1 else ""} {", ".join(map(repr, unknown))} in '
-                      f'--methods: choose from {", ".join(steps.METHODS)} (e.g. '
-                      f'--methods={",".join(steps.METHODS)}).')
+                      f'--methods: choose from {", ".join(registered)} (e.g. '
+                      f'--methods={",".join(registered)}).')
   return unique(names)
 
 

@@ -5,6 +5,7 @@ Dataset configs start from this one and change only what differs.
 
 import ml_collections
 
+from autolora_jax import methods
 from autolora_jax.models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -14,16 +15,14 @@ def robust_imagenet_fe(config):
   return 'pretrained/' + config.model.get_ref('arch') + '_linf_eps4.0'
 
 
-def twins_cifar(config):
-  """TWINS's CIFAR settings (the authors' TWINS_cifar/train.sh): weight decay 1e-5, lambda 1.0."""
-  config.twins.weight_decay = 1e-5
-  config.twins.lam = 1.0
-  return config
+twins_cifar = methods.twins.cifar_settings  # TWINS's CIFAR settings: weight decay 1e-5, lambda 1.0
 
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.method = 'autolora'  # 'autolora' | 'vanilla_rft' | 'pgd_at' | 'twins' (autolora_jax/experiment.py)
+  # 'autolora' | 'vanilla_rft' | 'pgd_at' | 'twins' | 'lora_at', or a method of your own: a name from
+  # autolora_jax.methods.names() (docs/methods.md)
+  config.method = 'autolora'
   # True: the authors' public code where it differs from the paper (SPEC.md, README "Reference
   # compatibility"): LoRa in the last block of each stage, scalars from the training split, its scheduler
   # condition 2, eps 0.0314, KL over the configured batch, DTD/Caltech-256 validation = test, the 57-way
@@ -118,42 +117,11 @@ def get_config():
   config.optim.momentum = 0.9
   config.optim.weight_decay = 1e-4
 
-  # Automatic learning rate (validation robust accuracy) and loss scalars (natural-branch accuracy).
-  config.auto_lr = ml_collections.ConfigDict()
-  config.auto_lr.lr0 = 0.01
-  config.auto_lr.window = 4
-  config.auto_lr.rho = 0.75
-  config.auto_lr.max_epochs = 60
-  config.auto_lr.min_lr = 1e-5
-  config.auto_scalars = ml_collections.ConfigDict()
-  config.auto_scalars.l2_max = 6.0
-
-  # The baselines' fixed settings (method 'vanilla_rft'; 'pgd_at' uses the lr schedule with l1 = l2 = 0).
-  # Vanilla RFT with TRADES's weights (no natural CE, KL weight beta = 6), AutoLoRa's initial lr 0.01 and
-  # the usual step schedule of adversarial training: lr / 10 after 50% and 75% of the epochs.
-  config.fixed = ml_collections.ConfigDict()
-  config.fixed.l1 = 0.0
-  config.fixed.l2 = 6.0
-  config.fixed.lr = 0.01
-  config.fixed.lr_schedule = 'piecewise'  # 'constant' | 'piecewise' | 'cosine' (over epochs)
-  config.fixed.boundaries = (30, 45)  # piecewise: the lr is multiplied by `decay` after these many epochs
-  config.fixed.decay = 0.1
-  config.fixed.epochs = 60
-
-  # TWINS (method 'twins'), with the defaults of the authors' TWINS scripts (train.sh of TWINS_high_res_data,
-  # ResNet-50, high-resolution data sets): SGD momentum 0.9, batch 128, lr 0.003 for 60 epochs, / 10 after
-  # epochs 30 and 50, weight decay 1e-3, lambda 0.4; CIFAR's scripts use weight decay 1e-5 and lambda 1.0
-  # (`twins_cifar`). PGD as config.attack (their 8/255, 2/255, 10 steps).
-  config.twins = ml_collections.ConfigDict()
-  config.twins.loss = 'at'  # 'at' (TWINS-AT) | 'trades' (TWINS-TRADES)
-  config.twins.lam = 0.4  # weight of the frozen-BN half's loss (their --lambda_twins)
-  config.twins.beta = 6.0  # TWINS-TRADES: weight of the KL terms (their --beta_trades)
-  config.twins.weight_decay = 1e-3  # replaces optim.weight_decay for TWINS
-  config.twins.lr = 0.003
-  config.twins.lr_schedule = 'piecewise'  # as config.fixed.lr_schedule
-  config.twins.boundaries = (30, 50)
-  config.twins.decay = 0.1
-  config.twins.epochs = 60
+  # Every registered method's own section, at its defaults (autolora_jax/methods/): config.auto_lr and
+  # config.auto_scalars (AutoLoRa's automatic learning rate and loss scalars), config.fixed (vanilla RFT's
+  # fixed l1, l2 and lr schedule; PGD-AT's schedule), config.twins (TWINS), config.lora_at (LoRa-AT), and
+  # those of the methods registered before this runs (a config file that imports its own method's module).
+  methods.add_config_sections(config)
 
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256

@@ -128,13 +128,19 @@ def export(workdir: str, out: str, checkpoint: str = 'best', overwrite: bool = F
     model.json's content, with 'out' (the folder) added.
   Raises:
     ExportError / WorkdirError / CheckpointError (one paragraph, nothing written): an existing non-empty
-    `out` without `overwrite`, a workdir without a finished run, an unknown checkpoint, no PyTorch.
+    `out` without `overwrite`, a workdir without a finished run, an unknown checkpoint, no PyTorch, a
+    method that deploys W + dW (`Method.deployed_branch`, e.g. lora_at).
   """
   from autolora_jax import api  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   path = check_out(out, overwrite)
   import_torch()
   run = api.load(workdir, checkpoint)
+  if run.branch != 'adv':
+    raise ExportError(f'The run in {run.workdir} (config.method={run.config.method}) deploys W + dW, its '
+                      "model's LoRa-carrying branch, and the export writes the feature extractor without the "
+                      'LoRa update: it cannot export this run. Load it with autolora_jax.load (Run.logits) '
+                      'instead. Nothing was written.')
   spec = model_spec(run.model, run.variables, str(run.config.model.arch))
   input_shape = run.input_shape
   if input_shape is None:  # a run whose results.json does not record it: one test image tells
