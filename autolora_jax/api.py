@@ -24,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from autolora_jax import checkpoints, evaluation, experiment, sampling, workdir as workdirs
+from autolora_jax import checkpoints, evaluation, experiment, sampling
 from autolora_jax import data as datasets
+from autolora_jax import workdir as workdirs
 from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, WorkdirError
 

@@ -240,6 +240,7 @@ def set_up(compilation_cache: Optional[str] = None) -> None:
   GPU and TPU hosts, see autolora_jax/ops/host.py); the compilation cache in `compilation_cache` (None: the
   default folder; '': none)."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   from autolora_jax.ops import host  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('autolora_jax').setLevel(logging.INFO)

@@ -1,4 +1,4 @@
-"""Validation of a run's config before anything expensive starts (SPEC.md's ranges, known names); part of
+"""Validation of a run's config before anything expensive starts (docs/method.md's ranges, known names); part of
 the experiment layer (train.train_and_evaluate, evaluation.evaluate_workdir and compare call it).
 
 `validate(config)` raises `errors.ConfigError` with a one-paragraph message naming the key, the value and
@@ -11,7 +11,7 @@ from __future__ import annotations
 from autolora_jax import attacks, autoattack, corruptions, distributed, hub, methods, models, ops, sampling
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import CheckpointError, ConfigError
-from autolora_jax.value_checks import LR_SCHEDULES, check_lr_schedule, choice, in_range, positive_int
+from autolora_jax.value_checks import choice, in_range, positive_int
 
 _choice, _positive_int, _in_range = choice, positive_int, in_range
 

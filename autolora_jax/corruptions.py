@@ -663,6 +663,7 @@ def _not_prepared(name: str, severity: int, data_dir: str):
 def _array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int) -> Iterator[Dict[str, np.ndarray]]:
   """Masked evaluation batches (this process's rows) of in-memory test images, their dtype kept."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from autolora_jax.data.core import process_rows  # pylint: disable=g-import-not-at-top
   rows = process_rows(global_batch, jax.process_index(), jax.process_count())
   n = len(labels)

@@ -121,7 +121,7 @@ def initialize(d) -> bool:
         f'A multi-process run needs {", ".join(missing)}: no cluster manager was detected to provide '
         f'{"it" if len(missing) == 1 else "them"}. Set --config.distributed.coordinator_address=HOST:PORT '
         '(process 0), --config.distributed.num_processes=N and --config.distributed.process_id=I on every '
-        f'process (or the environment variables {", ".join(ENV.values())}); see README.md.')
+        f'process (or the environment variables {", ".join(ENV.values())}); see docs/running.md.')
   try:
     jax.distributed.initialize(coordinator_address=s['coordinator_address'], num_processes=s['num_processes'],
                                process_id=s['process_id'])

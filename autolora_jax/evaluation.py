@@ -26,8 +26,17 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import (autoattack, checkpoints, corruptions, eval_progress, experiment, loop, preemption,
-                          reporting, sampling)
+from autolora_jax import (
+  autoattack,
+  checkpoints,
+  corruptions,
+  eval_progress,
+  experiment,
+  loop,
+  preemption,
+  reporting,
+  sampling,
+)
 from autolora_jax.data.core import to_unit
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError, InputError, WorkdirError
 

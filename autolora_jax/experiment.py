@@ -12,7 +12,7 @@ Methods: `config.method` names a registered `methods.Method` (autolora_jax/metho
 overrides, weight decay, settings and epoch policy from it.
 
 `config.reference_compat = True` reproduces the authors' public code where it differs from the paper
-(SPEC.md, "Where the public code differs"); every item is applied here:
+(docs/method.md, "Where the public code differs"); every item is applied here:
   item 1  LoRa only in the last block of each stage, never on the shortcut   `methods.autolora`
   item 2  scalars from the training split with training augmentation,        `methods.autolora`,
           not recomputed after a reload                                      `train_split_batches`
@@ -35,8 +35,20 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from autolora_jax import (checkpoints, config_checks, convert, corruptions, distributed, loop, methods, models, ops,
-                          policy, pretrain, steps)
+from autolora_jax import (
+  checkpoints,
+  config_checks,
+  convert,
+  corruptions,
+  distributed,
+  loop,
+  methods,
+  models,
+  ops,
+  policy,
+  pretrain,
+  steps,
+)
 from autolora_jax import data as datasets
 from autolora_jax.errors import ConfigError, DataError
 

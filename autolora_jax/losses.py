@@ -1,4 +1,4 @@
-"""AutoLoRa's disentangled loss over logits (SPEC.md, "Loss, per batch"), and TWINS's two losses.
+"""AutoLoRa's disentangled loss over logits (docs/method.md, "Loss, per batch"), and TWINS's two losses.
 
     L = l1 * CE(z_nat, y) + (1 - l1) * CE(z_adv, y) + l2 * KL(p_nat || p_adv)
 
@@ -31,7 +31,7 @@ def kl_divergence(p_logits, q_logits, denominator=None):
 
 
 def autolora_loss(nat_logits, adv_logits, labels, l1, l2, kl_denominator=None):
-  """SPEC.md's loss. Returns (loss, {'ce_nat', 'ce_adv', 'kl'}).
+  """docs/method.md's loss. Returns (loss, {'ce_nat', 'ce_adv', 'kl'}).
 
   Args:
     nat_logits: logits of the natural branch on the clean batch, (N, K).

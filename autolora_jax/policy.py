@@ -1,5 +1,5 @@
 """The epoch policy: after each epoch, the next epoch's learning rate and loss scalars, whether to save or
-reload the best checkpoint, and when to stop (SPEC.md, "Automatic loss scalars", "Automatic learning rate").
+reload the best checkpoint, and when to stop (docs/method.md, "Automatic loss scalars", "Automatic learning rate").
 
 Every policy is an (init, update) pair of pure functions of numbers, in optax's shape, with one state type
 (`PolicyState`, a NamedTuple; `to_dict` / `from_dict` give its JSON form for checkpoints) and one decision
@@ -144,7 +144,7 @@ def _track_best(state: PolicyState, epoch: int, measured: dict) -> Tuple[PolicyS
 
 def auto_lr(lr0: float = 0.01, window: int = 4, rho: float = 0.75, max_epochs: int = 60,
             min_lr: float = 1e-5, condition2: str = 'paper') -> AutoLR:
-  """The validation-based learning-rate schedule of SPEC.md ("Automatic learning rate").
+  """The validation-based learning-rate schedule of docs/method.md ("Automatic learning rate").
 
   Window boundaries W = [0, window, 2 * window, ...] below max_epochs. After epoch e (1-based) with
   e - 1 == W[i], with n = W[i] - W[i-1] and `count` the rises r_{j+1} > r_j over the n epoch pairs that end
@@ -158,7 +158,7 @@ def auto_lr(lr0: float = 0.01, window: int = 4, rho: float = 0.75, max_epochs: i
 
   Args:
     condition2: 'paper' as above; 'reference' drops the "not halved at the previous boundary" clause
-      and never fires at the first boundary, as the authors' public code does (SPEC.md difference 3).
+      and never fires at the first boundary, as the authors' public code does (docs/method.md difference 3).
   """
   if condition2 not in CONDITION2:
     raise ValueError(f"condition2 must be 'paper' or 'reference', got {condition2!r}.")

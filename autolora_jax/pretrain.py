@@ -10,7 +10,7 @@
   `hf://ORG/REPO/PATH[@REVISION]`, downloaded once into huggingface_hub's cache). Its meta records the
   input normalisation the weights expect, which the fine-tuning model applies.
 * `transplant`: copies an FE's convolution, BatchNorm parameters and statistics into freshly initialised
-  fine-tuning variables; the new head and the LoRa branch keep their initialisation (SPEC.md).
+  fine-tuning variables; the new head and the LoRa branch keep their initialisation (docs/method.md).
 """
 
 from __future__ import annotations

@@ -21,9 +21,20 @@ import optax
 from jax import lax
 
 from autolora_jax import attacks, methods
-from autolora_jax.step_parts import (TrainState, accuracy, create_train_state, example_keys,  # noqa: F401
-                                     get_learning_rate, make_optimizer, route_natural, set_learning_rate,
-                                     set_loss_scalars, sgd, twin_halves, unit_images)
+from autolora_jax.step_parts import (  # noqa: F401
+  TrainState,
+  accuracy,
+  create_train_state,
+  example_keys,
+  get_learning_rate,
+  make_optimizer,
+  route_natural,
+  set_learning_rate,
+  set_loss_scalars,
+  sgd,
+  twin_halves,
+  unit_images,
+)
 
 AXIS = 'batch'
 

@@ -42,11 +42,10 @@ import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from autolora_jax import loop, steps  # noqa: E402
@@ -194,6 +193,7 @@ def loop_part(out: dict) -> None:
 
 def epoch_part(out: dict) -> None:
   import tempfile  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import checkpoints, models, reporting  # pylint: disable=g-import-not-at-top
   model = models.resnet18(200, lora_rank=8)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))

@@ -47,17 +47,17 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from absl import app, flags
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags
 
 from autolora_jax import autoattack, models, ops, steps  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
 
 try:
   import torch  # noqa: E402
+
   from benchmarks import torch_reference  # noqa: E402
 except ImportError:  # torch is optional
   torch = None

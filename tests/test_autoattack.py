@@ -12,9 +12,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import helpers
 import pytest
 
+import helpers
 from autolora_jax import attacks, autoattack, errors
 from autolora_jax.autoattack import cascade, checks, common
 from autolora_jax.autoattack.errors import AutoAttackInputError

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import helpers
 import pytest
 
+import helpers
 from autolora_jax import attacks, autoattack
 from autolora_jax.autoattack import cascade, common
 

@@ -18,6 +18,7 @@ from autolora_jax import models, steps
 
 try:
   import torch
+
   from benchmarks import torch_reference
 except ImportError:  # torch is optional: the benchmark then times ours alone
   torch = None

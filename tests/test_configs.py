@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from autolora_jax import config_checks, models
-from autolora_jax.data import sources
 from autolora_jax.configs import default
+from autolora_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]

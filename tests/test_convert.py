@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from autolora_jax import convert, experiment, models, pretrain  # noqa: E402
-from autolora_jax.errors import CheckpointError  # noqa: E402
 from autolora_jax.configs import default  # noqa: E402
+from autolora_jax.errors import CheckpointError  # noqa: E402
 from tests import torch_reference as tr  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import tiny_runs
 from autolora_jax import compare, config_checks, corruptions, reporting, sampling
 from autolora_jax import workdir as workdir_lib
 from autolora_jax.configs import default
 from autolora_jax.data.memory import ArrayDataset, load_digits, load_mnist5k
 from autolora_jax.errors import ConfigError, DataError
-
-import tiny_runs
 
 # Corruptions whose images do not depend on the seed.
 DETERMINISTIC = {'defocus_blur', 'zoom_blur', 'brightness', 'contrast', 'pixelate', 'jpeg_compression'}

@@ -10,9 +10,9 @@ from PIL import Image
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
+from autolora_jax.configs import caltech256, cifar10, cifar100, cub200, dogs, dtd  # noqa: E402
 from autolora_jax.data import create_dataset, sources, transforms  # noqa: E402
 from autolora_jax.errors import DataError  # noqa: E402
-from autolora_jax.configs import caltech256, cifar10, cifar100, cub200, dogs, dtd  # noqa: E402
 
 TFDS_CONFIGS = {'cifar10': (cifar10, 10), 'cifar100': (cifar100, 100), 'dtd': (dtd, 47),
                 'stanford_dogs': (dogs, 120), 'caltech_birds2011': (cub200, 200)}
@@ -168,7 +168,7 @@ def test_caltech256_folder(caltech_dir):
     d.close()
 
 
-# -- SPEC.md "Where the public code differs", items 4 and 7 (reference_compat) -----------------------------
+# -- docs/method.md "Where the public code differs", items 4 and 7 (reference_compat) -----------------------------
 
 def test_reference_compat_dtd_validation_is_test_and_head_57():
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
@@ -290,7 +290,7 @@ def test_cifar_train_is_a_padded_crop_and_flip():
   for seed in range(40):
     out = transforms.cifar_train(image, np.random.default_rng(seed))
     assert out.shape == (32, 32, 3)
-    windows = [padded[t:t + 32, l:l + 32] for t in range(9) for l in range(9)]
+    windows = [padded[t:t + 32, s:s + 32] for t in range(9) for s in range(9)]
     plain = any(np.array_equal(out, w) for w in windows)
     flipped = any(np.array_equal(out[:, ::-1], w) for w in windows)
     assert plain or flipped

@@ -13,10 +13,17 @@ import pytest
 from PIL import Image
 
 from autolora_jax import config_checks
-from autolora_jax.data import (check_class_selection, core, create_dataset, fashion_mnist, memory,
-                               num_classes_of, sources)
-from autolora_jax.errors import ConfigError, DataError
 from autolora_jax.configs import default, demo
+from autolora_jax.data import (
+  check_class_selection,
+  core,
+  create_dataset,
+  fashion_mnist,
+  memory,
+  num_classes_of,
+  sources,
+)
+from autolora_jax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

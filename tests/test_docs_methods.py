@@ -9,7 +9,6 @@ import pytest
 
 from autolora_jax import config_checks, evaluation, methods, reporting, train, workdir
 from autolora_jax.errors import ConfigError
-
 from tests import tiny_runs
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'methods.md')

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, sampling, train
-from autolora_jax.data.memory import ArrayDataset
-from autolora_jax import workdir as workdir_lib
-from autolora_jax.errors import ConfigError, WorkdirError
-
 import tiny_runs
+from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, sampling, train
+from autolora_jax import workdir as workdir_lib
+from autolora_jax.data.memory import ArrayDataset
+from autolora_jax.errors import ConfigError, WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -279,6 +279,23 @@ def readme_example():
 
 
 @pytest.mark.slow
+def test_the_export_docs_example_runs(finished_run, tmp_path):
+  """docs/export.md's PyTorch lines on an export of the tiny run (its folder and image shape in place of the
+  demo's): the program loads without this package and gives the model's logits."""
+  torch = pytest.importorskip('torch')
+  text = open(os.path.join(ROOT, 'docs', 'export.md')).read()
+  (block,) = re.findall(r'```python\n(.*?)```', text, re.S)
+  card = export.export(finished_run, str(tmp_path / 'exp'))
+  assert 'torch.rand(8, 3, 28, 28)' in block and "'/tmp/demo_export/model.pt'" in block
+  code = block.replace("'/tmp/demo_export/model.pt'", repr(str(tmp_path / 'exp' / 'model.pt'))).replace(
+      'torch.rand(8, 3, 28, 28)', f'torch.rand(8, {", ".join(map(str, card["input_shape"]))})')
+  namespace = {}
+  exec(compile(code, 'docs/export.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert isinstance(namespace['model'], torch.jit.ScriptModule)
+  assert tuple(namespace['logits'].shape) == (8, card['num_classes'])
+
+
+@pytest.mark.slow
 def test_readme_example_runs(finished_run, tmp_path):
   code = readme_example().replace("'/tmp/demo'", repr(finished_run)).replace("'/tmp/demo_export'",
                                                                             repr(str(tmp_path / 'exp')))

@@ -15,8 +15,8 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 huggingface_hub = pytest.importorskip('huggingface_hub')
 
 from autolora_jax import config_checks, convert, hub, pretrain  # noqa: E402
-from autolora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from autolora_jax.configs import default  # noqa: E402
+from autolora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests import torch_reference as tr  # noqa: E402
 

@@ -149,7 +149,7 @@ def test_the_wheel_carries_the_configs_and_the_train_command(tmp_path):
   shutil.copytree(os.path.join(ROOT, 'autolora_jax'), src / 'autolora_jax',
                   ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
   try:  # the environment's setuptools when it has one (no download); else pip fetches it
-    import setuptools  # pylint: disable=g-import-not-at-top,unused-import
+    import setuptools  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     isolation = ['--no-build-isolation']
   except ImportError:
     isolation = []

@@ -10,7 +10,6 @@ import pytest
 
 from autolora_jax import attacks, checkpoints, config_checks, experiment, methods, models, reporting, steps, train
 from autolora_jax.errors import ConfigError
-
 from tests import helpers, tiny_runs
 
 

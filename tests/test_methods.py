@@ -13,8 +13,8 @@ import pytest
 
 from autolora_jax import attacks, config_checks, experiment, losses, models, steps
 from autolora_jax import policy as policy_lib
-from autolora_jax.errors import ConfigError
 from autolora_jax.configs import default
+from autolora_jax.errors import ConfigError
 
 SIZE, CLASSES, N = 16, 5, 8
 

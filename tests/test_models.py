@@ -1,4 +1,4 @@
-"""The LoRa ResNet: SPEC.md's dW formula, branches, placement, convolution paths and the input resize."""
+"""The LoRa ResNet: docs/method.md's dW formula, branches, placement, convolution paths and the input resize."""
 
 import jax
 import jax.numpy as jnp

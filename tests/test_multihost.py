@@ -61,7 +61,7 @@ print('TOPOLOGY', json.dumps([jax.process_index(), jax.process_count(), jax.loca
 
 
 def _topology(stdout):
-  line = [l for l in stdout.splitlines() if l.startswith('TOPOLOGY')][-1]
+  line = [row for row in stdout.splitlines() if row.startswith('TOPOLOGY')][-1]
   return json.loads(line.split(' ', 1)[1])
 
 
@@ -130,6 +130,6 @@ def test_processes_agree_where_to_stop():
   outputs = [p.communicate(timeout=120) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  stops = [[l for l in out.splitlines() if l.startswith('STOPPED')][-1].split() for out, _ in outputs]
+  stops = [[row for row in out.splitlines() if row.startswith('STOPPED')][-1].split() for out, _ in outputs]
   assert stops[0][1] == stops[1][1]  # the same position on both
   assert 5 <= int(stops[0][1]) < 399

@@ -64,7 +64,7 @@ def test_eval_mode_in_two_processes_writes_the_one_process_results(tmp_path):
   outputs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  topologies = [json.loads([l for l in out.splitlines() if l.startswith('TOPOLOGY')][-1].split(' ', 1)[1])
+  topologies = [json.loads([row for row in out.splitlines() if row.startswith('TOPOLOGY')][-1].split(' ', 1)[1])
                 for out in [one.stdout] + [o for o, _ in outputs]]
   assert topologies == [[0, 1, 4], [0, 2, 4], [1, 2, 4]]
 

@@ -5,9 +5,8 @@ import os
 import jax
 import numpy as np
 
-from autolora_jax import experiment, models, ops, pretrain
-
 import tiny_runs
+from autolora_jax import experiment, models, ops, pretrain
 
 
 def test_cache_folder_is_shared_by_seeds_and_methods_and_changes_with_the_fe(tmp_path):

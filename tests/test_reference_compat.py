@@ -1,4 +1,4 @@
-"""config.reference_compat: each reproduced difference of SPEC.md's last section shows up where it should.
+"""config.reference_compat: each reproduced difference of docs/method.md's last section shows up where it should.
 
 Items 1, 2, 3, 5 and 6 (items 4 and 7 concern the DTD and Caltech-256 data sets). Tiny models (width-8
 ResNet-18, 16x16 inputs), short curves, batches of 6-8.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from autolora_jax import attacks, experiment, loop, losses, steps
-from autolora_jax.data.memory import ArrayDataset
 from autolora_jax.configs import default
+from autolora_jax.data.memory import ArrayDataset
 
 SIZE, CLASSES = 16, 5
 

@@ -8,7 +8,6 @@ import pytest
 
 from autolora_jax import checkpoints, reporting, train
 from autolora_jax.errors import ConfigError, WorkdirError
-
 from tests import helpers, tiny_runs
 
 TIMING_KEYS = ('train_seconds', 'images_per_second')

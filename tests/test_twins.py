@@ -16,10 +16,20 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from autolora_jax import attacks, checkpoints, config_checks, convert, experiment, models, pretrain, reporting
-from autolora_jax import steps, train
-from autolora_jax.errors import ConfigError
+from autolora_jax import (
+  attacks,
+  checkpoints,
+  config_checks,
+  convert,
+  experiment,
+  models,
+  pretrain,
+  reporting,
+  steps,
+  train,
+)
 from autolora_jax.configs import default
+from autolora_jax.errors import ConfigError
 from tests import helpers, tiny_runs
 
 CLASSES = 5
@@ -58,10 +68,10 @@ def test_twin_bn_model_is_the_plain_resnet_in_adaptive_mode():
   plain_vars = {c: traverse_util.unflatten_dict({k: a for k, a in traverse_util.flatten_dict(v[c]).items()
                                                  if not k[-1].startswith('frozen_')}) for c in v}
   x = helpers.random_batch(8)['image']
-  for train in (False, True):
-    a = twin.apply(v, x, train=train, mutable=['batch_stats'] if train else False)
-    b = plain.apply(plain_vars, x, train=train, mutable=['batch_stats'] if train else False)
-    np.testing.assert_allclose(a[0] if train else a, b[0] if train else b, rtol=0, atol=1e-6)
+  for training in (False, True):
+    a = twin.apply(v, x, train=training, mutable=['batch_stats'] if training else False)
+    b = plain.apply(plain_vars, x, train=training, mutable=['batch_stats'] if training else False)
+    np.testing.assert_allclose(a[0] if training else a, b[0] if training else b, rtol=0, atol=1e-6)
   with pytest.raises(ValueError, match="bn='frozen'"):
     plain.apply(plain_vars, x, bn='frozen')
 
@@ -190,7 +200,7 @@ def test_method_resolves_to_a_twin_model_its_policy_and_weight_decay():
 
 
 def test_dataset_configs_carry_the_scripts_defaults():
-  from autolora_jax.configs import cifar10, cifar100, cub200, dogs, demo  # pylint: disable=g-import-not-at-top
+  from autolora_jax.configs import cifar10, cifar100, cub200, demo, dogs  # pylint: disable=g-import-not-at-top
   for module in (cifar10, cifar100, demo):
     c = module.get_config()
     assert (c.twins.lam, c.twins.weight_decay, c.twins.lr) == (1.0, 1e-5, 0.003), module.__name__

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from autolora_jax import config_checks, convert, experiment, models, pretrain
-from autolora_jax.errors import CheckpointError, ConfigError
 from autolora_jax.configs import default
+from autolora_jax.errors import CheckpointError, ConfigError
 from tests import helpers, tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

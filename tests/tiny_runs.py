@@ -111,6 +111,7 @@ def cache_env(cache_dir: str) -> dict:
 def sigterm_at(epoch: int, step: int) -> None:
   """Makes this process send itself SIGTERM while train step `step` (0-based) of `epoch` runs."""
   import signal  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import loop  # pylint: disable=g-import-not-at-top
   original = loop.train_epoch
 
@@ -129,6 +130,7 @@ def sigterm_in_autoattack(checkpoint: str, batch: int) -> None:
   batches of all passes, the clean pass not counted) of the test of `checkpoint` ('best' or 'final') ends:
   the evaluation then stops after that batch."""
   import signal  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import autoattack  # pylint: disable=g-import-not-at-top
   original = autoattack.run
 
@@ -154,8 +156,10 @@ def save_autoattack_verdicts(folder: str) -> None:
   (stage, pass, start) it resumes at) and write its per-point outcome (robust, fell_to, x_adv, the points'
   indices) to folder/<checkpoint>.npz (multi-process: <checkpoint>-p<process index>.npz) when it finishes."""
   import sys  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import autoattack  # pylint: disable=g-import-not-at-top
   original = autoattack.run
 
@@ -178,6 +182,7 @@ def sigterm_during_save(epoch: int) -> None:
   Orbax (saved asynchronously: still being written); prints SAVING_AT_SIGTERM and whether it was."""
   import signal  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import checkpoints  # pylint: disable=g-import-not-at-top
   original = checkpoints.Checkpoints.save
 
@@ -193,6 +198,7 @@ def sigterm_during_save(epoch: int) -> None:
 def nan_images_at(epoch: int, step: int) -> None:
   """Makes the training batch of (epoch, step) all NaN, so that its loss is NaN."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from autolora_jax.data import memory  # pylint: disable=g-import-not-at-top
   original = memory.ArrayDataset.train_batches
 
@@ -237,6 +243,7 @@ def stopped_then_resumed(make_config, workdir: str, monkeypatch, epoch: int) -> 
   """Runs `train.train_and_evaluate(make_config(), workdir)` until epoch `epoch`'s latest checkpoint is saved,
   stops it there (an exception), runs it again to the end and returns the resumed run's results."""
   import pytest  # pylint: disable=g-import-not-at-top
+
   from autolora_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
   original_save = checkpoints.Checkpoints.save
 

@@ -5,8 +5,8 @@ autolora_jax.convert reads (robustness library, plain, prefixed, CIFAR).
 """
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,14 +13,31 @@ FAB-T, Square), 'plus', 'rand' (EOT, for randomised models) and 'custom'
 `logits_fn` (`apgd`, `apgd_ce`, `apgd_t`, `fab`, `fab_t`, `square`), for use on its own.
 """
 
-from autolora_jax.autoattack.autopgd import apgd, apgd_ce, apgd_t, step_size_checks as apgd_step_size_checks
-from autolora_jax.autoattack.cascade import (ATTACK_NORMS, ATTACKS, DEFAULTS, NORMS, VERSIONS, AutoAttackResult,
-                                             CascadeState, buckets, run, version_attacks, version_settings)
+from autolora_jax.autoattack.autopgd import apgd, apgd_ce, apgd_t
+from autolora_jax.autoattack.autopgd import step_size_checks as apgd_step_size_checks
+from autolora_jax.autoattack.cascade import (
+                                             ATTACK_NORMS,
+                                             ATTACKS,
+                                             DEFAULTS,
+                                             NORMS,
+                                             VERSIONS,
+                                             AutoAttackResult,
+                                             CascadeState,
+                                             buckets,
+                                             run,
+                                             version_attacks,
+                                             version_settings,
+)
 from autolora_jax.autoattack.checks import AutoAttackWarning
-from autolora_jax.autoattack.errors import AutoAttackInputError
 from autolora_jax.autoattack.common import project_ball, project_l1, project_l2
-from autolora_jax.autoattack.fab import (fab, fab_t, project_to_hyperplane, project_to_hyperplane_l1,
-                                         project_to_hyperplane_l2)
+from autolora_jax.autoattack.errors import AutoAttackInputError
+from autolora_jax.autoattack.fab import (
+                                             fab,
+                                             fab_t,
+                                             project_to_hyperplane,
+                                             project_to_hyperplane_l1,
+                                             project_to_hyperplane_l2,
+)
 from autolora_jax.autoattack.square_attack import side_schedule, square
 
 __all__ = ['run', 'AutoAttackResult', 'CascadeState', 'AutoAttackWarning', 'AutoAttackInputError', 'ATTACKS', 'ATTACK_NORMS',

@@ -32,7 +32,6 @@ from jax import lax
 
 from autolora_jax.autoattack import common
 
-
 NORMS = ('Linf', 'L2', 'L1')
 
 

@@ -31,18 +31,53 @@ Their names are importable from here.
 
 from autolora_jax.compare.cli import main, run_cli
 from autolora_jax.compare.paper import PAPER_DATASET_NAMES, PAPER_METHODS, PAPER_TABLE2
-from autolora_jax.compare.plan import (DEFAULT_METHODS, DEFAULT_SEEDS, METHOD_NAMES, PRETRAIN_DIR, SWEEP_L2S,
-                                       SWEEP_LRS, SWEEP_METHOD, SWEEP_SEEDS, Job, default_methods, number_label,
-                                       parse_methods, parse_seeds, parse_values, plan_comparison, plan_sweep,
-                                       run_config, sweep_label)
+from autolora_jax.compare.plan import (
+                                       DEFAULT_METHODS,
+                                       DEFAULT_SEEDS,
+                                       METHOD_NAMES,
+                                       PRETRAIN_DIR,
+                                       SWEEP_L2S,
+                                       SWEEP_LRS,
+                                       SWEEP_METHOD,
+                                       SWEEP_SEEDS,
+                                       Job,
+                                       default_methods,
+                                       number_label,
+                                       parse_methods,
+                                       parse_seeds,
+                                       parse_values,
+                                       plan_comparison,
+                                       plan_sweep,
+                                       run_config,
+                                       sweep_label,
+)
 from autolora_jax.compare.plots import plot_comparison, plot_sensitivity
-from autolora_jax.compare.runner import (Runner, check_jobs, execute, group_results, is_finished, read_results,
-                                         run_all, run_sweep)
-from autolora_jax.compare.study import (COMPARISON_FILES, SENSITIVITY_FILES, compare, write_comparison,
-                                        write_sensitivity)
-from autolora_jax.compare.summary import (CHECKPOINTS, EXTRA_METRICS, METRIC_NAMES, METRICS, STD_NOTE,
-                                          describe_config, format_pm, format_seconds, markdown, mean_std,
-                                          sensitivity_markdown, summarize, summarize_sweep)
+from autolora_jax.compare.runner import (
+                                       Runner,
+                                       check_jobs,
+                                       execute,
+                                       group_results,
+                                       is_finished,
+                                       read_results,
+                                       run_all,
+                                       run_sweep,
+)
+from autolora_jax.compare.study import COMPARISON_FILES, SENSITIVITY_FILES, compare, write_comparison, write_sensitivity
+from autolora_jax.compare.summary import (
+                                       CHECKPOINTS,
+                                       EXTRA_METRICS,
+                                       METRIC_NAMES,
+                                       METRICS,
+                                       STD_NOTE,
+                                       describe_config,
+                                       format_pm,
+                                       format_seconds,
+                                       markdown,
+                                       mean_std,
+                                       sensitivity_markdown,
+                                       summarize,
+                                       summarize_sweep,
+)
 
 __all__ = [
     'CHECKPOINTS', 'COMPARISON_FILES', 'DEFAULT_METHODS', 'DEFAULT_SEEDS', 'EXTRA_METRICS', 'Job',

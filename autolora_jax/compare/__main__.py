@@ -5,7 +5,7 @@
     python -m autolora_jax.compare --config=configs/demo.py --sweep --seeds=0 --workdir=DIR
     autolora-compare --config=demo --seeds=0 --workdir=DIR   # the installed command: configs by name
 
-See autolora_jax/compare/__init__.py and README.md, "Comparing methods and the sensitivity study".
+See autolora_jax/compare/__init__.py and docs/methods.md, "Comparing methods and the sensitivity study".
 """
 
 from autolora_jax.compare.cli import run_cli

@@ -5,13 +5,12 @@ from __future__ import annotations
 from absl import flags
 
 from autolora_jax import cli, steps
-from autolora_jax.compare.plan import (DEFAULT_METHODS, DEFAULT_SEEDS, SWEEP_L2S, SWEEP_LRS, SWEEP_SEEDS,
-                                       number_label)
+from autolora_jax.compare.plan import DEFAULT_METHODS, DEFAULT_SEEDS, SWEEP_L2S, SWEEP_LRS, SWEEP_SEEDS, number_label
 from autolora_jax.compare.study import compare
 
 MODULE = 'autolora_jax.compare'
 USAGE = ('Pass --config=NAME (a packaged config, e.g. demo; or a config file path such as configs/NAME.py) '
-         'and --workdir=DIR (and --methods=..., --seeds=..., --sweep); see README.md, "Comparing methods and '
+         'and --workdir=DIR (and --methods=..., --seeds=..., --sweep); see docs/methods.md, "Comparing methods and '
          'the sensitivity study".')
 STOPPED = ('The comparison stopped there. Running the same compare command again resumes it (finished runs are '
            'skipped, the stopped one resumes): {command}')

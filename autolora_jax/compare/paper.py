@@ -1,4 +1,4 @@
-"""The paper's Table 2 (ResNet-50 FEs; test SA / PGD-10 / AA in percent), as the project's SPEC.md gives it
+"""The paper's Table 2 (ResNet-50 FEs; test SA / PGD-10 / AA in percent), as the project's docs/method.md gives it
 (section "Reference numbers (paper, Table 2, ResNet-50; SA / PGD-10 / AA, percent)"), which comparison.md
 sets beside ours for the paper's data sets."""
 

@@ -15,7 +15,6 @@ from autolora_jax import methods, models
 from autolora_jax.errors import ConfigError
 
 
-
 class _Titles(Mapping):
   """Method name -> the name tables and plots give it, read from the methods registry when asked (so a
   method registered later has its title too)."""

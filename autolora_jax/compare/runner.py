@@ -12,8 +12,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from autolora_jax import config_checks, reporting
 from autolora_jax import workdir as workdirs
-from autolora_jax.compare.plan import (Job, parse_methods, parse_seeds, parse_values, plan_comparison,
-                                       plan_sweep)
+from autolora_jax.compare.plan import Job, parse_methods, parse_seeds, parse_values, plan_comparison, plan_sweep
 from autolora_jax.compare.summary import CHECKPOINTS, METRICS, format_seconds
 from autolora_jax.errors import ConfigError, WorkdirError
 

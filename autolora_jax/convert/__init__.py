@@ -30,15 +30,38 @@ found through `models.spec(arch).converter`), common.py (layouts and templates),
 mappings), api.py (conversion, model, LoRa factors, export state dict), storage.py (Orbax), cli.py.
 """
 
-from autolora_jax.convert.api import (FORMAT_VERSION, NORMALIZATIONS, Normalization, add_lora, build_model,
-                                      convert_file, convert_state_dict, deployed_paths, export_state_dict,
-                                      from_torch, model_config, resolve_normalization)
+from autolora_jax.convert.api import (
+                                      FORMAT_VERSION,
+                                      NORMALIZATIONS,
+                                      Normalization,
+                                      add_lora,
+                                      build_model,
+                                      convert_file,
+                                      convert_state_dict,
+                                      deployed_paths,
+                                      export_state_dict,
+                                      from_torch,
+                                      model_config,
+                                      resolve_normalization,
+)
 from autolora_jax.convert.cli import main, run_cli
-from autolora_jax.convert.common import (arch_for, converted_archs, map_weights, template, to_flax, torch_layout,
-                                         torch_shape)
+from autolora_jax.convert.common import (
+                                      arch_for,
+                                      converted_archs,
+                                      map_weights,
+                                      template,
+                                      to_flax,
+                                      torch_layout,
+                                      torch_shape,
+)
 from autolora_jax.convert.families import ARCHS, check_arch, identify, mapping, mappings
-from autolora_jax.convert.reading import (SAFETENSORS_INSTALL, TORCH_INSTALL, is_safetensors, read_state_dict,
-                                          split_state_dict)
+from autolora_jax.convert.reading import (
+                                      SAFETENSORS_INSTALL,
+                                      TORCH_INSTALL,
+                                      is_safetensors,
+                                      read_state_dict,
+                                      split_state_dict,
+)
 from autolora_jax.convert.resnet import describe as guess_arch
 from autolora_jax.convert.resnet import flax_path
 from autolora_jax.convert.storage import is_converted, load, load_any, save

@@ -179,7 +179,7 @@ def model_config(meta: dict, lora_rank: int = 8) -> ml_collections.ConfigDict:
 
 def add_lora(model, variables: dict, seed: int = 0) -> dict:
   """`variables` (FE and head) completed with the model's LoRa parameters: A ~ N(0, 1) (a ViT's by its
-  lora_init), B = 0 (SPEC.md); a ViT's position embedding resampled to the model's input size.
+  lora_init), B = 0 (docs/method.md); a ViT's position embedding resampled to the model's input size.
 
   Uses only the model's parameter shapes (no forward pass is compiled).
   """

@@ -13,7 +13,6 @@ from autolora_jax.convert.families import ARCHS
 from autolora_jax.convert.storage import save
 from autolora_jax.errors import CheckpointError
 
-
 USAGE = ('Pass --src=FILE (a PyTorch or safetensors checkpoint), --dst=DIR and --arch=ARCH; see '
          'docs/checkpoints_and_data.md, "Converting them".')
 

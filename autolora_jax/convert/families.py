@@ -23,7 +23,6 @@ from autolora_jax import models
 from autolora_jax.convert.common import converted_archs
 from autolora_jax.errors import CheckpointError
 
-
 # --arch -> (config.model.arch, stem), always current with the registered specs (`converted_archs`).
 ARCHS: Mapping[str, Tuple[str, str]] = models.ArchView(converted_archs)
 

@@ -65,7 +65,7 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarr
   if hub.is_hub_path(path):
     path = hub.resolve(path)
   if not os.path.exists(path):
-    raise CheckpointError(f'The checkpoint {path} does not exist. Download it (see README.md, "Getting the robust '
+    raise CheckpointError(f'The checkpoint {path} does not exist. Download it (see docs/checkpoints_and_data.md, "1. Getting the robust '
                           'ImageNet checkpoints") and pass its path, or leave config.pretrained empty for a random '
                           'initialisation.')
   if os.path.isdir(path):

@@ -38,7 +38,7 @@ def load(directory: str) -> Tuple[dict, dict]:
   directory = os.path.abspath(os.path.expanduser(directory))
   if not os.path.isdir(directory):
     raise CheckpointError(f'The converted checkpoint {directory} does not exist. Make it with `python -m '
-                          'autolora_jax.convert --src=FILE.ckpt --dst=DIR --arch=...` (see README.md).')
+                          'autolora_jax.convert --src=FILE.ckpt --dst=DIR --arch=...` (see docs/checkpoints_and_data.md).')
   if not is_converted(directory):
     raise CheckpointError(f'{directory} is not a converted checkpoint (no "variables" and "meta" items): make '
                           'it with `python -m autolora_jax.convert --src=FILE.ckpt --dst=DIR --arch=...`.')

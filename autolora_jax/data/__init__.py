@@ -4,7 +4,7 @@ The modules, each depending only on those above it:
 
 * `core`: the batch contract and the interface every data set serves, seeded splits and orders
   (`split_off`, `per_class_limit`, `epoch_order`, `example_rng`), per-process rows, the class checks;
-* `transforms`: SPEC.md's per-data-set preprocessing (torchvision's rules, numpy random numbers);
+* `transforms`: docs/method.md's per-data-set preprocessing (torchvision's rules, numpy random numbers);
 * `dataset`: `ImageDataset`, the batches of encoded images (deterministic order and augmentation,
   per-process rows, decoding in a thread pool);
 * `folder`: image folders: your own images (`folder`) and the scanning Caltech-256 shares;
@@ -84,7 +84,7 @@ def create_dataset(data_config, *, seed: int, process_index: int = 0, process_co
   keeps a seeded subset of at most that many examples of each class of the training pool; the validation
   split is then a seeded `val_fraction` of the training pool (never taken from test) and is evaluated with
   test-time preprocessing. A fraction of 0 leaves that split empty (e.g. for pre-training on all of a data
-  set). `reference_compat` reproduces the authors' public code's splits (SPEC.md, items 4 and 7; see
+  set). `reference_compat` reproduces the authors' public code's splits (docs/method.md, items 4 and 7; see
   data/sources.py). `threads`: an ImageDataset's decoding threads (None: dataset.default_threads()).
   Raises DataError / ConfigError, before any model is built, for an unknown data set, one
   that is not prepared or malformed, and class indices it does not have.

@@ -121,7 +121,7 @@ def read_idx_files(paths: dict) -> Arrays:
 
 def _from_tfds(data_dir: str, download: bool) -> Optional[Arrays]:
   try:
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
   spec = sources.Spec('tfds', NUM_CLASSES, style='cifar')  # decoded uint8 arrays
@@ -142,7 +142,7 @@ def not_found(data_dir: str) -> DataError:
       f'`sudo apt-get install {APT_PACKAGE}` (installs the idx files in {SYSTEM_DIR}, found without '
       f'further flags), or for TFDS `{sources.prepare_command(NAME, tfds_dir)}` (or pass '
       '--config.dataset.download=True to let the run download it) and --config.dataset.data_dir='
-      f'{tfds_dir}. See README.md, "Preparing the data sets".')
+      f'{tfds_dir}. See docs/checkpoints_and_data.md, "3. Preparing the data sets".')
 
 
 def load(data_dir: str = '', download: bool = False) -> Arrays:

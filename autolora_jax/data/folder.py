@@ -38,7 +38,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 IGNORED_FILES = ('thumbs.db', 'desktop.ini')
 PREPROCESS = ('imagenet', 'cifar')
 LAYOUT_HELP = ('Expected DIR/train/<class>/<image> with DIR/test/<class>/<image>, or DIR/<class>/<image> with '
-               '--config.dataset.test_fraction=0.2 (see README.md, "Your own images").')
+               '--config.dataset.test_fraction=0.2 (see docs/checkpoints_and_data.md, "Your own images").')
 
 
 def is_image_name(name: str) -> bool:

@@ -18,8 +18,17 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from autolora_jax.data import fashion_mnist
-from autolora_jax.data.core import (Batch, TrainTransform, check_classes, epoch_order, example_rng,
-                                    per_class_limit, process_rows, select_classes, split_off)
+from autolora_jax.data.core import (
+  Batch,
+  TrainTransform,
+  check_classes,
+  epoch_order,
+  example_rng,
+  per_class_limit,
+  process_rows,
+  select_classes,
+  split_off,
+)
 
 # The class counts of the in-memory data sets.
 NUM_CLASSES = {'mnist5k': 10, 'digits': 10, 'fashion_mnist': fashion_mnist.NUM_CLASSES}

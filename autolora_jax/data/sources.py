@@ -19,7 +19,7 @@ have, or one given twice, is a ConfigError); `train_per_class_limit` keeps a see
 many examples of each class of the training pool (core.per_class_limit); the validation split is
 then a seeded `val_fraction` (5%) of the training pool, never taken from test, and is evaluated with
 test-time preprocessing. With `reference_compat=True` the authors' public code is reproduced instead where it
-differs (SPEC.md, "Where the public code differs", items 4 and 7).
+differs (docs/method.md, "Where the public code differs", items 4 and 7).
 
 Nothing is downloaded unless config.dataset.download is True: a data set that is not prepared gives a
 `DataError` that names it, the folder looked in and the command that prepares it.
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = folder.IMAGE_EXTENSIONS
 CALTECH256_URL = 'https://data.caltech.edu/records/nyy15-4j048'
-# SPEC.md "Where the public code differs", item 7: the public code's Caltech-256 training count per class
+# docs/method.md "Where the public code differs", item 7: the public code's Caltech-256 training count per class
 # and its DTD head size.
 REFERENCE_CALTECH256_PER_CLASS = 150
 REFERENCE_DTD_HEAD = 57
@@ -93,7 +93,7 @@ def _not_prepared(name: str, data_dir: str, builder, cause: str = '') -> DataErr
       f'default).{" " + cause if cause else ""} Prepare it once on a machine with internet access: '
       f'`{prepare_command(name, data_dir)}` (or pass --config.dataset.download=True to let the run '
       f'download it), then pass --config.dataset.data_dir={data_dir} (copy the folder over if the run happens '
-      f'elsewhere).{manual_text} See README.md, "Preparing the data sets".')
+      f'elsewhere).{manual_text} See docs/checkpoints_and_data.md, "3. Preparing the data sets".')
 
 
 def _read_tfds_split(builder, split: str, style: str) -> Split:
@@ -211,7 +211,7 @@ def find_caltech256(data_dir: str) -> Tuple[str, Dict[str, list]]:
       f'{", ".join(candidates)} (config.dataset.data_dir; empty means {default_data_dir()}). Caltech-256 has no '
       f'TFDS builder: download 256_ObjectCategories.tar (1.2 GB) from {CALTECH256_URL}, extract it with '
       '`tar xf 256_ObjectCategories.tar -C DIR` and pass --config.dataset.data_dir=DIR/256_ObjectCategories '
-      '(257 class folders, 001.ak47 ... 257.clutter). See README.md, "Preparing the data sets".')
+      '(257 class folders, 001.ak47 ... 257.clutter). See docs/checkpoints_and_data.md, "3. Preparing the data sets".')
 
 
 def load_caltech256(data_dir: str) -> Tuple[str, Split, list]:
@@ -239,7 +239,7 @@ def per_class_split(counts: Sequence[int], per_class: int) -> Tuple[np.ndarray, 
 
 
 def reference_running_split(counts: Sequence[int], per_class: int) -> Tuple[np.ndarray, np.ndarray]:
-  """SPEC.md "Where the public code differs", item 7 (Caltech-256): the public code takes, from each class's
+  """docs/method.md "Where the public code differs", item 7 (Caltech-256): the public code takes, from each class's
   first position s, the images s, ..., s + per_class - 1 of the whole class-major list. Where a class has
   fewer images the range runs into the next class, whose first images then appear twice in training (the
   training list keeps the duplicates); the test split is every image no range reached.
@@ -270,7 +270,7 @@ def _train_validation(pool: Split, val_fraction: float, split_seed: int) -> Tupl
 
 def create(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
            reference_compat: bool = False, threads: Optional[int] = None) -> ImageDataset:
-  """The `ImageDataset` of `data_config.name` (one of SPECS, or 'folder'), split and preprocessed as SPEC.md
+  """The `ImageDataset` of `data_config.name` (one of SPECS, or 'folder'), split and preprocessed as docs/method.md
   says; DataError / ConfigError, before anything is decoded, for data that is missing or malformed and for
   class indices the data set does not have."""
   name = data_config.name
@@ -291,7 +291,7 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
       _, everything, counts = load_caltech256(data_dir)
       num_classes = len(counts)
       if reference_compat:
-        # SPEC.md "Where the public code differs", item 7: 150 per class by a running index.
+        # docs/method.md "Where the public code differs", item 7: 150 per class by a running index.
         train_idx, test_idx = reference_running_split(counts, REFERENCE_CALTECH256_PER_CLASS)
       else:
         train_idx, test_idx = per_class_split(counts, int(data_config.get('train_per_class', 60)))
@@ -305,13 +305,13 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
   if limit:
     pool = pool.take(core.per_class_limit(pool.labels, limit, data_config.split_seed))
   if reference_compat and name in ('dtd', 'caltech256'):
-    # SPEC.md "Where the public code differs", item 4: the "validation" split is a copy of the test split,
+    # docs/method.md "Where the public code differs", item 4: the "validation" split is a copy of the test split,
     # and the whole training pool trains.
     train, validation = pool, test
   else:
     train, validation = _train_validation(pool, data_config.val_fraction, data_config.split_seed)
   if reference_compat and name == 'dtd' and not classes:
-    # SPEC.md "Where the public code differs", item 7: the DTD head has 57 outputs for its 47 classes.
+    # docs/method.md "Where the public code differs", item 7: the DTD head has 57 outputs for its 47 classes.
     num_classes = REFERENCE_DTD_HEAD
 
   if style == 'cifar':

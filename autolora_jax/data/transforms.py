@@ -1,4 +1,4 @@
-"""SPEC.md's preprocessing, one example at a time, numpy and PIL (torchvision's rules, drawn from a numpy rng).
+"""docs/method.md's preprocessing, one example at a time, numpy and PIL (torchvision's rules, drawn from a numpy rng).
 
 * CIFAR train: zero-pad 4, random 32x32 crop, horizontal flip with p = 0.5; test: none.
 * Every other data set, train: resize the shorter side to 256 (bilinear, antialiased), random-resized crop

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
+
 import numpy as np
 
 import autolora_jax
@@ -131,8 +132,9 @@ def export(workdir: str, out: str, checkpoint: str = 'best', overwrite: bool = F
     `out` without `overwrite`, a workdir without a finished run, an unknown checkpoint, no PyTorch, a
     method that deploys W + dW (`Method.deployed_branch`, e.g. lora_at).
   """
-  from autolora_jax import api  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  from autolora_jax import api  # pylint: disable=g-import-not-at-top
   path = check_out(out, overwrite)
   import_torch()
   run = api.load(workdir, checkpoint)

@@ -9,7 +9,7 @@ from absl import flags
 from autolora_jax import cli
 
 MODULE = 'autolora_jax.export'
-USAGE = 'Pass --workdir=WORKDIR (a finished run) and --out=DIR; see README.md, "Export".'
+USAGE = 'Pass --workdir=WORKDIR (a finished run) and --out=DIR; see docs/export.md.'
 
 _FLAGS = {}
 

@@ -9,10 +9,22 @@ Each built-in method is one module here (autolora, vanilla_rft, pgd_at, twins, l
 `METHOD`; docs/methods.md describes them and how to write one.
 """
 
-from autolora_jax.methods.core import (LossContext, LossFn, Method, add_config_sections, defined_sections,
-                                       fixed_schedule_policy, get, names, optim_weight_decay, register,
-                                       registered, unread_sections, unregister)
 from autolora_jax.methods import autolora, lora_at, pgd_at, twins, vanilla_rft
+from autolora_jax.methods.core import (
+  LossContext,
+  LossFn,
+  Method,
+  add_config_sections,
+  defined_sections,
+  fixed_schedule_policy,
+  get,
+  names,
+  optim_weight_decay,
+  register,
+  registered,
+  unread_sections,
+  unregister,
+)
 
 for _module in (autolora, vanilla_rft, pgd_at, twins, lora_at):
   register(_module.METHOD)

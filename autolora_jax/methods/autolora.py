@@ -1,4 +1,4 @@
-"""AutoLoRa (Xu et al., ICLR 2024; SPEC.md): the natural objective through the LoRa branch, the adversarial
+"""AutoLoRa (Xu et al., ICLR 2024; docs/method.md): the natural objective through the LoRa branch, the adversarial
 one through the FE, with the automatic learning rate and loss scalars.
 
 Loss per batch: l1 * CE(z_nat) + (1 - l1) * CE(z_adv) + l2 * KL(p_nat || p_adv), z_nat the natural branch
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from autolora_jax import value_checks as checks
 from autolora_jax import losses, policy
 from autolora_jax import step_parts as steps
+from autolora_jax import value_checks as checks
 from autolora_jax.errors import ConfigError
 from autolora_jax.methods import core
 
@@ -42,7 +42,7 @@ make_loss = two_branch_loss(steps.route_natural, 'nat')
 
 def defaults():
   """config.auto_lr (the automatic learning rate, from the validation robust accuracy) and
-  config.auto_scalars (l1, l2 from the natural branch's accuracy); SPEC.md's values."""
+  config.auto_scalars (l1, l2 from the natural branch's accuracy); docs/method.md's values."""
   auto_lr = ml_collections.ConfigDict()
   auto_lr.lr0 = 0.01  # also every method's optimizer's learning rate before its policy sets the first
   auto_lr.window = 4

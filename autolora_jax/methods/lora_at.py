@@ -3,7 +3,7 @@ parameter-efficient robust fine-tuning baseline of the robust-PEFT literature (a
 LoRA adapters on a frozen robust backbone).
 
 * **Model**: the FE with the LoRa branch of `config.model` (rank, placement); the trained and deployed model
-  is branch 'nat', every LoRa-carrying layer computing with W + dW (dW = B A * alpha / rank, SPEC.md).
+  is branch 'nat', every LoRa-carrying layer computing with W + dW (dW = B A * alpha / rank, docs/method.md).
 * **Loss**: CE(z, y), z the W + dW model (BatchNorm in training mode) on x_adv; x_adv is PGD against the
   same W + dW model in evaluation mode (random start, config.attack), so the attack targets the model being
   trained. Validation, test, AutoAttack and `autolora_jax.load` evaluate W + dW too.
@@ -23,9 +23,9 @@ import jax
 import ml_collections
 import optax
 
-from autolora_jax import value_checks as checks
 from autolora_jax import losses, models
 from autolora_jax import step_parts as steps
+from autolora_jax import value_checks as checks
 from autolora_jax.errors import ConfigError
 from autolora_jax.methods import core
 

@@ -9,9 +9,9 @@ from typing import NamedTuple
 
 import ml_collections
 
-from autolora_jax import value_checks as checks
 from autolora_jax import losses
 from autolora_jax import step_parts as steps
+from autolora_jax import value_checks as checks
 from autolora_jax.errors import ConfigError
 from autolora_jax.methods import core
 

@@ -1,4 +1,4 @@
-"""Vanilla RFT (SPEC.md, "Vanilla RFT"): AutoLoRa's loss with the natural logits from the FE itself (no LoRa
+"""Vanilla RFT (docs/method.md, "Vanilla RFT"): AutoLoRa's loss with the natural logits from the FE itself (no LoRa
 parameters), fixed l1, l2 and learning-rate schedule from config.fixed."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import ml_collections
 from autolora_jax import value_checks as checks
 from autolora_jax.errors import ConfigError
 from autolora_jax.methods import autolora, core
-
 
 # AutoLoRa's loss with z_nat the FE itself on x (first), z_adv the FE on x_adv.
 make_loss = autolora.two_branch_loss(lambda params: params, 'adv')

@@ -12,15 +12,42 @@ import pkgutil as _pkgutil
 
 from autolora_jax.models.archs import ArchSpec, ArchView, arch_names, collect, register, spec, specs, unregister
 from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm, frozen_twin_source
+from autolora_jax.models.factory import ARCHITECTURES, create_model, is_vit
 from autolora_jax.models.groups import lora_params_count, param_group, param_groups
 from autolora_jax.models.lora import ConvFn, LoRaConv, kaiming_normal_fan_out, lora_delta, native_conv2d
-from autolora_jax.models.vit import (LORA_INITS, LORA_TARGETS, VIT_SIZES, VIT_STEMS, VITS, LoRaDense, ViT,
-                                     dense_lora_delta, fit_pretrained, lora_a_init, resample_pos_embed, vit_b16,
-                                     vit_s16, vit_size)
-from autolora_jax.models.factory import ARCHITECTURES, create_model, is_vit
-from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, LORA_PLACEMENTS,
-                                        PRECISIONS, RESNETS, STEMS, BasicBlock, Bottleneck, PoolFn, ResNet,
-                                        native_max_pool, resnet18, resnet50, torch_nearest_resize)
+from autolora_jax.models.resnet import (
+                                     BRANCHES,
+                                     IMAGENET_MEAN,
+                                     IMAGENET_STD,
+                                     LORA_PLACEMENTS,
+                                     PRECISIONS,
+                                     RESNETS,
+                                     STEMS,
+                                     BasicBlock,
+                                     Bottleneck,
+                                     PoolFn,
+                                     ResNet,
+                                     native_max_pool,
+                                     resnet18,
+                                     resnet50,
+                                     torch_nearest_resize,
+)
+from autolora_jax.models.vit import (
+                                     LORA_INITS,
+                                     LORA_TARGETS,
+                                     VIT_SIZES,
+                                     VIT_STEMS,
+                                     VITS,
+                                     LoRaDense,
+                                     ViT,
+                                     dense_lora_delta,
+                                     fit_pretrained,
+                                     lora_a_init,
+                                     resample_pos_embed,
+                                     vit_b16,
+                                     vit_s16,
+                                     vit_size,
+)
 
 collect(_importlib.import_module(f'{__name__}.{m.name}') for m in _pkgutil.iter_modules(__path__))
 

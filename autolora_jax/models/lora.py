@@ -32,7 +32,7 @@ def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
 
 
 def lora_delta(lora_a, lora_b, kernel_shape, scale):
-  """dW in Flax's HWIO layout, computed in PyTorch's order as SPEC.md defines it.
+  """dW in Flax's HWIO layout, computed in PyTorch's order as docs/method.md defines it.
 
   Args:
     lora_a: (rank * k, C_in * k).

@@ -41,8 +41,14 @@ from autolora_jax.errors import ConfigError
 from autolora_jax.models.archs import ArchSpec
 from autolora_jax.models.batchnorm import TWIN_MODES
 from autolora_jax.models.lora import ConvFn, native_conv2d
-from autolora_jax.models.resnet import (BRANCHES, IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, torch_linear_uniform,
-                                        torch_nearest_resize)
+from autolora_jax.models.resnet import (
+  BRANCHES,
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  PRECISIONS,
+  torch_linear_uniform,
+  torch_nearest_resize,
+)
 
 PATCH_SIZE = 16
 # (embedding width, blocks, heads) of timm's vit_small_patch16_224 and vit_base_patch16_224.
@@ -56,7 +62,7 @@ LAYER_NORM_EPS = 1e-6
 
 
 def lora_a_init(name: str):
-  """The init of a LoRa A of shape (rank, fan_in): 'normal' N(0, 1) (SPEC.md, the authors' conv branch) or
+  """The init of a LoRa A of shape (rank, fan_in): 'normal' N(0, 1) (docs/method.md, the authors' conv branch) or
   'kaiming_uniform' U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's kaiming_uniform_(a=sqrt(5)), common in LoRA)."""
   if name == 'normal':
     return nn.initializers.normal(1.0)

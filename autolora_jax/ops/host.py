@@ -15,7 +15,7 @@ unmaps as soon as they are wholly free, whatever the trim threshold; so all thre
 `set_xla_cpu_flags` runs convolutions on XLA's own CPU kernels instead of the YNNPACK library that jaxlib
 0.10 sends them to by default (matrix products stay with YNNPACK). On a 2-core AVX2 machine, batch 32: a
 56 x 56 x 64 3 x 3 convolution 96 -> 50 ms, the ResNet-18 stem 99 -> 75 ms, a 7 x 7 x 512 one 60 -> 46 ms
-(see README, Benchmarks). Turning YNNPACK off for matrix products as well made no difference to the step.
+(see docs/benchmarks.md). Turning YNNPACK off for matrix products as well made no difference to the step.
 
 Both settings are for runs whose computations are on the CPU: on GPU and TPU hosts they change nothing
 (`cpu_backend_expected` decides without starting a JAX backend, so that the XLA flags can still take
