@@ -47,6 +47,9 @@ def get_config():
   default.twins_cifar(config)
   config.twins.epochs = 6
   config.twins.boundaries = (3, 5)
+  # LoRa-AT (--config.method=lora_at): the same 6 epochs and boundaries.
+  config.lora_at.epochs = 6
+  config.lora_at.boundaries = (3, 5)
   config.batch_size = 64
 
   # AutoAttack at the end, kept short: the fast version (APGD-CE, APGD-T) on 200 test points (a sample with

@@ -51,6 +51,9 @@ def get_config():
   default.twins_cifar(config)
   config.twins.epochs = 8
   config.twins.boundaries = (4, 6)
+  # LoRa-AT (--methods=...,lora_at): the baselines' 8 epochs and boundaries.
+  config.lora_at.epochs = 8
+  config.lora_at.boundaries = (4, 6)
   config.batch_size = 64
 
   # AutoAttack: the fast version (APGD-CE, APGD-T) on 200 test points (a class-stratified sample).
