@@ -4,7 +4,12 @@
 subpackages hold the rest (models, autoattack, convert, export, ...).
 """
 
-__version__ = "0.3.0"
+from importlib import metadata as _metadata
+
+try:  # the one version number is the package's (pyproject.toml)
+  __version__ = _metadata.version('autolora-jax')
+except _metadata.PackageNotFoundError:  # a source tree used without installing it
+  __version__ = '0+unknown'
 
 
 def load(workdir: str, checkpoint: str = 'best'):

@@ -15,7 +15,6 @@ from the workdir (config.json, the checkpoint and its metadata, results.json).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -107,19 +106,18 @@ class Run:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (workdir/config.json), keys added since then at their old values."""
+  """The config a run was trained with (workdir/config.json), in the current format (`compat.upgrade_config`:
+  keys added since then at their old values)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise WorkdirError(f'{workdir} has no config.json: it is not the workdir of a training run (pass the '
                        'folder given as --workdir to run.py or autolora-train).')
-  with open(path) as f:
-    data = json.load(f)
-  for dotted, value in workdirs.ADDED_KEYS.items():
-    *parents, leaf = dotted.split('.')
-    node = data
-    for p in parents:
-      node = node.setdefault(p, {})
-    node.setdefault(leaf, value)
+  try:
+    data = workdirs.read_config_file(path)
+  except (OSError, ValueError) as e:
+    if isinstance(e, WorkdirError):
+      raise
+    raise WorkdirError(f'{path} cannot be read ({e}): it is not the config.json of a training run.') from None
   return ml_collections.ConfigDict(data)
 
 

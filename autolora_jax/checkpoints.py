@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import jax_utils
 
-from autolora_jax import distributed
+from autolora_jax import compat, distributed
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Checkpoints:
     if step in manager.all_steps():  # e.g. re-saving 'latest' at the same step after a best reload
       manager.delete(step)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
+                                               meta=ocp.args.JsonSave(compat.stamp(meta))))
 
   def restore(self, which: str, template: Any, step: Optional[int] = None, *,
               if_lost: Optional[str] = None) -> Optional[Tuple[Any, dict]]:
@@ -216,12 +216,13 @@ class Checkpoints:
       if template is not None:
         verify_item(os.path.join(self.folder(which, step), 'state'))
       restored = self.managers[which].restore(step, args=ocp.args.Composite(**items))
+    meta = compat.upgrade_checkpoint_meta(restored['meta'], self.folder(which, step))
     if template is None:
-      return None, dict(restored['meta'])
+      return None, meta
     if template is AS_SAVED:
-      return jax.tree_util.tree_map(np.asarray, restored['state']), dict(restored['meta'])
+      return jax.tree_util.tree_map(np.asarray, restored['state']), meta
     _check_shapes(self.folder(which, step), template, restored['state'])
-    return restored['state'], dict(restored['meta'])
+    return restored['state'], meta
 
   def _meta_or_none(self, which: str, step: int) -> Optional[dict]:
     try:

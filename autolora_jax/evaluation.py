@@ -271,7 +271,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     try:  # the newest checkpoint only, and nothing moved aside (that is for --mode=train)
       meta = ckpts.restore_meta('latest', step=newest) if newest is not None else None
       normalization = experiment.normalization_of(meta)
-      # Checkpoints of earlier versions do not record the normalisation: read the pre-trained file for it.
+      # A checkpoint without the normalisation (format version 1, see compat): the pre-trained file's.
       exp = experiment.Experiment(config, path, normalization=normalization, load_fe=normalization is None)
       restored = ckpts.restore('latest', exp.template(), step=newest) if newest is not None else None
     except DamagedCheckpointError as e:  # not a mismatch: the files cannot be read

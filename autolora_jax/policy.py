@@ -111,16 +111,8 @@ def to_dict(state: PolicyState) -> dict:
 
 
 def from_dict(d: dict) -> PolicyState:
-  """The inverse of `to_dict`; also reads the state that checkpoints of earlier versions hold (the automatic
-  learning rate's fields nested under 'auto')."""
+  """The inverse of `to_dict` (checkpoints of other versions: `compat.upgrade_checkpoint_meta` first)."""
   d = dict(d)
-  auto = d.pop('auto', None) or {}
-  for old, new in (('best_at_checkpoint', 'best_at_window'), ('halved_at_checkpoint', 'halved_at_window')):
-    if old in auto:
-      d[new] = auto[old]
-  for key in ('history', 'window_index'):
-    if key in auto:
-      d[key] = auto[key]
   d['history'] = tuple(float(r) for r in d.get('history', ()))
   d['best_nat_acc'] = math.nan if d.get('best_nat_acc') is None else float(d['best_nat_acc'])
   return PolicyState(**d)

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import jax
 
-from autolora_jax import distributed
+from autolora_jax import compat, distributed
 from autolora_jax.errors import WorkdirError
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,21 @@ RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.j
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
 IGNORED_KEYS = ('progress', 'tensorboard', 'distributed', 'host', 'pretrain.cache_dir')
-# Keys added later whose value here is what every run computed before they existed: a run whose
-# config.json lacks them resumes when they have this value.
-ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.norm': 'auto', 'autoattack.eps': 0.0,
-              'autoattack.attacks': [], 'model.lora_targets': ['q', 'k', 'v', 'proj', 'fc1', 'fc2'],
-              'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0,
-              'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
-              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
 
 
 def config_dict(config) -> dict:
   """The config as plain JSON data (tuples as lists), as config.json holds it."""
   return json.loads(config.to_json_best_effort())
+
+
+def read_config_file(path: str) -> dict:
+  """A workdir's config.json as plain JSON data in the current format (`compat.upgrade_config`); OSError or
+  ValueError when it cannot be read, WorkdirError when a newer version wrote it."""
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict):
+    raise ValueError('it holds no JSON object')
+  return compat.upgrade_config(data, path)
 
 
 def _flatten(tree, prefix=''):
@@ -66,8 +69,8 @@ def config_differences(old: dict, new: dict) -> List[str]:
 
   Not counted: IGNORED_KEYS; the keys of a method's own config section (`Method.sections`, e.g. config.twins)
   that the old run lacks and the new run's method does not read (a run of another method that began before
-  the section existed resumes, and a finished one is recognised by the comparison); ADDED_KEYS the old run
-  lacks, at their value.
+  the section existed resumes, and a finished one is recognised by the comparison). `old` as
+  `read_config_file` gives it (upgraded to the current format).
   """
   from autolora_jax import methods  # pylint: disable=g-import-not-at-top (imports jax programs; only here)
   a, b = _flatten(old), _flatten(new)
@@ -77,8 +80,6 @@ def config_differences(old: dict, new: dict) -> List[str]:
     if any(key == k or key.startswith(k + '.') for k in IGNORED_KEYS):
       continue
     if key not in a and any(key.startswith(s + '.') for s in unread):
-      continue
-    if key not in a and key in ADDED_KEYS and b.get(key) == ADDED_KEYS[key]:
       continue
     if a.get(key, '<absent>') != b.get(key, '<absent>'):
       out.append(f'{key}: {a.get(key, "<absent>")!r} -> {b.get(key, "<absent>")!r}')
@@ -178,9 +179,9 @@ def claim(workdir: Optional[str], config, overwrite: bool = False) -> Workdir:
   config_path = os.path.join(path, CONFIG_FILE)
   if os.path.exists(config_path):
     try:
-      with open(config_path) as f:
-        old = json.load(f)
-      differences = config_differences(old, new)
+      differences = config_differences(read_config_file(config_path), new)
+    except WorkdirError:  # written by a newer version
+      raise
     except (OSError, ValueError) as e:
       differences = [f'{CONFIG_FILE} cannot be read ({e})']
   elif before & set(RUN_FILES):
@@ -206,7 +207,8 @@ def claim(workdir: Optional[str], config, overwrite: bool = False) -> Workdir:
   if is_chief and (differences or not os.path.exists(config_path)):
     tmp = config_path + '.tmp'
     with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
+      json.dump(compat.stamp(new), f, indent=2)
+      f.write('\n')
     os.replace(tmp, config_path)
   distributed.barrier('workdir claimed')
   return Workdir(path, created_root, before, moved_to, created_replaced, is_chief)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from autolora_jax import checkpoints, evaluation, experiment, pretrain, train
+from autolora_jax import checkpoints, compat, evaluation, experiment, pretrain, train
 from autolora_jax.errors import CheckpointError, DamagedCheckpointError
 
 
@@ -180,7 +180,7 @@ def test_damaged_meta_falls_back_and_best_lost_says_what_happens_instead(tmp_pat
   meta_file = os.path.join(tmp_path, 'checkpoints', 'latest', '6', 'meta', 'metadata')
   os.truncate(meta_file, os.path.getsize(meta_file) // 2)
   with caplog.at_level(logging.WARNING):
-    assert ckpts.restore_meta('latest') == {'epoch': 1, 'done': False}
+    assert ckpts.restore_meta('latest') == {'epoch': 1, 'done': False, 'format_version': compat.FORMAT_VERSION}
   (message,) = _warnings(caplog)
   assert 'latest/6 cannot be read (JSONDecodeError: ' in message and 'damaged/latest-6' in message
   assert ckpts.managers['latest'].all_steps() == [3]

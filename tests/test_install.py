@@ -2,6 +2,7 @@
 point (autolora_jax/main.py) from a folder outside the checkout, and a wheel that carries both."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,12 @@ def test_the_wheel_carries_the_configs_and_the_train_command(tmp_path):
     text = z.read(entry_points).decode()
   assert 'autolora-train = autolora_jax.main:run' in text
   assert 'autolora-compare = autolora_jax.compare:run_cli' in text
+
+
+def test_one_version_number_read_from_the_package_metadata():
+  import autolora_jax  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(ROOT, 'pyproject.toml')) as f:
+    declared = re.search(r'^version = "(.+)"$', f.read(), re.M).group(1)
+  assert autolora_jax.__version__ == declared
+  with open(os.path.join(ROOT, 'CITATION.cff')) as f:
+    assert f'version: "{declared}"' in f.read()

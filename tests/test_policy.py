@@ -119,21 +119,6 @@ def test_update_rejects_out_of_order_epochs():
     sched.update(sched.init(), 2, 0.5)
 
 
-def test_state_of_earlier_checkpoints_is_read():
-  """A 'latest' checkpoint written before the policy became one module resumes the same run."""
-  old = {'lr': 0.005, 'l1': 0.2, 'l2': 4.8, 'best': 0.5, 'best_epoch': 2, 'best_nat_acc': 0.8,
-         'auto': {'lr': 0.005, 'history': [0.3, 0.5, 0.4, 0.45, 0.44], 'best': 0.5, 'best_epoch': 2,
-                  'window_index': 2, 'best_at_checkpoint': 0.5, 'halved_at_checkpoint': True}}
-  state = policy.from_dict(old)
-  assert state == policy.PolicyState(lr=0.005, l1=0.2, l2=4.8, history=(0.3, 0.5, 0.4, 0.45, 0.44), best=0.5,
-                                     best_epoch=2, best_nat_acc=0.8, window_index=2, best_at_window=0.5,
-                                     halved_at_window=True)
-  sched = policy.auto_lr()
-  fresh = sched.init()
-  for epoch, r in enumerate([0.3, 0.5, 0.4, 0.45, 0.44], start=1):
-    fresh, _ = sched.update(fresh, epoch, r)
-  assert fresh._replace(l1=0.2, l2=4.8, best_nat_acc=0.8) == state  # the curve that led there
-
 
 def test_autolora_and_fixed_policies_share_one_state_and_decision_type():
   auto = policy.autolora_policy(policy.auto_lr(lr0=0.01))

@@ -57,9 +57,9 @@ def check_jobs(jobs: Sequence[Job]) -> None:
     if not os.path.exists(path):
       continue
     try:
-      with open(path) as f:
-        old = json.load(f)
-      differences = workdirs.config_differences(old, workdirs.config_dict(job.config))
+      differences = workdirs.config_differences(workdirs.read_config_file(path), workdirs.config_dict(job.config))
+    except WorkdirError:  # written by a newer version
+      raise
     except (OSError, ValueError) as e:
       differences = [f'{workdirs.CONFIG_FILE} cannot be read ({e})']
     if differences:
