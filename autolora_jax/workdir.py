@@ -31,7 +31,7 @@ CONFIG_FILE = 'config.json'
 REPLACED_DIR = 'replaced'
 # What a run writes into its workdir; another run's copies of these are moved aside by --overwrite.
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.json', 'curves.png',
-             'tensorboard', 'eval_state', 'corruptions.png')
+             'tensorboard', 'eval_state', 'corruptions.png', 'lr0_probe.json')
 # Keys that do not change what a run computes: they may differ between a run and its resumption (a key
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.
@@ -42,7 +42,8 @@ ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.n
               'autoattack.attacks': [], 'model.lora_targets': ['q', 'k', 'v', 'proj', 'fc1', 'fc2'],
               'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0,
               'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
-              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
+              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto',
+              'auto_lr.lr0_candidates': [0.003, 0.01, 0.03, 0.1], 'auto_lr.probe_steps': 0}
 
 
 def config_dict(config) -> dict:
