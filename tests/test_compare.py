@@ -147,7 +147,7 @@ def test_sweep_writes_the_grid_beside_autolora(compared):
                      f'--workdir={workdir}'])
   assert p.returncode == 0, p.stderr[-3000:]
   assert '[3/4] autolora/seed0: skipped' in p.stderr  # the comparison's run (lr0 0.01), reused
-  assert '[4/4] autolora_lr00.03/seed0: started' in p.stderr
+  assert '[4/4] autolora_lr0_0.03/seed0: started' in p.stderr
   with open(os.path.join(workdir, 'sensitivity.json')) as f:
     sweep = json.load(f)
   assert [(g['lr'], g['l2']) for g in sweep['grid']] == [(0.003, 6.0), (0.03, 6.0)]
@@ -164,7 +164,7 @@ def test_sweep_writes_the_grid_beside_autolora(compared):
   assert '| lr \\ l2 | 6 |' in md and '| 0.003 |' in md and 'AutoLoRa' in md
   assert [r['lr0'] for r in sweep['autolora_lr0']] == [0.01, 0.03]
   assert sweep['autolora_lr0'][0]['best']['pgd10']['mean'] == autolora['best']['test']['pgd10']
-  with open(os.path.join(workdir, 'sweep', 'autolora_lr00.03', 'seed0', 'config.json')) as f:
+  with open(os.path.join(workdir, 'sweep', 'autolora_lr0_0.03', 'seed0', 'config.json')) as f:
     assert json.load(f)['auto_lr']['lr0'] == 0.03
   assert '| lr0 | 0.01 | 0.03 |' in md
 
@@ -247,7 +247,7 @@ def test_sweep_and_methods_together_share_the_autolora_runs(tmp_path):
   # AutoLoRa over SWEEP_LR0S too: its 0.01 is the comparison's run, the other three run in sweep/.
   assert [c[:2] for c in calls] == [('autolora', 0), ('pgd_at', 0), ('vanilla_rft', 0), ('vanilla_rft', 0)] + [
       ('autolora', 0)] * 3
-  assert sorted(os.listdir(tmp_path / 'sweep')) == ['autolora_lr00.003', 'autolora_lr00.03', 'autolora_lr00.1',
+  assert sorted(os.listdir(tmp_path / 'sweep')) == ['autolora_lr0_0.003', 'autolora_lr0_0.03', 'autolora_lr0_0.1',
                                                      'lr0.001_l20', 'lr0.03_l20']
   grid = out['sensitivity']['grid']
   assert [(g['lr'], g['l2'], g['best']['pgd10']['mean']) for g in grid] == [(0.001, 0.0, 0.001),
@@ -281,7 +281,7 @@ def test_the_sweep_runs_autolora_over_lr0_beside_the_grid(tmp_path):
   assert [c[:2] for c in calls] == [('autolora', 0), ('vanilla_rft', 0)] + [('vanilla_rft', 0)] * 3 + [('autolora', 0)]
   sweep = out['sensitivity']
   assert [(r['lr0'], r['label'], r['best']['pgd10']['mean']) for r in sweep['autolora_lr0']] == [
-      (0.01, 'autolora_lr00.01', 0.01), (0.1, 'autolora_lr00.1', 0.1)]
+      (0.01, 'autolora_lr0_0.01', 0.01), (0.1, 'autolora_lr0_0.1', 0.1)]
   with open(tmp_path / 'sensitivity.json') as f:
     assert json.load(f)['autolora_lr0'] == json.loads(json.dumps(sweep['autolora_lr0']))
   md = (tmp_path / 'sensitivity.md').read_text()

@@ -13,7 +13,7 @@ on its learning rate and KL weight, and AutoLoRa on the one number it starts fro
 What: every (method, seed) is an ordinary run (`train.train_and_evaluate`) of a copy of the config with
 `config.method` and `config.seed` set, in its own workdir DIR/<method>/seed<k>; the sweep's vanilla RFT runs
 (`config.fixed.lr`, `config.fixed.l2`) live in DIR/sweep/lr<lr>_l2<l2>/seed<k>, its AutoLoRa runs over
-`config.auto_lr.lr0` in DIR/sweep/autolora_lr0<lr0>/seed<k> (the config's own lr0: the comparison's
+`config.auto_lr.lr0` in DIR/sweep/autolora_lr0_<lr0>/seed<k> (the config's own lr0: the comparison's
 DIR/autolora/seed<k>). All of them share `config.pretrain.cache_dir = DIR/pretrain`, so every
 method and seed starts from the same pre-trained FE. A run whose results.json holds its test numbers is
 skipped (its numbers are read); an unfinished one resumes, since calling `train_and_evaluate` on its

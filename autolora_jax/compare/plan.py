@@ -182,11 +182,11 @@ def plan_sweep(config, lrs: Sequence[float], l2s: Sequence[float], seeds: Sequen
 
 
 def lr0_label(lr0: float) -> str:
-  return f'{AUTO_METHOD}_lr0{number_label(lr0)}'
+  return f'{AUTO_METHOD}_lr0_{number_label(lr0)}'
 
 
 def plan_lr0_sweep(config, lr0s: Sequence[float], seeds: Sequence[int], workdir: str) -> List[Job]:
-  """The sweep's AUTO_METHOD runs over its initial learning rate: DIR/sweep/autolora_lr0<lr0>/seed<k>; the lr0
+  """The sweep's AUTO_METHOD runs over its initial learning rate: DIR/sweep/autolora_lr0_<lr0>/seed<k>; the lr0
   of `config` itself (a number) is the comparison's run, DIR/autolora/seed<k> (group AUTO_METHOD), not run
   twice."""
   root = os.path.abspath(workdir)
