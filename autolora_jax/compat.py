@@ -13,6 +13,9 @@ Version 1 to 2:
   best_at_checkpoint and halved_at_checkpoint; the input normalisation may be missing (`--mode=eval` then
   takes it from the run's pre-trained checkpoint).
 
+Version 2 to 3:
+* config.json: the automatic initial learning rate's keys (`V2_CONFIG_DEFAULTS`; lr0 itself is unchanged).
+
 The converted checkpoints (`autolora_jax.convert`), the exported models (`autolora_jax.export`) and
 AutoAttack's resumable state (`autolora_jax.eval_progress`) carry format versions of their own.
 """
@@ -24,7 +27,7 @@ from typing import Any, Dict, Mapping
 
 from autolora_jax.errors import CheckpointError, WorkdirError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KEY = 'format_version'
 
 # Config keys that version-1 runs may lack, at the value every run computed before the key existed.
@@ -34,6 +37,9 @@ V1_CONFIG_DEFAULTS: Dict[str, Any] = {
     'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0,
     'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
     'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
+
+# Config keys that version-2 runs lack (the lr0 probe's), at the value every such run computed.
+V2_CONFIG_DEFAULTS: Dict[str, Any] = {'auto_lr.lr0_candidates': [0.003, 0.01, 0.03, 0.1], 'auto_lr.probe_steps': 0}
 
 _UPGRADE = ('Upgrade autolora-jax (pip install -U autolora-jax) to read it, or use another folder for this '
             'version\'s runs.')
@@ -55,6 +61,17 @@ def _check_known(version: int, what: str, error) -> None:
                 f'{FORMAT_VERSION}). {_UPGRADE}')
 
 
+def _set_defaults(data: dict, defaults: Mapping[str, Any]) -> None:
+  """Sets each dotted key of `defaults` that `data` lacks (nested dicts) to a copy of its value."""
+  for dotted, value in defaults.items():
+    *parents, leaf = dotted.split('.')
+    node = data
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    if isinstance(node, dict):
+      node.setdefault(leaf, copy.deepcopy(value))
+
+
 def upgrade_config(data: Mapping[str, Any], source: str = 'config.json') -> dict:
   """A workdir's config.json data as the current version writes it, without the version key.
 
@@ -65,13 +82,9 @@ def upgrade_config(data: Mapping[str, Any], source: str = 'config.json') -> dict
   data.pop(KEY, None)
   _check_known(version, source, WorkdirError)
   if version < 2:
-    for dotted, value in V1_CONFIG_DEFAULTS.items():
-      *parents, leaf = dotted.split('.')
-      node = data
-      for parent in parents:
-        node = node.setdefault(parent, {})
-      if isinstance(node, dict):
-        node.setdefault(leaf, copy.deepcopy(value))
+    _set_defaults(data, V1_CONFIG_DEFAULTS)
+  if version < 3:
+    _set_defaults(data, V2_CONFIG_DEFAULTS)
   return data
 
 
@@ -83,7 +96,7 @@ def upgrade_checkpoint_meta(meta: Mapping[str, Any], source: str = 'the checkpoi
   meta = copy.deepcopy(dict(meta))
   version = version_of(meta)
   _check_known(version, source, CheckpointError)
-  if version < 2 and isinstance(meta.get('policy'), dict):
+  if version < 2 and isinstance(meta.get('policy'), dict):  # 2 -> 3 changed nothing here
     policy = meta['policy']
     auto = policy.pop('auto', None) or {}
     for old, new in (('best_at_checkpoint', 'best_at_window'), ('halved_at_checkpoint', 'halved_at_window'),

@@ -46,6 +46,7 @@ def validate(config) -> None:
     raise ConfigError(f'config.model.lora_rank must be an integer >= 0 (0: no LoRa branch), got '
                       f'{m.lora_rank!r}; the paper uses 8.')
   method.check(config)  # what the method needs of the model, e.g. AutoLoRa's LoRa rank
+  check_auto_lr0(config, method)
   if (m.mean is None) != (m.std is None) or (m.mean is not None and (len(m.mean) != 3 or len(m.std) != 3
                                                                      or min(m.std) <= 0)):
     raise ConfigError(f'config.model.mean and config.model.std must both be None or both 3 values with '
@@ -109,6 +110,21 @@ def validate(config) -> None:
   corruptions.check_config(config)  # config.eval's common corruptions
   check_host(config.host)
   distributed.check(config.distributed)
+
+
+def check_auto_lr0(config, method) -> None:
+  """config.auto_lr.lr0='auto' (the probe that picks the initial learning rate) only for a method whose policy
+  starts at config.auto_lr.lr0 (`Method.auto_lr0`: AutoLoRa's automatic schedule)."""
+  lr0 = config.auto_lr.lr0 if 'auto_lr' in config else None
+  if not (isinstance(lr0, str) and lr0.strip().lower() == 'auto') or method.auto_lr0:
+    return
+  auto = [m.name for m in methods.registered() if m.auto_lr0]
+  raise ConfigError(
+      f"config.auto_lr.lr0='auto' lets a short probe pick the initial learning rate of an automatic schedule, and "
+      f'{method.title} (config.method={method.name}) has none: its learning rate is a fixed schedule of its own '
+      f'config section{" (" + ", ".join("config." + s for s in method.sections) + ")" if method.sections else ""}. '
+      f'Set that learning rate instead and leave config.auto_lr.lr0 a number, or run a method with the automatic '
+      f'schedule ({", ".join(auto) or "none registered"}, e.g. --config.method={auto[0] if auto else "autolora"}).')
 
 
 def check_pretrained(pretrained) -> None:

@@ -197,6 +197,15 @@ def create_policy(config) -> policy.EpochPolicy:
   return method_of(config).policy(config)
 
 
+def lr0_probe(config) -> Optional[Tuple[Tuple[float, ...], int]]:
+  """(config.auto_lr.lr0_candidates, config.auto_lr.probe_steps) when config.auto_lr.lr0 is 'auto' (a method
+  with `Method.auto_lr0`; config_checks refuses the others), else None."""
+  if 'auto_lr' not in config or not methods.autolora.is_auto(config.auto_lr.lr0):
+    return None
+  s = config.auto_lr
+  return tuple(float(c) for c in s.lr0_candidates), int(s.probe_steps)
+
+
 def pretrain_fingerprint(config) -> dict:
   """Everything the in-process pre-trained FE is a function of (JSON data): the model, the pre-training
   settings and data, the attack and the optimizer; not config.seed (the FE has its own, pretrain.seed)."""
@@ -283,7 +292,7 @@ class Experiment:
   settings (the method's, `Method.settings`), twins (TWINS's settings or None), seed, reference_compat,
   dataset_name, batch_size, eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every
   (config.host), is_chief, attack, kl_denominator, autoattack, normalization, data, model, tx (the method's
-  optimizer), policy, steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
+  optimizer), policy, lr0_probe (`lr0_probe`), steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
     normalization: the (mean, std) the model applies; None: config.model's, or the pre-trained
@@ -336,8 +345,9 @@ class Experiment:
     self.input_size = int(config.model.input_size)
     self.arch = convert.arch_for(config.model.arch, config.model.stem)  # e.g. 'resnet18', 'vit_b16_convstem'
     self.method_def = m = method_of(config)
-    self.tx = m.make_optimizer(config.auto_lr.lr0, config.optim.momentum, weight_decay(config))
+    self.tx = m.make_optimizer(methods.autolora.initial_lr(config), config.optim.momentum, weight_decay(config))
     self.policy = create_policy(config)  # lr, scalars, best checkpoint and stop, per method
+    self.lr0_probe = lr0_probe(config)  # lr0='auto': (candidates, probe steps) of lr_probe.run; else None
     self.attack = a = attack_settings(config)  # reference_compat: eps 0.0314
     self.autoattack = autoattack_settings(config)
     self.kl_denominator = kl_denominator(config, jax.device_count())

@@ -86,10 +86,54 @@ def save_figure(fig, plt, path: str) -> None:
   os.replace(tmp, path)
 
 
+# How curves.png draws each kind of decision on the validation PGD-10 curve: (marker, colour, legend text).
+MARK_STYLES = {'halve': ('v', 'tab:red', 'lr halved (automatic schedule)'),
+               'lr_step': ('v', 'tab:orange', 'lr changed (fixed schedule)'),
+               'reload': ('o', 'tab:purple', 'best checkpoint reloaded'),
+               'stop': ('X', 'black', 'stop')}
+
+
+def decision_marks(records: Sequence[dict]) -> List[dict]:
+  """The policy's decisions that metrics.jsonl records, as curves.png marks them: one dict per decision with
+  'epoch' (after which it was taken), 'kind' ('halve', 'lr_step', 'reload', 'stop', or 'lr0_pick' for the
+  probe of lr0='auto' before epoch 1), 'value' (the epoch's validation PGD-10 accuracy, where the mark sits;
+  None for 'lr0_pick') and 'label'.
+
+  Read from each epoch's record: 'lr' and 'next_lr' (the rate of the epoch and of the next one), 'condition'
+  (the automatic schedule's condition that halved it, 0 if none), 'reload_best' and 'best_epoch' (the reload
+  and the epoch reloaded; 'reload_failed' if the best checkpoint could not be read), 'stop'; and epoch 0's
+  'lr0_probe'.
+  """
+  marks = []
+  for r in records:
+    probe = r.get('lr0_probe')
+    if r.get('epoch') == 0 and probe:
+      scores = ', '.join(f'{c:g}: ' + ('diverged' if v is None else f'{100 * v:.1f}')
+                         for c, v in zip(probe['candidates'], probe['val_pgd10']))
+      marks.append({'epoch': 0, 'kind': 'lr0_pick', 'value': None,
+                    'label': f"lr0 {probe['pick']:g} picked by the probe (val. PGD-10 %: {scores})"})
+    if 'val_pgd10' not in r:
+      continue
+    e, value, lr, next_lr = r['epoch'], r['val_pgd10'], r.get('lr'), r.get('next_lr')
+    if r.get('condition'):
+      marks.append({'epoch': e, 'kind': 'halve', 'value': value,
+                    'label': f"lr {lr:g} -> {next_lr:g} (condition {r['condition']})"})
+    elif lr is not None and next_lr is not None and next_lr != lr and not r.get('stop'):
+      marks.append({'epoch': e, 'kind': 'lr_step', 'value': value, 'label': f'lr {lr:g} -> {next_lr:g}'})
+    if r.get('reload_best') and not r.get('reload_failed'):
+      marks.append({'epoch': e, 'kind': 'reload', 'value': value,
+                    'label': f"best of epoch {r.get('best_epoch')} reloaded"})
+    if r.get('stop'):
+      marks.append({'epoch': e, 'kind': 'stop', 'value': value, 'label': f'stop after epoch {e}'})
+  return marks
+
+
 def plot_curves(records: Sequence[dict], path: str) -> None:
-  """curves.png: validation accuracies, learning rate and loss scalars against the epoch."""
+  """curves.png: validation accuracies (with the policy's decisions, `decision_marks`, on the PGD-10 curve),
+  learning rate and loss scalars against the epoch."""
   plt = pyplot()
 
+  marks = decision_marks(records)
   records = [r for r in records if 'val_pgd10' in r]
   if not records:
     return
@@ -98,12 +142,18 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
   for key, label in (('val_clean_adv', 'clean, adversarial branch'), ('val_clean_nat', 'clean, natural branch'),
                      ('val_pgd10', 'PGD-10, adversarial branch')):
     axes[0].plot(epochs, [r[key] for r in records], marker='o', label=label)
-  reloads = [r['epoch'] for r in records if r.get('reload_best')]
-  for e in reloads:
-    axes[0].axvline(e, color='grey', ls=':', lw=1)
-  axes[0].set(title='validation accuracy' + (' (dotted: lr halved, best reloaded)' if reloads else ''),
-              xlabel='epoch', ylabel='accuracy')
-  axes[0].legend()
+  for kind, (marker, colour, text) in MARK_STYLES.items():
+    at = [m for m in marks if m['kind'] == kind]
+    if at:
+      axes[0].scatter([m['epoch'] for m in at], [m['value'] for m in at], marker=marker, s=110, zorder=3,
+                      facecolors='none' if kind == 'reload' else colour, edgecolors=colour, linewidths=1.5,
+                      label=text)
+  for m in marks:
+    if m['kind'] == 'reload':
+      axes[0].axvline(m['epoch'], color=MARK_STYLES['reload'][1], ls=':', lw=1)
+  pick = [m['label'] for m in marks if m['kind'] == 'lr0_pick']
+  axes[0].set(title='validation accuracy' + (f'\n{pick[0]}' if pick else ''), xlabel='epoch', ylabel='accuracy')
+  axes[0].legend(fontsize=8)
   axes[1].plot(epochs, [r['lr'] for r in records], marker='o')
   axes[1].set(title='learning rate (used in the epoch)', xlabel='epoch', yscale='log')
   axes[2].plot(epochs, [r['l1'] for r in records], marker='o', label='l1')

@@ -5,7 +5,8 @@ your own; see autolora_jax/methods/).
 `train(exp, ...)`, per epoch: train (pmapped step over all local devices), validate (clean accuracy of both
 branches, PGD-10 robust accuracy of the deployed one), let the method's epoch policy (policy.py: the
 automatic learning rate and loss scalars, or fixed ones) set the next epoch's lr and scalars, keep the best
-checkpoint, reload it when the policy says so, save the latest state, log. At the end
+checkpoint, reload it when the policy says so, save the latest state, log. With config.auto_lr.lr0='auto' a
+probe picks the initial learning rate first (lr_probe.py) and epoch 1 goes on from the pick's state. At the end
 (evaluation.test): test accuracy (clean, PGD-10, AutoAttack) of the best and of the final checkpoint into
 results.json.
 
@@ -22,7 +23,7 @@ import os
 import time
 from typing import Optional
 
-from autolora_jax import checkpoints, evaluation, experiment, loop, policy, preemption, reporting, steps
+from autolora_jax import checkpoints, evaluation, experiment, loop, lr_probe, policy, preemption, reporting, steps
 from autolora_jax import workdir as workdirs
 from autolora_jax.errors import InputError, Preempted, WorkdirError
 
@@ -90,9 +91,14 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     pstate, _ = exp.policy.init(val)
     epoch, done, position = 0, False, None
     writers.truncate(-1)
+    probe = None
+    if exp.lr0_probe is not None:  # lr0='auto': the probe picks lr0 and trains the start of epoch 1
+      probe = lr_probe.run(exp, state, pstate, guard)
+      state, position, pstate = probe.state, probe.position, pstate._replace(lr=probe.lr)
     writers.epoch({'epoch': 0, 'lr': pstate.lr, 'l1': pstate.l1, 'l2': pstate.l2,
                    'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'],
-                   **{k: val[k] for k in ('train_split_clean_nat',) if k in val}})
+                   **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
+                   **({'lr0_probe': probe.summary} if probe else {})})
   else:
     host_state, meta = restored
     state = loop.replicate(host_state)
@@ -132,9 +138,11 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     pstate, decision = exp.policy.update(pstate, epoch, val)
     if decision.new_best:
       exp.save_best(ckpts, state, epoch, val)
+    reload_failed = False
     if decision.reload_best:
-      state, _ = exp.restore_best(ckpts, state, f'The run keeps the weights of epoch {epoch} instead of '
-                                  f'reloading those of epoch {decision.best_epoch}, and goes on.')
+      state, best_meta = exp.restore_best(ckpts, state, f'The run keeps the weights of epoch {epoch} instead of '
+                                          f'reloading those of epoch {decision.best_epoch}, and goes on.')
+      reload_failed = best_meta is None
     record = {'epoch': epoch, 'lr': lr, 'l1': l1, 'l2': l2,
               **{f'train_{k}': v for k, v in train_metrics.items()},
               'train_seconds': report.seconds, 'images_per_second': report.images_per_second,
@@ -142,7 +150,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
               **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
               'new_best': decision.new_best, 'best_epoch': decision.best_epoch,
               'reload_best': decision.reload_best, 'condition': decision.condition,
-              'next_lr': decision.lr, 'stop': decision.stop}
+              'next_lr': decision.lr, 'stop': decision.stop, **({'reload_failed': True} if reload_failed else {})}
     state = steps.set_loss_scalars(steps.set_learning_rate(state, decision.lr), decision.l1, decision.l2)
     done = decision.stop
     # The log line first, then the checkpoint: a run that dies between the two resumes from the previous
@@ -185,6 +193,9 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False, command: O
     with guard:
       final_state = train(exp, ckpts, writers, guard)
       results = evaluation.test(exp, ckpts, final_state, command=command, guard=guard)
+    probe = lr_probe.read(exp.workdir) if exp.lr0_probe is not None else None
+    if probe and 'pick' in probe:
+      results['lr0_probe'] = lr_probe.summary_of(probe)
     results['wall_seconds'] = time.time() - start
     if exp.is_chief:
       reporting.write_results(exp.workdir, results)

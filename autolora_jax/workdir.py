@@ -31,7 +31,7 @@ CONFIG_FILE = 'config.json'
 REPLACED_DIR = 'replaced'
 # What a run writes into its workdir; another run's copies of these are moved aside by --overwrite.
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'pretrain', 'metrics.jsonl', 'results.json', 'curves.png',
-             'tensorboard', 'eval_state', 'corruptions.png')
+             'tensorboard', 'eval_state', 'corruptions.png', 'lr0_probe.json')
 # Keys that do not change what a run computes: they may differ between a run and its resumption (a key
 # stands for itself and every key below it). pretrain.cache_dir only says where the fingerprinted FE is
 # cached: a comparison folder moved elsewhere resumes.

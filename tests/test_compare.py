@@ -143,9 +143,11 @@ def test_a_stopped_comparison_resumes_to_the_uninterrupted_result(compared, tmp_
 @pytest.mark.slow
 def test_sweep_writes_the_grid_beside_autolora(compared):
   workdir, _ = compared
-  p = _cli(CONFIG + ['--sweep', '--sweep_lr=0.003,0.03', '--sweep_l2=6', '--seeds=0', f'--workdir={workdir}'])
+  p = _cli(CONFIG + ['--sweep', '--sweep_lr=0.003,0.03', '--sweep_l2=6', '--sweep_lr0=0.01,0.03', '--seeds=0',
+                     f'--workdir={workdir}'])
   assert p.returncode == 0, p.stderr[-3000:]
-  assert '[3/3] autolora/seed0: skipped' in p.stderr  # the comparison's run, reused
+  assert '[3/4] autolora/seed0: skipped' in p.stderr  # the comparison's run (lr0 0.01), reused
+  assert '[4/4] autolora_lr0_0.03/seed0: started' in p.stderr
   with open(os.path.join(workdir, 'sensitivity.json')) as f:
     sweep = json.load(f)
   assert [(g['lr'], g['l2']) for g in sweep['grid']] == [(0.003, 6.0), (0.03, 6.0)]
@@ -160,6 +162,11 @@ def test_sweep_writes_the_grid_beside_autolora(compared):
   assert os.path.getsize(os.path.join(workdir, 'sensitivity.png')) > 5000
   md = open(os.path.join(workdir, 'sensitivity.md')).read()
   assert '| lr \\ l2 | 6 |' in md and '| 0.003 |' in md and 'AutoLoRa' in md
+  assert [r['lr0'] for r in sweep['autolora_lr0']] == [0.01, 0.03]
+  assert sweep['autolora_lr0'][0]['best']['pgd10']['mean'] == autolora['best']['test']['pgd10']
+  with open(os.path.join(workdir, 'sweep', 'autolora_lr0_0.03', 'seed0', 'config.json')) as f:
+    assert json.load(f)['auto_lr']['lr0'] == 0.03
+  assert '| lr0 | 0.01 | 0.03 |' in md
 
 
 def _results_of(best, final=None, wall=None):
@@ -200,7 +207,8 @@ def _fake_runner(calls):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, workdirs.CONFIG_FILE), 'w') as f:
       f.write(c.to_json_best_effort())
-    r = _results_of({'clean': 0.5 + c.seed / 10, 'pgd10': c.fixed.lr, 'autoattack': 0.1}, wall=1.0)
+    lr = c.auto_lr.lr0 if c.method == 'autolora' else c.fixed.lr  # the swept rate, as the robust accuracy
+    r = _results_of({'clean': 0.5 + c.seed / 10, 'pgd10': lr, 'autoattack': 0.1}, wall=1.0)
     reporting.write_results(workdir, r)
     return r
   return runner
@@ -236,8 +244,11 @@ def test_sweep_and_methods_together_share_the_autolora_runs(tmp_path):
   out = compare.compare(compare_tiny_config.get_config(), str(tmp_path), method_names=['autolora', 'pgd_at'],
                         seeds=[0], sweep=True, sweep_lrs=[0.001, 0.03], sweep_l2s=[0],
                         runner=_fake_runner(calls))
-  assert [c[:2] for c in calls] == [('autolora', 0), ('pgd_at', 0), ('vanilla_rft', 0), ('vanilla_rft', 0)]
-  assert sorted(os.listdir(tmp_path / 'sweep')) == ['lr0.001_l20', 'lr0.03_l20']
+  # AutoLoRa over SWEEP_LR0S too: its 0.01 is the comparison's run, the other three run in sweep/.
+  assert [c[:2] for c in calls] == [('autolora', 0), ('pgd_at', 0), ('vanilla_rft', 0), ('vanilla_rft', 0)] + [
+      ('autolora', 0)] * 3
+  assert sorted(os.listdir(tmp_path / 'sweep')) == ['autolora_lr0_0.003', 'autolora_lr0_0.03', 'autolora_lr0_0.1',
+                                                     'lr0.001_l20', 'lr0.03_l20']
   grid = out['sensitivity']['grid']
   assert [(g['lr'], g['l2'], g['best']['pgd10']['mean']) for g in grid] == [(0.001, 0.0, 0.001),
                                                                            (0.03, 0.0, 0.03)]
@@ -258,3 +269,43 @@ def test_unknown_method_and_missing_config_file_are_clear_errors(tmp_path):
   assert p.returncode == 2, p.stderr[-3000:]
   assert 'error:' in p.stderr and 'no_such_file.py' in p.stderr and 'Traceback' not in p.stderr
   assert not workdir.exists()
+
+
+def test_the_sweep_runs_autolora_over_lr0_beside_the_grid(tmp_path):
+  """Two lr0 values (the config's 0.01: the comparison's run) beside vanilla RFT's grid: both methods in the
+  JSON, the markdown and the plot's series; the comparison's compute column counts the grid for vanilla RFT."""
+  calls = []
+  out = compare.compare(compare_tiny_config.get_config(), str(tmp_path), method_names=['autolora', 'vanilla_rft'],
+                        seeds=[0], sweep=True, sweep_lrs=[0.003, 0.01, 0.03], sweep_l2s=[6], sweep_lr0s=[0.01, 0.1],
+                        runner=_fake_runner(calls))
+  assert [c[:2] for c in calls] == [('autolora', 0), ('vanilla_rft', 0)] + [('vanilla_rft', 0)] * 3 + [('autolora', 0)]
+  sweep = out['sensitivity']
+  assert [(r['lr0'], r['label'], r['best']['pgd10']['mean']) for r in sweep['autolora_lr0']] == [
+      (0.01, 'autolora_lr0_0.01', 0.01), (0.1, 'autolora_lr0_0.1', 0.1)]
+  with open(tmp_path / 'sensitivity.json') as f:
+    assert json.load(f)['autolora_lr0'] == json.loads(json.dumps(sweep['autolora_lr0']))
+  md = (tmp_path / 'sensitivity.md').read_text()
+  assert '| lr0 | 0.01 | 0.1 |' in md and '| PGD-10 | 1.00 ± 0.00 | 10.00 ± 0.00 |' in md
+  assert 'Vanilla RFT over the grid: 0.30 to 3.00 (spread 2.70 points)' in md
+  assert 'AutoLoRa over lr0: 1.00 to 10.00 (spread 9.00 points)' in md
+  series = compare.sensitivity_series(sweep, 'pgd10')
+  assert [(s['method'], s['lr'], s['mean']) for s in series] == [
+      ('vanilla_rft', [0.003, 0.01, 0.03], pytest.approx([0.3, 1.0, 3.0])),
+      ('autolora', [0.01, 0.1], pytest.approx([1.0, 10.0]))]
+  assert os.path.getsize(tmp_path / 'sensitivity.png') > 5000
+  # Compute: AutoLoRa one run; vanilla RFT its run and the grid's other two points (lr 0.01 is its own run).
+  methods = out['comparison']['methods']
+  assert methods['autolora']['budget']['runs']['mean'] == 1 and methods['autolora']['budget']['search_runs'] == 0
+  assert methods['vanilla_rft']['budget']['runs']['mean'] == 3
+  assert methods['vanilla_rft']['budget']['wall_seconds']['mean'] == 3.0
+  md = (tmp_path / 'comparison.md').read_text()
+  assert '| wall time per run | compute per seed |' in md
+  assert '| 3 runs (2 of the grid), 3 s |' in md and '| 1 run, 1 s |' in md
+
+
+def test_budget_counts_the_probe():
+  results = {0: {**_results_of({'clean': 0.5}, wall=100.0), 'lr0_probe': {'seconds': 20.0}},
+             1: {**_results_of({'clean': 0.5}, wall=120.0), 'lr0_probe': {'seconds': 30.0}}}
+  b = compare.budget(results)
+  assert b['runs']['mean'] == 1 and b['wall_seconds']['mean'] == 110.0 and b['probe_seconds']['mean'] == 25.0
+  assert compare.format_budget(b) == '1 run incl. lr0 probe (25 s), 110 s'

@@ -51,6 +51,17 @@ def test_version_1_config_gets_the_keys_added_since_at_their_old_values(tmp_path
     workdir.claim(str(tmp_path / 'old'), tiny_runs.tiny_config(**{'attack.norm': 'l2'}), overwrite=False)
 
 
+def test_version_2_config_gets_the_lr0_probe_keys_at_their_old_values():
+  new = workdir.config_dict(tiny_runs.tiny_config())
+  old = json.loads(json.dumps(new))
+  del old['auto_lr']['lr0_candidates'], old['auto_lr']['probe_steps']
+  upgraded = compat.upgrade_config({**old, 'format_version': 2})
+  assert workdir.config_differences(upgraded, new) == []
+  assert compat.upgrade_config(old) == upgraded  # version 1 passes through every step
+  changed = workdir.config_dict(tiny_runs.tiny_config(**{'auto_lr.probe_steps': 5}))
+  assert workdir.config_differences(upgraded, changed) == ['auto_lr.probe_steps: 0 -> 5']
+
+
 def test_version_1_policy_state_resumes_the_same_run():
   """A checkpoint whose automatic learning rate's state is nested under policy['auto'] (version 1)."""
   old = {'epoch': 5, 'done': False,
@@ -80,14 +91,16 @@ def test_checkpoints_record_their_version_and_newer_ones_are_refused(tmp_path):
     assert json.load(f)['format_version'] == compat.FORMAT_VERSION
   assert ckpts.restore_meta('latest')['format_version'] == compat.FORMAT_VERSION
   ckpts.close()
-  with pytest.raises(CheckpointError, match=r'newer autolora-jax \(format version 3; this one reads up to 2\)'):
+  newer = rf'newer autolora-jax \(format version {compat.FORMAT_VERSION + 1}; this one reads up to {compat.FORMAT_VERSION}\)'
+  with pytest.raises(CheckpointError, match=newer):
     compat.upgrade_checkpoint_meta({'epoch': 1, 'format_version': compat.FORMAT_VERSION + 1})
 
 
 def test_config_of_a_newer_version_is_refused(tmp_path):
   path = str(tmp_path / 'run')
   _write_config(path, {**workdir.config_dict(tiny_runs.tiny_config()), 'format_version': compat.FORMAT_VERSION + 1})
-  message = r'config.json was written by a newer autolora-jax \(format version 3; this one reads up to 2\)'
+  message = (r'config.json was written by a newer autolora-jax '
+             rf'\(format version {compat.FORMAT_VERSION + 1}; this one reads up to {compat.FORMAT_VERSION}\)')
   with pytest.raises(WorkdirError, match=message):
     workdir.claim(path, tiny_runs.tiny_config(), overwrite=True)  # nothing is moved aside either
   assert os.listdir(path) == ['config.json']

@@ -5,7 +5,15 @@ from __future__ import annotations
 from absl import flags
 
 from autolora_jax import cli, steps
-from autolora_jax.compare.plan import DEFAULT_METHODS, DEFAULT_SEEDS, SWEEP_L2S, SWEEP_LRS, SWEEP_SEEDS, number_label
+from autolora_jax.compare.plan import (
+  DEFAULT_METHODS,
+  DEFAULT_SEEDS,
+  SWEEP_L2S,
+  SWEEP_LR0S,
+  SWEEP_LRS,
+  SWEEP_SEEDS,
+  number_label,
+)
 from autolora_jax.compare.study import compare
 
 MODULE = 'autolora_jax.compare'
@@ -33,11 +41,14 @@ def define_flags() -> dict:
                                         f'{",".join(map(str, DEFAULT_SEEDS))} for the comparison, '
                                         f'{",".join(map(str, SWEEP_SEEDS))} for --sweep alone.')
   _FLAGS['sweep'] = flags.DEFINE_bool('sweep', False, 'Run the sensitivity study: vanilla RFT over --sweep_lr x '
-                                      '--sweep_l2, beside AutoLoRa.')
+                                      '--sweep_l2, and AutoLoRa over --sweep_lr0.')
   _FLAGS['sweep_lr'] = flags.DEFINE_string('sweep_lr', ','.join(map(number_label, SWEEP_LRS)),
                                            'Comma list of config.fixed.lr values for --sweep.')
   _FLAGS['sweep_l2'] = flags.DEFINE_string('sweep_l2', ','.join(map(number_label, SWEEP_L2S)),
                                            'Comma list of config.fixed.l2 values (KL weight) for --sweep.')
+  _FLAGS['sweep_lr0'] = flags.DEFINE_string('sweep_lr0', ','.join(map(number_label, SWEEP_LR0S)),
+                                            'Comma list of AutoLoRa\'s config.auto_lr.lr0 values for --sweep (none: '
+                                            'AutoLoRa at the config\'s lr0 only).')
   flags.mark_flags_as_required(['config', 'workdir'])
   return _FLAGS
 
@@ -48,6 +59,7 @@ def main(command: str) -> None:
   config, config_file = cli.load_config(values['config'])
   compare(config, values['workdir'].value, method_names=values['methods'].value, seeds=values['seeds'].value,
           sweep=values['sweep'].value, sweep_lrs=values['sweep_lr'].value, sweep_l2s=values['sweep_l2'].value,
+          sweep_lr0s=values['sweep_lr0'].value,
           config_file=config_file, command=command)
 
 

@@ -39,6 +39,8 @@ DEFAULT_SEEDS = (0, 1, 2)  # the comparison's; the sweep's default is one seed, 
 SWEEP_SEEDS = (0,)
 SWEEP_LRS = (0.001, 0.003, 0.01, 0.03)
 SWEEP_L2S = (0.0, 1.0, 6.0)
+AUTO_METHOD = 'autolora'  # the method whose initial learning rate (config.auto_lr.lr0) the sweep varies too
+SWEEP_LR0S = (0.003, 0.01, 0.03, 0.1)
 PRETRAIN_DIR = 'pretrain'
 
 
@@ -134,19 +136,22 @@ class Job:
   config: object
   lr: Optional[float] = None  # sweep points only
   l2: Optional[float] = None
+  lr0: Optional[float] = None  # AutoLoRa's sweep points only
 
   @property
   def name(self) -> str:
     return f'{self.group}/seed{self.seed}'
 
 
-def run_config(config, workdir: str, method: str, seed: int, **fixed):
-  """A copy of `config` for one run: method, seed, the shared FE cache DIR/pretrain, and `config.fixed`
-  values (the sweep's lr, l2). The original stays as it was."""
+def run_config(config, workdir: str, method: str, seed: int, lr0: Optional[float] = None, **fixed):
+  """A copy of `config` for one run: method, seed, the shared FE cache DIR/pretrain, `config.auto_lr.lr0`
+  (AutoLoRa's sweep) and `config.fixed` values (the sweep's lr, l2). The original stays as it was."""
   c = copy.deepcopy(config)  # keeps field references (e.g. config.pretrained following model.arch)
   c.method = method
   c.seed = int(seed)
   c.pretrain.cache_dir = os.path.join(os.path.abspath(workdir), PRETRAIN_DIR)
+  if lr0 is not None:
+    c.auto_lr.lr0 = float(lr0)
   for key, value in fixed.items():
     c.fixed[key] = float(value)
   return c
@@ -173,4 +178,31 @@ def plan_sweep(config, lrs: Sequence[float], l2s: Sequence[float], seeds: Sequen
       for s in seeds:
         jobs.append(Job(label, s, os.path.join(root, 'sweep', label, f'seed{s}'),
                         run_config(config, root, SWEEP_METHOD, s, lr=lr, l2=l2), lr=lr, l2=l2))
+  return jobs
+
+
+def lr0_label(lr0: float) -> str:
+  return f'{AUTO_METHOD}_lr0_{number_label(lr0)}'
+
+
+def plan_lr0_sweep(config, lr0s: Sequence[float], seeds: Sequence[int], workdir: str) -> List[Job]:
+  """The sweep's AUTO_METHOD runs over its initial learning rate: DIR/sweep/autolora_lr0_<lr0>/seed<k>; the lr0
+  of `config` itself (a number) is the comparison's run, DIR/autolora/seed<k> (group AUTO_METHOD), not run
+  twice."""
+  root = os.path.abspath(workdir)
+  own = config.auto_lr.lr0
+  jobs, labels = [], {}
+  for lr0 in lr0s:
+    label = lr0_label(lr0)
+    if labels.setdefault(label, lr0) != lr0:
+      raise ConfigError(f'The sweep values lr0 = {labels[label]} and {lr0} would share the same folder '
+                        f'sweep/{label}: give values that differ in their first 6 digits.')
+    same = isinstance(own, (int, float)) and float(own) == float(lr0)
+    for s in seeds:
+      if same:
+        jobs.append(Job(AUTO_METHOD, s, os.path.join(root, AUTO_METHOD, f'seed{s}'),
+                        run_config(config, root, AUTO_METHOD, s), lr0=float(lr0)))
+      else:
+        jobs.append(Job(label, s, os.path.join(root, 'sweep', label, f'seed{s}'),
+                        run_config(config, root, AUTO_METHOD, s, lr0=lr0), lr0=float(lr0)))
   return jobs

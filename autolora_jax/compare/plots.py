@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import List
+
 import numpy as np
 
 from autolora_jax import reporting
-from autolora_jax.compare.plan import METHOD_NAMES, number_label
+from autolora_jax.compare.plan import AUTO_METHOD, METHOD_NAMES, SWEEP_METHOD, number_label
 from autolora_jax.compare.summary import CHECKPOINTS, METRIC_NAMES, METRICS, grid_metrics
 
 
@@ -35,35 +37,56 @@ def plot_comparison(summary: dict, path: str) -> None:
   reporting.save_figure(fig, plt, path)
 
 
+def sensitivity_series(sweep: dict, metric: str) -> List[dict]:
+  """What sensitivity.png draws for one metric: the series of best-checkpoint test accuracy (percent) against
+  the learning rate, one per method (vanilla RFT: one per KL weight l2 of the grid, over config.fixed.lr;
+  AutoLoRa: over its initial learning rate config.auto_lr.lr0), each {'method', 'label', 'lr', 'mean', 'std'}
+  over the points that have the metric."""
+  series = []
+  points = {(p['lr'], p['l2']): p for p in sweep['grid']}
+  for l2 in sweep['l2s']:
+    stats = [(lr, (points.get((lr, l2)) or {}).get('best', {}).get(metric)) for lr in sweep['lrs']]
+    stats = [(lr, s) for lr, s in stats if s and s['mean'] is not None]
+    if stats:
+      label = f'{METHOD_NAMES.get(SWEEP_METHOD, SWEEP_METHOD)} (lr), l2 = {number_label(l2)}'
+      series.append({'method': SWEEP_METHOD, 'label': label, 'lr': [lr for lr, _ in stats],
+                     'mean': [100 * s['mean'] for _, s in stats], 'std': [100 * s['std'] for _, s in stats]})
+  rows = [(r['lr0'], r['best'].get(metric)) for r in sweep.get('autolora_lr0') or []]
+  rows = [(lr, s) for lr, s in rows if s and s['mean'] is not None]
+  if rows:
+    series.append({'method': AUTO_METHOD, 'label': f'{METHOD_NAMES.get(AUTO_METHOD, AUTO_METHOD)} (lr0)',
+                   'lr': [lr for lr, _ in rows], 'mean': [100 * s['mean'] for _, s in rows],
+                   'std': [100 * s['std'] for _, s in rows]})
+  return series
+
+
 def plot_sensitivity(sweep: dict, path: str) -> None:
-  """sensitivity.png: per robust metric (PGD-10, AA if present) vanilla RFT's best-checkpoint test accuracy
-  as bars grouped by lr, one bar per l2 (std over seeds as error bars), and AutoLoRa's mean over its seeds
-  as a horizontal line with a band of ± its std."""
+  """sensitivity.png: per robust metric (PGD-10, AA if present) the best-checkpoint test accuracy against the
+  learning rate (log axis), one series per method (`sensitivity_series`; std over seeds as error bars), and
+  AutoLoRa's run at the config's lr0 as a horizontal line when the sweep has no lr0 series."""
   plt = reporting.pyplot()
   metrics = grid_metrics(sweep) or ['pgd10']
-  points = {(p['lr'], p['l2']): p for p in sweep['grid']}
-  lrs, l2s = sweep['lrs'], sweep['l2s']
-  panel_width = max(5.0, 0.5 * len(lrs) * len(l2s) + 2.5)
-  fig, axes = plt.subplots(1, len(metrics), figsize=(panel_width * len(metrics), 4.5), squeeze=False)
-  width = 0.8 / len(l2s)
-  x = np.arange(len(lrs))
+  fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
   a = sweep.get('autolora')
   for ax, k in zip(axes[0], metrics):
-    for j, l2 in enumerate(l2s):
-      stats = [(points.get((lr, l2)) or {}).get('best', {}).get(k) for lr in lrs]
-      means = [100 * s['mean'] if s else np.nan for s in stats]
-      stds = [100 * s['std'] if s else 0.0 for s in stats]
-      ax.bar(x + (j - (len(l2s) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-             label=f'vanilla RFT, l2 = {number_label(l2)}')
+    series = sensitivity_series(sweep, k)
+    for s in series:
+      auto = s['method'] == AUTO_METHOD
+      ax.errorbar(s['lr'], s['mean'], yerr=s['std'], capsize=3, marker='s' if auto else 'o', lw=2.5 if auto else 1.2,
+                  color='black' if auto else None, label=s['label'])
     stat = a['best'].get(k) if a else None
-    if stat and stat['mean'] is not None:
-      m, s = 100 * stat['mean'], 100 * stat['std']
-      ax.axhline(m, color='black', lw=1.5, label=f'AutoLoRa: {m:.2f} ± {s:.2f} (n={a["n"]})')
-      if s > 0:
-        ax.axhspan(m - s, m + s, color='black', alpha=0.12)
-    ax.set_xticks(x, [number_label(v) for v in lrs])
-    ax.set(title=f'{METRIC_NAMES[k]} test accuracy, best checkpoint', xlabel='vanilla RFT learning rate '
-           '(config.fixed.lr)', ylabel='accuracy (%)')
-    ax.grid(alpha=0.3, axis='y')
+    if stat and stat['mean'] is not None and not any(s['method'] == AUTO_METHOD for s in series):
+      m, sd = 100 * stat['mean'], 100 * stat['std']
+      ax.axhline(m, color='black', lw=1.5, label=f'AutoLoRa: {m:.2f} ± {sd:.2f} (n={a["n"]})')
+      if sd > 0:
+        ax.axhspan(m - sd, m + sd, color='black', alpha=0.12)
+    lrs = sorted({lr for s in series for lr in s['lr']})
+    ax.set_xscale('log')
+    if lrs:
+      ax.set_xticks(lrs, [number_label(v) for v in lrs])
+      ax.minorticks_off()
+    ax.set(title=f'{METRIC_NAMES[k]} test accuracy, best checkpoint',
+           xlabel='learning rate (vanilla RFT: config.fixed.lr; AutoLoRa: config.auto_lr.lr0)', ylabel='accuracy (%)')
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   reporting.save_figure(fig, plt, path)

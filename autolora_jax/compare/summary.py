@@ -11,7 +11,7 @@ import numpy as np
 
 from autolora_jax import experiment, reporting
 from autolora_jax.compare import paper
-from autolora_jax.compare.plan import METHOD_NAMES, SWEEP_METHOD, number_label, sweep_label, unique
+from autolora_jax.compare.plan import METHOD_NAMES, SWEEP_METHOD, lr0_label, number_label, sweep_label, unique
 
 CHECKPOINTS = ('best', 'final')
 METRICS = ('clean', 'pgd10', 'autoattack')
@@ -77,9 +77,12 @@ def summarize(results_by_method_seed: Mapping[str, Mapping[int, dict]]) -> dict:
 
 
 def summarize_sweep(grid_results: Mapping[str, Mapping[int, dict]], autolora_results: Mapping[int, dict],
-                    lrs: Sequence[float], l2s: Sequence[float]) -> dict:
-  """sensitivity.json: per grid point (lr, l2) vanilla RFT's numbers as `summarize` gives them, and
-  AutoLoRa's over its seeds (None without runs)."""
+                    lrs: Sequence[float], l2s: Sequence[float],
+                    lr0_results: Optional[Mapping[float, Mapping[int, dict]]] = None,
+                    lr0s: Sequence[float] = ()) -> dict:
+  """sensitivity.json: per grid point (lr, l2) vanilla RFT's numbers as `summarize` gives them, AutoLoRa's
+  over its seeds at the config's lr0 ('autolora', None without runs), and per initial learning rate lr0 of
+  `lr0s` AutoLoRa's ('autolora_lr0': [{'lr0', 'label', ...}], in lr0s's order)."""
   per_point = summarize(grid_results)['methods']
   grid = []
   for lr in lrs:
@@ -88,8 +91,48 @@ def summarize_sweep(grid_results: Mapping[str, Mapping[int, dict]], autolora_res
       if label in per_point:
         grid.append({'lr': float(lr), 'l2': float(l2), 'label': label, **per_point[label]})
   autolora = summarize({'autolora': autolora_results})['methods']['autolora'] if autolora_results else None
+  per_lr0 = summarize({float(v): r for v, r in (lr0_results or {}).items() if r})['methods']
+  rows = [{'lr0': float(v), 'label': lr0_label(v), **per_lr0[float(v)]} for v in lr0s if float(v) in per_lr0]
   return {'std': STD_NOTE, 'method': SWEEP_METHOD, 'lrs': [float(v) for v in lrs],
-          'l2s': [float(v) for v in l2s], 'grid': grid, 'autolora': autolora}
+          'l2s': [float(v) for v in l2s], 'grid': grid, 'autolora': autolora,
+          'lr0s': [float(v) for v in lr0s], 'autolora_lr0': rows}
+
+
+def budget(results_by_seed: Mapping[int, dict], search_by_seed: Optional[Mapping[int, Sequence[dict]]] = None) -> dict:
+  """The compute behind a method's numbers, per seed: its run (with the lr0 probe where it had one) and the
+  runs of the search that chose its hyper-parameters (`search_by_seed`: e.g. vanilla RFT's sensitivity grid).
+
+  Returns {'runs': {'mean', 'std', 'n'}, 'wall_seconds': {...} (the runs' wall times added up),
+  'probe_seconds': {...} (the lr0 probe's share; n 0 without one), 'search_runs': runs of the search per seed
+  (their mean)}.
+  """
+  runs, walls, probes, search = [], [], [], []
+  for seed, results in results_by_seed.items():
+    extra = list((search_by_seed or {}).get(seed, ()))
+    runs.append(1 + len(extra))
+    search.append(len(extra))
+    seconds = [_number(r.get('wall_seconds')) for r in [results] + extra]
+    if all(t is not None for t in seconds):
+      walls.append(sum(seconds))
+    probe = _number((results.get('lr0_probe') or {}).get('seconds'))
+    if probe is not None:
+      probes.append(probe)
+  return {'runs': mean_std(runs), 'wall_seconds': mean_std(walls), 'probe_seconds': mean_std(probes),
+          'search_runs': float(np.mean(search)) if search else 0.0}
+
+
+def format_budget(b: Optional[dict]) -> str:
+  """The comparison table's compute cell: '1 run + lr0 probe, 5.4 min' / '12 runs (11 of the grid), 48 min'."""
+  if not b or not b['runs'].get('n'):
+    return '–'
+  runs = b['runs']['mean']
+  text = f'{runs:g} run' + ('s' if runs != 1 else '')
+  if b.get('search_runs'):
+    text += f' ({b["search_runs"]:g} of the grid)'
+  if b['probe_seconds'].get('n'):
+    text += f' incl. lr0 probe ({format_seconds(b["probe_seconds"]["mean"])})'
+  wall = b['wall_seconds']
+  return text + (f', {format_seconds(wall["mean"])}' if wall.get('n') else '')
 
 
 def describe_config(config, config_file: str = '', command: str = '') -> dict:
@@ -167,14 +210,19 @@ def markdown(summary: dict) -> str:
   lines = ['# Comparison of the fine-tuning methods', ''] + _setting_lines(summary) + ['']
   corr = any('corruption_mean' in e[c] for e in summary['methods'].values() for c in CHECKPOINTS)
   lines += ['| method | n seeds | best: SA / PGD-10 / AA | final: SA / PGD-10 / AA | '
-            + ('best / final: corruptions (mean) | ' if corr else '') + 'wall time per run |',
-            '|---|---|---|---|' + ('---|' if corr else '') + '---|']
+            + ('best / final: corruptions (mean) | ' if corr else '') + 'wall time per run | compute per seed |',
+            '|---|---|---|---|' + ('---|' if corr else '') + '---|---|']
   for method, e in summary['methods'].items():
     corr_cell = (f'{format_pm(e["best"].get("corruption_mean"))} / {format_pm(e["final"].get("corruption_mean"))} | '
                  if corr else '')
     lines.append(f'| {METHOD_NAMES.get(method, method)} (`{method}`) | {e["n"]} | {_triple(e["best"])} | '
-                 f'{_triple(e["final"])} | {corr_cell}{_format_wall(e["wall_seconds"])} |')
+                 f'{_triple(e["final"])} | {corr_cell}{_format_wall(e["wall_seconds"])} | '
+                 f'{format_budget(e.get("budget"))} |')
   lines.append('')
+  lines += ['Compute per seed: the training runs each number needed and their wall times added up (results.json): '
+            f'one run per method, with its lr0 probe where `auto_lr.lr0=auto`; for {METHOD_NAMES.get(SWEEP_METHOD)} '
+            'also its runs over the sensitivity grid in this folder (`--sweep`: the search that chooses its lr), '
+            'where there are any.', '']
   if corr:
     lines += ['Corruptions (mean): the clean accuracy on the corrupted test split averaged over the common '
               'corruptions and severities of `config.eval` (results.json\'s `corruption_mean`; per corruption: '
@@ -204,14 +252,19 @@ def markdown(summary: dict) -> str:
 
 
 def grid_metrics(sweep: dict) -> List[str]:
-  """The robust metrics the sweep has (PGD-10, and AA where any grid point has it)."""
-  return [k for k in ('pgd10', 'autoattack') if any(k in p['best'] for p in sweep['grid'])]
+  """The robust metrics the sweep has (PGD-10, and AA where any grid point or lr0 run has it)."""
+  points = list(sweep['grid']) + list(sweep.get('autolora_lr0') or [])
+  return [k for k in ('pgd10', 'autoattack') if any(k in p['best'] for p in points)]
+
+
+def _spread(values: Sequence[float]) -> str:
+  return f'{100 * min(values):.2f} to {100 * max(values):.2f} (spread {100 * (max(values) - min(values)):.2f} points)'
 
 
 def sensitivity_markdown(sweep: dict) -> str:
   """sensitivity.md: vanilla RFT's best-checkpoint test accuracy over the (lr, l2) grid (rows lr, columns
   l2), for PGD-10, AA and SA, beside AutoLoRa's."""
-  lines = ['# Sensitivity of vanilla RFT to its hyper-parameters', ''] + _setting_lines(sweep) + ['']
+  lines = ['# Sensitivity to the learning rate: vanilla RFT and AutoLoRa', ''] + _setting_lines(sweep) + ['']
   lines += ['Vanilla RFT (`config.method=vanilla_rft`) with `config.fixed.lr` (rows) and `config.fixed.l2` '
             '(the KL weight, columns); the other settings as in `config.fixed`. Best checkpoint, percent, '
             'mean ± std over seeds.', '']
@@ -227,10 +280,19 @@ def sensitivity_markdown(sweep: dict) -> str:
     lines.append('')
     values = [p['best'][k]['mean'] for p in sweep['grid'] if k in p['best']]
     if values:
-      lines.append(f'Vanilla RFT over the grid: {100 * min(values):.2f} to {100 * max(values):.2f}.')
+      lines.append(f'Vanilla RFT over the grid: {_spread(values)}.')
     if a:
       lines.append(f'AutoLoRa (no lr or KL weight to choose; {a["n"]} seed{"s" if a["n"] != 1 else ""}): '
                    f'{format_pm(a["best"].get(k))}.')
+    rows = sweep.get('autolora_lr0') or []
+    if rows:
+      lines += ['', 'AutoLoRa over its initial learning rate (`config.auto_lr.lr0`; its schedule sets the rest):', '',
+                '| lr0 | ' + ' | '.join(number_label(r['lr0']) for r in rows) + ' |',
+                '|---|' + '---|' * len(rows),
+                f'| {METRIC_NAMES[k]} | ' + ' | '.join(format_pm(r['best'].get(k)) for r in rows) + ' |', '']
+      values = [r['best'][k]['mean'] for r in rows if k in r['best']]
+      if values:
+        lines.append(f'AutoLoRa over lr0: {_spread(values)}.')
     lines.append('')
   if sweep.get('command'):
     lines += ['Made by:', '', '    ' + sweep['command'], '']

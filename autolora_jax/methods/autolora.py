@@ -9,6 +9,7 @@ The natural forward runs first, as the reference does; both run BatchNorm in tra
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from autolora_jax import losses, policy
 from autolora_jax import step_parts as steps
@@ -44,7 +45,11 @@ def defaults():
   """config.auto_lr (the automatic learning rate, from the validation robust accuracy) and
   config.auto_scalars (l1, l2 from the natural branch's accuracy); docs/method.md's values."""
   auto_lr = ml_collections.ConfigDict()
-  auto_lr.lr0 = 0.01  # also every method's optimizer's learning rate before its policy sets the first
+  # A number, or 'auto': a probe over lr0_candidates picks it (autolora_jax/lr_probe.py). Typed `object` so that
+  # both `config.auto_lr.lr0 = 'auto'` and --config.auto_lr.lr0=auto work; config.json holds the same 0.01.
+  auto_lr.lr0 = config_dict.FieldReference(0.01, field_type=object)
+  auto_lr.lr0_candidates = (0.003, 0.01, 0.03, 0.1)  # lr0='auto': the rates the probe tries, in this order
+  auto_lr.probe_steps = 0  # lr0='auto': train steps of epoch 1 per candidate (0: the whole first epoch)
   auto_lr.window = 4
   auto_lr.rho = 0.75
   auto_lr.max_epochs = 60
@@ -56,12 +61,37 @@ def defaults():
 
 def check_section(config) -> None:
   s = config.auto_lr
-  checks.in_range('auto_lr.lr0', s.lr0, 0.0, 10.0)
+  if isinstance(s.lr0, str) and not is_auto(s.lr0):
+    raise ConfigError(f"config.auto_lr.lr0 must be a learning rate in (0, 10] or 'auto' (a probe picks it from "
+                      f'config.auto_lr.lr0_candidates), got {s.lr0!r}.')
+  if not is_auto(s.lr0):
+    checks.in_range('auto_lr.lr0', s.lr0, 0.0, 10.0)
+  candidates = tuple(s.get('lr0_candidates', ()))
+  if not candidates or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 10
+                               for c in candidates) or len(set(candidates)) != len(candidates):
+    raise ConfigError(f'config.auto_lr.lr0_candidates must be distinct learning rates in (0, 10], got '
+                      f'{candidates!r} (e.g. --config.auto_lr.lr0_candidates="(0.003, 0.01, 0.03, 0.1)").')
+  probe_steps = s.get('probe_steps', 0)
+  if not isinstance(probe_steps, int) or isinstance(probe_steps, bool) or probe_steps < 0:
+    raise ConfigError(f'config.auto_lr.probe_steps must be an integer >= 0 (train steps of the first epoch per '
+                      f'candidate of lr0=auto; 0: the whole epoch), got {probe_steps!r}.')
   checks.in_range('auto_lr.rho', s.rho, 0.0, 1.0)
   checks.positive_int('auto_lr.window', s.window)
   checks.positive_int('auto_lr.max_epochs', s.max_epochs)
   checks.in_range('auto_lr.min_lr', s.min_lr, 0.0, 10.0, low_open=False)
   checks.in_range('auto_scalars.l2_max', config.auto_scalars.l2_max, 0.0, 1e6, low_open=False)
+
+
+def is_auto(lr0) -> bool:
+  """Whether config.auto_lr.lr0 asks for the probe ('auto', any case)."""
+  return isinstance(lr0, str) and lr0.strip().lower() == 'auto'
+
+
+def initial_lr(config) -> float:
+  """config.auto_lr.lr0 as a number; for lr0='auto' the first candidate, a placeholder that the probe's pick
+  replaces before any step trains."""
+  lr0 = config.auto_lr.lr0
+  return float(config.auto_lr.lr0_candidates[0]) if is_auto(lr0) else float(lr0)
 
 
 def check(config) -> None:
@@ -85,7 +115,7 @@ def make_policy(config) -> policy.EpochPolicy:
   s = config.auto_lr
   # Item 3 (reference_compat): the public code's condition 2, "the best has not improved since the
   # previous checkpoint", which never fires at the first checkpoint.
-  lr = policy.auto_lr(lr0=s.lr0, window=s.window, rho=s.rho, max_epochs=s.max_epochs, min_lr=s.min_lr,
+  lr = policy.auto_lr(lr0=initial_lr(config), window=s.window, rho=s.rho, max_epochs=s.max_epochs, min_lr=s.min_lr,
                       condition2='reference' if config.reference_compat else 'paper')
   return policy.autolora_policy(lr, config.auto_scalars.l2_max,
                                 scalar_source='train' if config.reference_compat else 'validation')  # 2
@@ -94,4 +124,4 @@ def make_policy(config) -> policy.EpochPolicy:
 METHOD = core.Method(
     name='autolora', display_name='AutoLoRa', make_loss=make_loss, policy=make_policy,
     sections=('auto_lr', 'auto_scalars'), defaults=defaults, check_section=check_section, check=check,
-    model_overrides=model_overrides, in_default_comparison=True)
+    model_overrides=model_overrides, in_default_comparison=True, auto_lr0=True)

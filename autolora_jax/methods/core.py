@@ -99,6 +99,9 @@ class Method:
       update).
     needs_batchnorm: whether the method needs a network with BatchNorms (not a ViT).
     in_default_comparison: whether `python -m autolora_jax.compare` runs it without --methods.
+    auto_lr0: whether the method's policy starts at config.auto_lr.lr0, so that `config.auto_lr.lr0='auto'`
+      (a probe over config.auto_lr.lr0_candidates before the first epoch, autolora_jax/lr_probe.py) can
+      choose it; a run of another method refuses lr0='auto'.
   """
   name: str
   make_loss: Callable[[LossContext], LossFn]
@@ -117,6 +120,7 @@ class Method:
   deployed_branch: str = 'adv'
   needs_batchnorm: bool = False
   in_default_comparison: bool = False
+  auto_lr0: bool = False
 
   @property
   def title(self) -> str:
