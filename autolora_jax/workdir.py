@@ -42,7 +42,9 @@ ADDED_KEYS = {'model.precision': 'default', 'attack.norm': 'linf', 'autoattack.n
               'autoattack.attacks': [], 'model.lora_targets': ['q', 'k', 'v', 'proj', 'fc1', 'fc2'],
               'model.lora_init': 'normal', 'model.vit.dim': 0, 'model.vit.depth': 0, 'model.vit.heads': 0,
               'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
-              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
+              'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto',
+              'model.convnext.dim': 0, 'model.convnext.depths': [], 'model.swin.dim': 0, 'model.swin.heads': 0,
+              'model.swin.depths': [], 'model.swin.window': 7, 'model.drop_path': 0.0}
 
 
 def config_dict(config) -> dict:
