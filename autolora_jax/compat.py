@@ -14,7 +14,8 @@ Version 1 to 2:
   takes it from the run's pre-trained checkpoint).
 
 Version 2 to 3:
-* config.json: the automatic initial learning rate's keys (`V2_CONFIG_DEFAULTS`; lr0 itself is unchanged).
+* config.json: the keys of the automatic initial learning rate and of the ConvNeXt and Swin families
+  (`V2_CONFIG_DEFAULTS`; lr0 itself is unchanged).
 
 The converted checkpoints (`autolora_jax.convert`), the exported models (`autolora_jax.export`) and
 AutoAttack's resumable state (`autolora_jax.eval_progress`) carry format versions of their own.
@@ -38,8 +39,11 @@ V1_CONFIG_DEFAULTS: Dict[str, Any] = {
     'autoattack.points': 'first', 'eval.corruptions': [], 'eval.severities': [1, 2, 3, 4, 5],
     'eval.corruption_seed': 0, 'eval.corruption_points': 0, 'eval.corruption_source': 'auto'}
 
-# Config keys that version-2 runs lack (the lr0 probe's), at the value every such run computed.
-V2_CONFIG_DEFAULTS: Dict[str, Any] = {'auto_lr.lr0_candidates': [0.003, 0.01, 0.03, 0.1], 'auto_lr.probe_steps': 0}
+# Config keys that version-2 runs lack, at the value every such run computed.
+V2_CONFIG_DEFAULTS: Dict[str, Any] = {
+    'auto_lr.lr0_candidates': [0.003, 0.01, 0.03, 0.1], 'auto_lr.probe_steps': 0, 'model.convnext.dim': 0,
+    'model.convnext.depths': [], 'model.swin.dim': 0, 'model.swin.heads': 0, 'model.swin.depths': [],
+    'model.swin.window': 7, 'model.drop_path': 0.0}
 
 _UPGRADE = ('Upgrade autolora-jax (pip install -U autolora-jax) to read it, or use another folder for this '
             'version\'s runs.')

@@ -5,7 +5,11 @@ r"""Times our AutoLoRa steps after compilation and, where torch is installed, th
 For every (arch, resolution, batch) in the comma-separated flags and every part in --parts:
 
 Architectures: resnet18, resnet50 (the paper's) and vit_s16, vit_b16 (timm's ViT-S/16, ViT-B/16 with LoRa on
-q, k, v, proj, fc1, fc2; their reference is torch_reference.ViT, attention by F.scaled_dot_product_attention).
+q, k, v, proj, fc1, fc2; their reference is torch_reference.ViT, attention by F.scaled_dot_product_attention),
+convnext_t/s/b/l and swin_t/s/b/l (timm's layouts; LoRa on fc1, fc2 and on q, k, v, proj, fc1, fc2; their
+references are in torch_convnext_swin.py); --dim, --depths, --heads and --window shrink them for a quick run:
+
+    python -m benchmarks.step --arch=convnext_t,swin_t --resolution=224 --batch=32 --json=OUT.json
 
 * train: the AutoLoRa train step (PGD-`pgd_steps` with a random start, natural and adversarial forward,
   one update), `steps.make_train_step` jitted on one device with the state donated; against
@@ -58,19 +62,26 @@ from autolora_jax.ops import host  # noqa: E402
 try:
   import torch  # noqa: E402
 
-  from benchmarks import torch_reference  # noqa: E402
+  from benchmarks import torch_convnext_swin, torch_reference  # noqa: E402
+  REFERENCES = {**torch_reference.ARCHITECTURES, **torch_convnext_swin.ARCHITECTURES}
 except ImportError:  # torch is optional
   torch = None
-  torch_reference = None
+  torch_reference = torch_convnext_swin = None
+  REFERENCES = {}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('arch', ['resnet18'], 'Architectures: resnet18, resnet50, vit_s16, vit_b16.')
+flags.DEFINE_list('arch', ['resnet18'], 'Architectures: resnet18, resnet50, vit_s16, vit_b16, convnext_t/s/b/l, '
+                  'swin_t/s/b/l.')
 flags.DEFINE_list('resolution', ['224'], 'Input image sides, e.g. 32,224.')
 flags.DEFINE_list('batch', ['32'], 'Batch sizes.')
 flags.DEFINE_list('parts', ['train', 'eval', 'autoattack'], 'What to time: train, eval, autoattack.')
 flags.DEFINE_integer('input_size', 0, 'Side the model resizes its inputs to; 0 = the resolution.')
 flags.DEFINE_enum('stem', 'imagenet', ['imagenet', 'cifar'], 'ResNet stem (ViTs: the patch embedding).')
 flags.DEFINE_integer('width', 64, 'Channels of the first stage (64 = the real networks).')
+flags.DEFINE_integer('dim', 0, 'ConvNeXts and Swins: the first stage\'s width; 0 = the architecture\'s own.')
+flags.DEFINE_list('depths', [], 'ConvNeXts and Swins: blocks per stage (four); empty = the architecture\'s own.')
+flags.DEFINE_integer('heads', 0, 'Swins: heads of the first stage; 0 = the architecture\'s own.')
+flags.DEFINE_integer('window', 0, 'Swins: the attention window; 0 = 7, the architecture\'s own.')
 flags.DEFINE_integer('lora_rank', 8, 'LoRa rank.')
 flags.DEFINE_integer('num_classes', 10, 'Outputs of the head.')
 flags.DEFINE_integer('pgd_steps', 10, 'PGD steps of the train step and of the validation pass.')
@@ -194,12 +205,24 @@ def _gpu() -> bool:
 # The implementations: each `setup` returns (call, info); call() runs one batch and waits for it
 # ----------------------------------------------------------------------------------------------------------
 
+def _sizes(arch: str) -> dict:
+  """--dim, --depths, --heads, --window as the attributes of a ConvNeXt or Swin (none for the others)."""
+  depths = tuple(int(d) for d in FLAGS.depths)
+  if arch.startswith('convnext'):
+    return {**({'dims': tuple(FLAGS.dim * 2 ** i for i in range(4))} if FLAGS.dim else {}),
+            **({'depths': depths} if depths else {})}
+  if arch.startswith('swin'):
+    return {k: v for k, v in (('dim', FLAGS.dim), ('depths', depths), ('heads', FLAGS.heads),
+                              ('window', FLAGS.window)) if v}
+  return {}
+
+
 def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, data) -> tuple:
   conv_fn, pool_fn = ops.convolutions(FLAGS.conv_impl, jax.default_backend())
   common = dict(lora_rank=FLAGS.lora_rank, input_size=input_size, conv_fn=conv_fn, dtype=jnp.dtype(FLAGS.dtype))
   spec = models.spec(arch)
   stem = FLAGS.stem if FLAGS.stem in spec.stems else spec.stems[0]
-  model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common)
+  model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common, **_sizes(arch))
   x, y = data
   variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}
@@ -258,8 +281,9 @@ def reference(part: str, arch: str, resolution: int, input_size: int, batch: int
     return None, {'skipped': 'no PyTorch AutoAttack reference'}
   torch.manual_seed(FLAGS.seed)
   device = 'cuda' if (_gpu() and torch.cuda.is_available()) else 'cpu'
-  model = torch_reference.ARCHITECTURES[arch](FLAGS.num_classes, width=FLAGS.width, lora_rank=FLAGS.lora_rank,
-                                              input_size=input_size, stem=FLAGS.stem).to(device)
+  sizes = {'dim': FLAGS.dim, 'depths': [int(d) for d in FLAGS.depths], 'heads': FLAGS.heads, 'window': FLAGS.window}
+  model = REFERENCES[arch](FLAGS.num_classes, width=FLAGS.width, lora_rank=FLAGS.lora_rank, input_size=input_size,
+                           stem=FLAGS.stem, **(sizes if arch in torch_convnext_swin.ARCHITECTURES else {})).to(device)
   x = torch_reference.to_nchw(data[0]).to(device)
   y = torch.from_numpy(data[1].astype(np.int64)).to(device)
   if FLAGS.torch_channels_last:

@@ -31,6 +31,22 @@ def tiny_vit(num_classes=5, **kwargs):
   return models.vit_s16(num_classes, **kw)
 
 
+def tiny_convnext(num_classes=5, **kwargs):
+  """A ConvNeXt of widths 8-16-32-64 with one block per stage at 32x32 (the smallest size its stride of 32
+  takes): every layer of ConvNeXt-T, a fraction of the cost."""
+  kw = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), input_size=32, lora_targets=('fc1', 'fc2', 'downsample'))
+  kw.update(kwargs)
+  return models.spec('convnext_t').build(num_classes, **kw)
+
+
+def tiny_swin(num_classes=5, **kwargs):
+  """A Swin of width 8 (1 head, both doubled per stage), blocks (2, 2, 1, 1) and window 4 at 32x32: a
+  shifted, masked window stage and clamped ones, every layer of Swin-T."""
+  kw = dict(dim=8, heads=1, depths=(2, 2, 1, 1), window=4, input_size=32)
+  kw.update(kwargs)
+  return models.spec('swin_t').build(num_classes, **kw)
+
+
 def init(model, seed=0, size=16):
   """{'params', 'batch_stats'} of `model` ('batch_stats' empty for a ViT, as pretrain.init_variables)."""
   return {'batch_stats': {}, **model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))}

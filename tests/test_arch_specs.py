@@ -56,7 +56,7 @@ def test_no_module_outside_models_asks_whether_an_architecture_is_a_vit():
 def test_models_never_import_convert_and_the_mappings_import_no_other_part_of_convert():
   for path in _sources(os.path.join(PACKAGE, 'models')):
     assert not [m for m in _imports(path) if m.startswith('autolora_jax.convert')], path
-  for name in ('resnet', 'vit', 'common'):
+  for name in ('resnet', 'vit', 'convnext', 'swin', 'common'):
     path = os.path.join(PACKAGE, 'convert', f'{name}.py')
     others = {m for m in _imports(path)
               if m.startswith('autolora_jax.convert') and not m.startswith('autolora_jax.convert.common')}
@@ -64,19 +64,23 @@ def test_models_never_import_convert_and_the_mappings_import_no_other_part_of_co
 
 
 def test_every_architecture_has_one_spec_and_the_conversions_follow_from_them():
-  assert models.arch_names() == ('resnet18', 'resnet50', 'vit_s16', 'vit_b16')
+  assert models.arch_names() == ('convnext_t', 'convnext_s', 'convnext_b', 'convnext_l', 'resnet18', 'resnet50',
+                                 'swin_t', 'swin_s', 'swin_b', 'swin_l', 'vit_s16', 'vit_b16')
   assert dict(models.ARCHITECTURES) == {s.name: s.builder for s in models.specs()}
-  assert [s.name for s in models.specs() if not s.has_batchnorm] == ['vit_s16', 'vit_b16']
+  assert [s.name for s in models.specs() if s.has_batchnorm] == ['resnet18', 'resnet50']
   assert models.is_vit('vit_b16') and not models.is_vit('resnet50') and not models.is_vit('unknown')
+  convnexts = {f'convnext_{s}{stem}' for s in 'tsbl' for stem in ('', '_convstem')}
   assert set(convert.ARCHS) == {'resnet18', 'resnet50', 'resnet18_cifar', 'resnet50_cifar', 'vit_s16', 'vit_b16',
-                                'vit_s16_convstem', 'vit_b16_convstem'}
+                                'vit_s16_convstem', 'vit_b16_convstem', 'swin_t', 'swin_s', 'swin_b', 'swin_l',
+                                *convnexts}
+  assert convert.mapping('convnext_b') is convert.convnext and convert.mapping('swin_t') is convert.swin
   assert convert.ARCHS['vit_b16_convstem'] == ('vit_b16', 'convstem')
   assert convert.mapping('resnet50') is convert.resnet and convert.mapping('vit_s16') is convert.vit
-  with pytest.raises(ValueError, match=r"Unknown architecture 'resnet34': choose one of \('resnet18', "):
+  with pytest.raises(ValueError, match=r"Unknown architecture 'resnet34': choose one of \('convnext_t', "):
     models.spec('resnet34')
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'vit_s16', 'vit_b16'])
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'vit_s16', 'vit_b16', 'convnext_b', 'swin_b'])
 def test_the_paper_configs_pretrained_folder_is_the_specs_checkpoint(arch):
   config = default.get_config()
   config.pretrained = default.robust_imagenet_fe(config)

@@ -119,6 +119,19 @@ def test_step_benchmark_runs_and_writes_json(tmp_path):
   assert {'machine', 'settings'} <= set(result)
 
 
+@pytest.mark.slow
+def test_step_benchmark_runs_convnext_and_swin_at_a_tiny_size(tmp_path):
+  """The lead's command (--arch=convnext_t,swin_t) with the families shrunk to run in seconds."""
+  out = tmp_path / 'bench.json'
+  cmd = [sys.executable, '-m', 'benchmarks.step', '--arch=convnext_t,swin_t', '--resolution=32', '--batch=2',
+         '--reps=1', '--parts=train', '--dim=8', '--depths=1,1,1,1', '--heads=1', '--window=4', f'--json={out}']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cases = json.loads(out.read_text())['cases']
+  assert [c['arch'] for c in cases] == ['convnext_t', 'swin_t'] and all(c['ours_img_per_s'] > 0 for c in cases)
+  assert all('ours_peak_bytes' in c for c in cases)
+
+
 def models_forward_flops():
   """FLOPs of one forward pass of the width-8 ResNet-18 at 32 x 32, counted by hand (2 per multiply-add)."""
   total, side, c_in = 2 * 16 * 16 * 7 * 7 * 3 * 8, 8, 8  # stem: 32 -> 16, then max-pool -> 8

@@ -24,6 +24,9 @@ assert jax.device_count() == 4, jax.devices()
 METHOD = '__METHOD__'
 if METHOD == 'vit':  # AutoLoRa on a ViT (no BatchNorm: what is synchronised is the gradient alone)
   model, METHOD = helpers.tiny_vit(), 'autolora'
+elif METHOD in ('convnext', 'swin'):  # the same on a ConvNeXt, a Swin (at 16x16 inputs resized to 32 inside)
+  model = helpers.tiny_convnext() if METHOD == 'convnext' else helpers.tiny_swin()
+  METHOD = 'autolora'
 else:
   model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
 variables = helpers.init(model)
@@ -52,7 +55,7 @@ print(json.dumps({'params': diff(one.params, four.params), 'batch_stats': diff(o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['autolora', 'twins', 'vit'])
+@pytest.mark.parametrize('method', ['autolora', 'twins', 'vit', 'convnext', 'swin'])
 def test_four_devices_match_one_device(method):
   """AutoLoRa, TWINS (its halves: the even and odd positions of the global batch on any device count;
   only the adaptive BNs' statistics are synchronised, the frozen ones use none) and AutoLoRa on a ViT."""

@@ -57,7 +57,8 @@ def _group_norms(grads):
   return out
 
 
-@pytest.mark.parametrize('make_model', [helpers.tiny_resnet18, helpers.tiny_vit], ids=['resnet', 'vit'])
+@pytest.mark.parametrize('make_model', [helpers.tiny_resnet18, helpers.tiny_vit, helpers.tiny_convnext,
+                                        helpers.tiny_swin], ids=['resnet', 'vit', 'convnext', 'swin'])
 def test_gradient_routing_is_exact(make_model):
   """The natural loss reaches no FE parameter (a ViT's: every dense kernel and bias, LayerNorm scale and
   bias, the patch embedding, class token and position embedding), the adversarial one no LoRa parameter."""

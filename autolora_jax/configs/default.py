@@ -51,6 +51,8 @@ def get_config():
   # with one on its dense layers (lora_targets).
   config.model = ml_collections.ConfigDict()
   # 'resnet18' | 'resnet50' | 'vit_s16' | 'vit_b16' (ViT-S/16, ViT-B/16 in timm's layout, autolora_jax/models/vit.py)
+  # | 'convnext_t' | 'convnext_s' | 'convnext_b' | 'convnext_l' (models/convnext.py; stem 'convstem' too)
+  # | 'swin_t' | 'swin_s' | 'swin_b' | 'swin_l' (models/swin.py); docs/vit.md
   config.model.arch = 'resnet18'
   config.model.width = 64  # ResNets: channels of the first stage
   config.model.lora_rank = 8
@@ -62,8 +64,17 @@ def get_config():
   config.model.lora_init = 'normal'  # ViTs: A ~ 'normal' N(0, 1) (as the conv branch) | 'kaiming_uniform'
   # ViTs: width, blocks and heads for experiments and tests; 0 = the architecture's own (models.VIT_SIZES).
   config.model.vit = ml_collections.ConfigDict(dict(dim=0, depth=0, heads=0))
+  # ConvNeXts: the first stage's width (doubled per stage) and the blocks per stage; 0 and () = the
+  # architecture's own (models.convnext.CONVNEXT_SIZES). Their LoRa targets: 'fc1', 'fc2', 'downsample' (the
+  # default lora_targets above means fc1 and fc2).
+  config.model.convnext = ml_collections.ConfigDict(dict(dim=0, depths=()))
+  # Swins: width, heads (of the first stage, doubled per stage), blocks per stage, the attention window
+  # (models.swin.SWIN_SIZES; 0 and () = the architecture's own); lora_targets as a ViT's.
+  config.model.swin = ml_collections.ConfigDict(dict(dim=0, heads=0, depths=(), window=7))
+  # ConvNeXts and Swins: stochastic depth, off when fine-tuning (only 0.0 is implemented).
+  config.model.drop_path = 0.0
   config.model.input_size = 224  # inputs are resized (nearest) to this inside the model
-  # ResNets: 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1); ViTs: 'imagenet' (16x16 patches) | 'convstem'
+  # ResNets: 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1); ViTs and ConvNeXts: 'imagenet' (patches) | 'convstem'
   config.model.stem = 'imagenet'
   config.model.mean = IMAGENET_MEAN
   config.model.std = IMAGENET_STD

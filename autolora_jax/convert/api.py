@@ -42,7 +42,7 @@ def convert_state_dict(weights: Dict[str, np.ndarray], arch: str, source: str = 
   """
   model_arch, stem = families.check_arch(arch)
   mapping = families.mapping(model_arch)
-  if mapping.ANCHOR not in weights:
+  if not any(a in weights for a in families.anchors(mapping)):
     other = families.identify(weights)
     if other is not None:
       name = other.describe(weights)
@@ -82,7 +82,10 @@ def export_state_dict(variables: dict, arch: str) -> Dict[str, np.ndarray]:
   for path, value in deployed_paths(variables):
     key = mapping.torch_key(path, stem)
     value = np.asarray(value, np.float32)
-    state[key] = np.ascontiguousarray(torch_layout(value))
+    # A mapping may define torch_value(path, value) for a leaf whose layout is not the convolution's or
+    # the linear layer's (a Swin's relative position bias table).
+    value = mapping.torch_value(path, value) if hasattr(mapping, 'torch_value') else torch_layout(value)
+    state[key] = np.ascontiguousarray(value)
     if key.endswith('.running_var'):
       state[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
   return state

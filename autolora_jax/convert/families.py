@@ -4,7 +4,8 @@
 A mapping module (convert/resnet.py, convert/vit.py) provides:
 
 * LABEL: the family in messages ('ResNet'); ANCHOR: a state-dict key only its checkpoints have (it also
-  tells the prefix the network sits under); ANCHOR_NAME: that key described for messages.
+  tells the prefix the network sits under); optionally ANCHORS, every such key of the layouts it reads
+  (ANCHOR first); ANCHOR_NAME: that key described for messages.
 * describe(weights) -> str: what a prefix-free state dict of the family holds; an --arch name when it is one.
 * convert_state_dict(weights, arch, model_arch, stem, source) -> (variables, report).
 * meta(report) -> dict: the converted meta's family fields ('width' always).
@@ -50,9 +51,14 @@ def mappings() -> Tuple:
   return tuple(importlib.import_module(n) for n in names)
 
 
+def anchors(mapping_module) -> Tuple[str, ...]:
+  """The keys that mark a state dict of a mapping's family: its ANCHORS, or its ANCHOR alone."""
+  return tuple(getattr(mapping_module, 'ANCHORS', (mapping_module.ANCHOR,)))
+
+
 def identify(weights: Dict) -> Optional[object]:
-  """The mapping whose ANCHOR a prefix-free state dict has, or None."""
-  return next((m for m in mappings() if m.ANCHOR in weights), None)
+  """The mapping one of whose anchors a prefix-free state dict has, or None."""
+  return next((m for m in mappings() if any(a in weights for a in anchors(m))), None)
 
 
-__all__ = ['ARCHS', 'check_arch', 'identify', 'mapping', 'mappings']
+__all__ = ['ARCHS', 'anchors', 'check_arch', 'identify', 'mapping', 'mappings']

@@ -136,7 +136,7 @@ def split_state_dict(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray
     deliberately not used: the attacker's duplicate, the normaliser) and info['unused'] (other keys that do
     not belong to the network).
   """
-  anchors = [m.ANCHOR for m in families.mappings()]
+  anchors = [a for m in families.mappings() for a in families.anchors(m)]
   prefix = next((p for p in _PREFIXES if any(p + a in state for a in anchors)), None)
   if prefix is None:
     labels = [m.LABEL for m in families.mappings()]

@@ -7,7 +7,9 @@ normalisation), then the network under the key names of `convert.export_state_di
 * ResNet-18/50 in torchvision's layout (stem 'imagenet': 7x7/2 convolution and 3x3/2 max-pool) or the CIFAR
   layout (stem 'cifar': 3x3/1 convolution, projections 'shortcut.0/1', head 'linear');
 * ViT-S/16 and ViT-B/16 in timm's layout (pre-norm blocks, fused qkv, exact GELU, LayerNorm eps 1e-6, the
-  head on the class token), with the patch embedding or Singh et al.'s ConvStem (`patch_embed.proj.stem.K`).
+  head on the class token), with the patch embedding or Singh et al.'s ConvStem (`patch_embed.proj.stem.K`);
+* ConvNeXt-T/S/B/L in timm's layout, with the patchify stem or Singh et al.'s ConvStem (`stem.stem.K`);
+* Swin-T/S/B/L in timm's current layout (patch merging at the start of layers 1-3, head.fc).
 
 Every module is scriptable (`torch.jit.script`); nothing here imports JAX or the rest of the package.
 """
@@ -226,6 +228,220 @@ class ViT(nn.Module):
     return self.head(x[:, 0])
 
 
+class ConvNeXtBlock(nn.Module):
+  """timm's ConvNeXtBlock: depthwise 7x7, channels-last LayerNorm and MLP, layer scale, residual."""
+
+  def __init__(self, dim: int):
+    super().__init__()
+    self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+    self.norm = nn.LayerNorm(dim, eps=VIT_LAYER_NORM_EPS)
+    self.mlp = Mlp(dim, 4 * dim)
+    self.gamma = nn.Parameter(torch.ones(dim))
+
+  def forward(self, x):
+    y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    return x + y * self.gamma.reshape(1, -1, 1, 1)
+
+
+class ConvNeXtStage(nn.Module):
+
+  def __init__(self, c_in: int, dim: int, depth: int):
+    super().__init__()
+    self.downsample = (nn.Sequential(ChannelsFirstLayerNorm(c_in), nn.Conv2d(c_in, dim, 2, 2)) if c_in != dim
+                       else nn.Identity())
+    self.blocks = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
+
+  def forward(self, x):
+    return self.blocks(self.downsample(x))
+
+
+class ConvNeXtStem(nn.Module):
+  """Singh et al.'s ConvStem of a ConvNeXt: [3x3 convolution, channels-first LayerNorm, GELU] per layer."""
+
+  def __init__(self, dim: int, layout: str, in_channels: int = 3):
+    super().__init__()
+    layers = [(dim // 2, 2), (dim, 2)] if layout == 'two' else [(dim // 2, 2), (3 * dim // 4, 2), (dim, 1)]
+    mods: List[nn.Module] = []
+    c_in = in_channels
+    for c, stride in layers:
+      mods += [nn.Conv2d(c_in, c, 3, stride, 1), ChannelsFirstLayerNorm(c), nn.GELU()]
+      c_in = c
+    self.stem = nn.Sequential(*mods)
+
+  def forward(self, x):
+    return self.stem(x)
+
+
+class ConvNeXtHead(nn.Module):
+
+  def __init__(self, dim: int, num_classes: int):
+    super().__init__()
+    self.norm = nn.LayerNorm(dim, eps=VIT_LAYER_NORM_EPS)
+    self.fc = nn.Linear(dim, num_classes)
+
+  def forward(self, x):
+    return self.fc(self.norm(x.mean((2, 3))))
+
+
+class ConvNeXt(nn.Module):
+  """timm's ConvNeXt (no drop path), the patchify stem or the ConvStem; normalised inputs."""
+
+  def __init__(self, num_classes: int, depths: Sequence[int], dims: Sequence[int], stem: str,
+               convstem_layout: str = 'two', in_channels: int = 3):
+    super().__init__()
+    if stem == 'convstem':
+      self.stem: nn.Module = ConvNeXtStem(dims[0], convstem_layout, in_channels)
+    else:
+      self.stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], 4, 4), ChannelsFirstLayerNorm(dims[0]))
+    stages: List[nn.Module] = []
+    c_in = dims[0]
+    for d, n in zip(dims, depths):
+      stages.append(ConvNeXtStage(c_in, d, n))
+      c_in = d
+    self.stages = nn.Sequential(*stages)
+    self.head = ConvNeXtHead(dims[-1], num_classes)
+
+  def forward(self, x):
+    return self.head(self.stages(self.stem(x)))
+
+
+def _relative_position_index(window: int, table_window: int) -> torch.Tensor:
+  coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')).flatten(1)
+  rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)
+  return rel[0] * (2 * table_window - 1) + rel[1]
+
+
+def _shift_mask(grid: int, window: int, shift: int) -> torch.Tensor:
+  regions = torch.zeros(grid, grid)
+  cuts = [(0, grid - window), (grid - window, grid - shift), (grid - shift, grid)]
+  k = 0
+  for h0, h1 in cuts:
+    for w0, w1 in cuts:
+      regions[h0:h1, w0:w1] = k
+      k += 1
+  ids = regions.view(grid // window, window, grid // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+  return (ids[:, None, :] != ids[:, :, None]).float() * -100.0
+
+
+class WindowAttention(nn.Module):
+
+  def __init__(self, dim: int, heads: int, window: int, table_window: int):
+    super().__init__()
+    self.heads = heads
+    self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * table_window - 1) ** 2, heads))
+    self.register_buffer('index', _relative_position_index(window, table_window).reshape(-1), persistent=False)
+    self.qkv = nn.Linear(dim, 3 * dim)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x, mask: Optional[torch.Tensor]):
+    b, n, c = x.shape
+    hd = c // self.heads
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+    attn = torch.matmul(qkv[0] * (hd ** -0.5), qkv[1].transpose(-2, -1))
+    attn = attn + self.relative_position_bias_table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = (attn.view(b // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, self.heads, n, n)
+    y = torch.matmul(torch.softmax(attn, dim=-1), qkv[2])
+    return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class SwinBlock(nn.Module):
+  """timm's SwinTransformerBlock on (N, H, W, C), the window clamped to the grid as timm does."""
+
+  def __init__(self, dim: int, heads: int, grid: int, window: int, shift: int):
+    super().__init__()
+    w = min(grid, window)
+    self.window = w
+    self.shift = 0 if grid <= window else shift
+    self.norm1 = nn.LayerNorm(dim)
+    self.attn = WindowAttention(dim, heads, w, window)
+    self.norm2 = nn.LayerNorm(dim)
+    self.mlp = Mlp(dim, 4 * dim)
+    self.register_buffer('mask', _shift_mask(grid, w, self.shift) if self.shift else torch.zeros(0),
+                         persistent=False)
+
+  def forward(self, x):
+    b, h, w, c = x.shape
+    ws = self.window
+    y = self.norm1(x)
+    if self.shift > 0:
+      y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+    win = y.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+    win = self.attn(win, self.mask if self.shift > 0 else None)
+    y = win.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    if self.shift > 0:
+      y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+    x = x + y
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+
+  def __init__(self, dim: int):
+    super().__init__()
+    self.norm = nn.LayerNorm(4 * dim)
+    self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+  def forward(self, x):
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+    return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+
+  def __init__(self, dim: int, depth: int, heads: int, grid: int, window: int, downsample: bool):
+    super().__init__()
+    self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+    self.blocks = nn.Sequential(*[SwinBlock(dim, heads, grid, window, 0 if j % 2 == 0 else window // 2)
+                                  for j in range(depth)])
+
+  def forward(self, x):
+    return self.blocks(self.downsample(x))
+
+
+class SwinPatchEmbed(nn.Module):
+
+  def __init__(self, dim: int, in_channels: int = 3):
+    super().__init__()
+    self.proj = nn.Conv2d(in_channels, dim, 4, 4)
+    self.norm = nn.LayerNorm(dim)
+
+  def forward(self, x):
+    return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinHead(nn.Module):
+
+  def __init__(self, dim: int, num_classes: int):
+    super().__init__()
+    self.fc = nn.Linear(dim, num_classes)
+
+  def forward(self, x):
+    return self.fc(x.mean((1, 2)))
+
+
+class Swin(nn.Module):
+  """timm's SwinTransformer (current layout, no drop path) for `input_size` inputs; normalised inputs."""
+
+  def __init__(self, num_classes: int, depths: Sequence[int], dim: int, heads: int, window: int, input_size: int,
+               in_channels: int = 3):
+    super().__init__()
+    self.patch_embed = SwinPatchEmbed(dim, in_channels)
+    grid = input_size // 4
+    stages: List[nn.Module] = []
+    for i, d in enumerate(depths):
+      stages.append(SwinStage(dim * 2 ** i, d, heads * 2 ** i, grid // 2 ** i, window, i > 0))
+    self.layers = nn.Sequential(*stages)
+    width = dim * 2 ** (len(depths) - 1)
+    self.norm = nn.LayerNorm(width)
+    self.head = SwinHead(width, num_classes)
+
+  def forward(self, x):
+    return self.head(self.norm(self.layers(self.patch_embed(x))))
+
+
 class Deployed(nn.Module):
   """Images in [0, 1] (N, C, H, W) -> logits: nearest resize, clamp, normalisation, then `net`."""
 
@@ -251,12 +467,18 @@ class Deployed(nn.Module):
 
 def build(spec: dict) -> Deployed:
   """The deployed model `spec` (export's model.json: arch, stem, width, num_classes, in_channels,
-  model_input_size, mean, std, and a ViT's dim, depth, heads, patch_size, mlp_ratio) describes, with fresh
-  weights."""
+  model_input_size, mean, std; a ViT's dim, depth, heads, patch_size, mlp_ratio; a ConvNeXt's depths, dims,
+  convstem_layout; a Swin's depths, dim, heads, window) describes, with fresh weights."""
   arch, stem, c = spec['arch'], spec['stem'], int(spec.get('in_channels', 3))
   size = int(spec['model_input_size'])
   if arch in RESNET_BLOCKS:
     net: nn.Module = ResNet(arch, int(spec['num_classes']), int(spec['width']), stem, c)
+  elif arch.startswith('convnext'):
+    net = ConvNeXt(int(spec['num_classes']), [int(d) for d in spec['depths']], [int(d) for d in spec['dims']], stem,
+                   str(spec.get('convstem_layout', 'two')), c)
+  elif arch.startswith('swin'):
+    net = Swin(int(spec['num_classes']), [int(d) for d in spec['depths']], int(spec['dim']), int(spec['heads']),
+               int(spec['window']), size, c)
   else:
     patch = int(spec.get('patch_size', 16))
     net = ViT(int(spec['num_classes']), int(spec['dim']), int(spec['depth']), int(spec['heads']),
