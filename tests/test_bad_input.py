@@ -64,7 +64,7 @@ def expect_refusal(config, paths, error, message, **kwargs):
 
 CONFIG_CASES = [
     ('method', 'autolora2', "config.method='autolora2' is not supported: choose one of ('autolora', "),
-    ('model.arch', 'resnet34', "config.model.arch='resnet34' is not supported: choose one of ('resnet18', "),
+    ('model.arch', 'resnet34', "config.model.arch='resnet34' is not supported: choose one of ('convnext_t', "),
     ('model.lora_rank', 0, 'config.model.lora_rank must be a positive integer for AutoLoRa'),
     ('model.lora_rank', -2, 'config.model.lora_rank must be an integer >= 0'),
     ('attack.eps', 0.0, 'config.attack.eps must lie in (0.0, 1.0], got 0.0'),
