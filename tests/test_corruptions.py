@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 import tiny_runs
-from autolora_jax import compare, config_checks, corruptions, reporting, sampling
+from autolora_jax import compare, compat, config_checks, corruptions, reporting, sampling
 from autolora_jax import workdir as workdir_lib
 from autolora_jax.configs import default
 from autolora_jax.data.memory import ArrayDataset, load_digits, load_mnist5k
@@ -206,11 +206,12 @@ def test_older_workdirs_without_the_eval_section_resume():
   new = workdir_lib.config_dict(default.get_config())
   old = json.loads(json.dumps(new))
   del old['eval']
+  old = compat.upgrade_config(old)  # as the workdir reads it
   assert workdir_lib.config_differences(old, new) == []
   changed = default.get_config()
   changed.eval.corruptions = ('fog',)
   assert workdir_lib.config_differences(old, workdir_lib.config_dict(changed)) == [
-      "eval.corruptions: '<absent>' -> ['fog']"]
+      "eval.corruptions: [] -> ['fog']"]
 
 
 def _results(best, final=None):
