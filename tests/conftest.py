@@ -15,7 +15,9 @@ import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'autolora-jax-test-xla'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# What compiles in milliseconds (the operations run outside jit) is not written: with thousands of entries
+# every write to the bounded cache, which reads each entry's size and time, takes longer than a compile.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 # A bounded cache is a locked one: the processes of the multi-process tests read and write it at once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 

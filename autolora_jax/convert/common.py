@@ -3,6 +3,7 @@ template and putting state-dict keys on it."""
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
@@ -59,6 +60,35 @@ def template(model, input_size: int) -> Dict[str, Tuple[int, ...]]:
   x = jnp.zeros((1, input_size, input_size, 3))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
+
+
+def module_path(mods: Sequence[str], numbered: Sequence[str]) -> str:
+  """The Flax module path of a timm key's module names: a number after one of `numbered` joins it
+  (['blocks', '3', 'mlp'] -> 'blocks_3/mlp')."""
+  names = []
+  for m in mods:
+    if m.isdigit() and names and names[-1] in numbered:
+      names[-1] = f'{names[-1]}_{m}'
+    else:
+      names.append(m)
+  return '/'.join(names)
+
+
+def torch_modules(mods: Sequence[str], numbered: Sequence[str]) -> list:
+  """`module_path`'s inverse, on the path's parts: ['blocks_3', 'mlp'] -> ['blocks', '3', 'mlp']."""
+  names = []
+  for m in mods:
+    found = re.fullmatch(rf'({"|".join(numbered)})_(\d+)', m)
+    names += [found.group(1), found.group(2)] if found else [m]
+  return names
+
+
+def weight_path(module: str, leaf: str, value: np.ndarray) -> str:
+  """'params/<module>/bias' for a bias; for a weight '.../scale' when it is 1-D (a LayerNorm's), else
+  '.../kernel'."""
+  if leaf == 'bias':
+    return f'params/{module}/bias'
+  return f'params/{module}/' + ('scale' if np.ndim(value) == 1 else 'kernel')
 
 
 def map_weights(weights: Dict[str, np.ndarray], shapes: Dict[str, Tuple[int, ...]], path_of, arch: str):

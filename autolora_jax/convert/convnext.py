@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from autolora_jax import models
-from autolora_jax.convert.common import converted_archs, map_weights, template
+from autolora_jax.convert.common import converted_archs, map_weights, module_path, template, torch_modules, weight_path
 from autolora_jax.errors import CheckpointError
 
 LABEL = 'ConvNeXt'
@@ -51,23 +51,14 @@ def flax_path(key: str, value: np.ndarray):
   leaf, mods = parts[-1], parts[:-1]
   if not mods or leaf not in ('weight', 'bias', 'gamma'):
     return None
-  names = []
-  for m in mods:
-    if m.isdigit() and names and names[-1] in _NUMBERED:
-      names[-1] = f'{names[-1]}_{m}'
-    else:
-      names.append(m)
-  if names[:1] == ['head'] and len(names) == 2:
-    names = {'norm': ['head_norm'], 'fc': ['head']}.get(names[1], names)
-  module = '/'.join(names)
+  module = module_path(mods, _NUMBERED)
+  module = {'head/norm': 'head_norm', 'head/fc': 'head'}.get(module, module)
   if leaf == 'gamma':
     return f'params/{module}/gamma' if re.fullmatch(r'stages_\d+/blocks_\d+', module) else None
   if not re.fullmatch(r'(stem_[01]|stem/stem_\d+|stages_\d+/downsample_[01]|stages_\d+/blocks_\d+/(conv_dw|norm|'
                       r'mlp/fc1|mlp/fc2)|head_norm|head)', module):
     return None
-  if leaf == 'bias':
-    return f'params/{module}/bias'
-  return f'params/{module}/' + ('scale' if value.ndim == 1 else 'kernel')
+  return weight_path(module, leaf, value)
 
 
 def torch_key(path: str, stem: str = 'imagenet') -> str:
@@ -78,11 +69,7 @@ def torch_key(path: str, stem: str = 'imagenet') -> str:
     mods = ['head', 'norm']
   elif mods == ['head']:
     mods = ['head', 'fc']
-  names = []
-  for m in mods:
-    found = re.fullmatch(r'(stem|stages|blocks|downsample)_(\d+)', m)
-    names += [found.group(1), found.group(2)] if found else [m]
-  return '.'.join(names + [{'bias': 'bias', 'gamma': 'gamma'}.get(leaf, 'weight')])
+  return '.'.join(torch_modules(mods, _NUMBERED) + [{'bias': 'bias', 'gamma': 'gamma'}.get(leaf, 'weight')])
 
 
 def summary(weights: Dict[str, np.ndarray]) -> dict:

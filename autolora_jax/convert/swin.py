@@ -20,7 +20,15 @@ import numpy as np
 from flax import traverse_util
 
 from autolora_jax import models
-from autolora_jax.convert.common import converted_archs, map_weights, template, torch_layout
+from autolora_jax.convert.common import (
+  converted_archs,
+  map_weights,
+  module_path,
+  template,
+  torch_layout,
+  torch_modules,
+  weight_path,
+)
 from autolora_jax.errors import CheckpointError
 
 LABEL = 'Swin'
@@ -28,6 +36,7 @@ ANCHOR = 'layers.0.blocks.0.attn.relative_position_bias_table'
 ANCHOR_NAME = "relative position bias table 'layers.0.blocks.0.attn.relative_position_bias_table'"
 TABLE = 'relative_position_bias_table'
 _BUFFERS = ('relative_position_index', 'attn_mask')
+_NUMBERED = ('layers', 'blocks')
 
 
 def current_keys(weights: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], list]:
@@ -50,24 +59,15 @@ def flax_path(key: str, value: np.ndarray):
   """'params/<module path>/<leaf>' of a timm Swin key, or None for a key this model does not have."""
   parts = key.split('.')
   leaf, mods = parts[-1], parts[:-1]
-  names = []
-  for m in mods:
-    if m.isdigit() and names and names[-1] in ('layers', 'blocks'):
-      names[-1] = f'{names[-1]}_{m}'
-    else:
-      names.append(m)
-  if names == ['head', 'fc']:
-    names = ['head']
-  module = '/'.join(names)
+  module = module_path(mods, _NUMBERED)
+  module = 'head' if module == 'head/fc' else module
   if leaf == TABLE:
     return f'params/{module}/{TABLE}' if re.fullmatch(r'layers_\d+/blocks_\d+/attn', module) else None
   if leaf not in ('weight', 'bias') or not re.fullmatch(
       r'(patch_embed/(proj|norm)|layers_\d+/downsample/(norm|reduction)|layers_\d+/blocks_\d+/(norm1|norm2|'
       r'attn/(qkv|proj)|mlp/(fc1|fc2))|norm|head)', module):
     return None
-  if leaf == 'bias':
-    return f'params/{module}/bias'
-  return f'params/{module}/' + ('scale' if value.ndim == 1 else 'kernel')
+  return weight_path(module, leaf, value)
 
 
 def torch_key(path: str, stem: str = 'imagenet') -> str:
@@ -76,11 +76,7 @@ def torch_key(path: str, stem: str = 'imagenet') -> str:
   _, *mods, leaf = path.split('/')
   if mods == ['head']:
     mods = ['head', 'fc']
-  names = []
-  for m in mods:
-    found = re.fullmatch(r'(layers|blocks)_(\d+)', m)
-    names += [found.group(1), found.group(2)] if found else [m]
-  return '.'.join(names + [{'bias': 'bias', TABLE: TABLE}.get(leaf, 'weight')])
+  return '.'.join(torch_modules(mods, _NUMBERED) + [{'bias': 'bias', TABLE: TABLE}.get(leaf, 'weight')])
 
 
 def torch_value(path: str, value: np.ndarray) -> np.ndarray:

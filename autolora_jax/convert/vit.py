@@ -20,12 +20,13 @@ import numpy as np
 from flax import traverse_util
 
 from autolora_jax import models
-from autolora_jax.convert.common import converted_archs, map_weights, template
+from autolora_jax.convert.common import converted_archs, map_weights, module_path, template, torch_modules, weight_path
 from autolora_jax.errors import CheckpointError
 
 LABEL = 'ViT'
 ANCHOR = 'cls_token'  # the key that marks a ViT state dict (and its prefix)
 ANCHOR_NAME = "class token 'cls_token'"
+_NUMBERED = ('blocks', 'stem')
 
 
 def flax_path(key: str, value: np.ndarray):
@@ -36,19 +37,11 @@ def flax_path(key: str, value: np.ndarray):
   leaf, mods = parts[-1], parts[:-1]
   if leaf not in ('weight', 'bias') or not mods:
     return None
-  names = []
-  for m in mods:
-    if m.isdigit() and names and names[-1] in ('blocks', 'stem'):
-      names[-1] = f'{names[-1]}_{m}'
-    else:
-      names.append(m)
-  module = '/'.join(names)
+  module = module_path(mods, _NUMBERED)
   if not re.fullmatch(r'(patch_embed/proj(/stem_\d+)?|blocks_\d+/(norm1|norm2|attn/(qkv|proj)|mlp/(fc1|fc2))'
                       r'|norm|head)', module):
     return None
-  if leaf == 'bias':
-    return f'params/{module}/bias'
-  return f'params/{module}/' + ('scale' if value.ndim == 1 else 'kernel')
+  return weight_path(module, leaf, value)
 
 
 def torch_key(path: str, stem: str = 'imagenet') -> str:
@@ -57,11 +50,7 @@ def torch_key(path: str, stem: str = 'imagenet') -> str:
   _, *mods, leaf = path.split('/')
   if not mods:
     return leaf  # cls_token, pos_embed
-  names = []
-  for m in mods:
-    found = re.fullmatch(r'(blocks|stem)_(\d+)', m)
-    names += [found.group(1), found.group(2)] if found else [m]
-  return '.'.join(names + ['bias' if leaf == 'bias' else 'weight'])
+  return '.'.join(torch_modules(mods, _NUMBERED) + ['bias' if leaf == 'bias' else 'weight'])
 
 
 def describe(weights: Dict[str, np.ndarray]) -> str:

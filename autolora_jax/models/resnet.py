@@ -73,6 +73,28 @@ def torch_nearest_resize(x, size):
   return x[:, index(h)][:, :, index(w)]
 
 
+def model_input(x, size: int, mean, std):
+  """Images x (N, H, W, C) in [0, 1] as every model's first layer sees them: resized to (size, size) with
+  `torch_nearest_resize`, clamped to [0, 1] and normalised by the per-channel mean and std (None: as they are)."""
+  x = jnp.clip(torch_nearest_resize(x, size), 0.0, 1.0)
+  if mean is not None:
+    x = (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+  return x
+
+
+def check_call(branch: str, precision: str, family: Optional[str] = None, bn: str = 'adaptive',
+               twin_bn: bool = False) -> None:
+  """ValueError for a forward pass's `branch` or matmul `precision` no model takes; with `family` (a model
+  without BatchNorm, e.g. 'ViT'), also for a BatchNorm mode other than 'adaptive' or twin_bn=True."""
+  if branch not in BRANCHES:
+    raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
+  if family is not None and (bn != 'adaptive' or twin_bn):
+    raise ValueError(f"A {family} has no BatchNorm: twin_bn must be False and bn 'adaptive' (of {TWIN_MODES}), "
+                     f'got twin_bn={twin_bn}, bn={bn!r}.')
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}.')
+
+
 
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock (expansion 1)."""
@@ -169,13 +191,10 @@ class ResNet(nn.Module):
 
     `bn` ('adaptive' | 'frozen' | 'mix'): which BatchNorm of each doubled pair (twin_bn only).
     """
-    if branch not in BRANCHES:
-      raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
+    check_call(branch, self.precision)
     if bn not in TWIN_MODES or (bn != 'adaptive' and not self.twin_bn):
       raise ValueError(f"bn={bn!r}: a model with twin_bn=True takes one of {TWIN_MODES}; any other only "
                        "'adaptive'.")
-    if self.precision not in PRECISIONS:
-      raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}.')
     with jax.default_matmul_precision(self.precision):
       return self._forward(x, branch, train, bn)
 
@@ -190,10 +209,7 @@ class ResNet(nn.Module):
     def plain_conv(features, k, strides, padding, name):
       return LoRaConv(features, k, strides, padding, conv_fn=self.conv_fn, dtype=self.dtype, name=name)
 
-    x = torch_nearest_resize(x, self.input_size)
-    x = jnp.clip(x, 0.0, 1.0)
-    if self.mean is not None:
-      x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+    x = model_input(x, self.input_size, self.mean, self.std)
 
     if self.stem == 'imagenet':
       x = plain_conv(self.width, 7, 2, 3, 'conv1')(x)

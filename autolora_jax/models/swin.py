@@ -35,16 +35,14 @@ import numpy as np
 
 from autolora_jax.errors import ConfigError
 from autolora_jax.models.archs import ArchSpec
-from autolora_jax.models.batchnorm import TWIN_MODES
 from autolora_jax.models.convnext import PatchConv
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (
-  BRANCHES,
   IMAGENET_MEAN,
   IMAGENET_STD,
-  PRECISIONS,
+  check_call,
+  model_input,
   torch_linear_uniform,
-  torch_nearest_resize,
 )
 from autolora_jax.models.vit import LORA_INITS, LORA_TARGETS, LoRaDense, Mlp
 
@@ -261,23 +259,14 @@ class Swin(nn.Module):
   def __call__(self, x, branch='adv', train=False, bn='adaptive'):
     """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]; `train` changes nothing."""
     del train
-    if branch not in BRANCHES:
-      raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
-    if bn != 'adaptive' or self.twin_bn:
-      raise ValueError(f"A Swin has no BatchNorm: twin_bn must be False and bn 'adaptive' (of {TWIN_MODES}), "
-                       f'got twin_bn={self.twin_bn}, bn={bn!r}.')
+    check_call(branch, self.precision, 'Swin', bn, self.twin_bn)
     check_swin(self.stem, self.input_size, self.window, self.lora_targets, self.drop_path)
-    if self.precision not in PRECISIONS:
-      raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}.')
     with jax.default_matmul_precision(self.precision):
       return self._forward(x, branch)
 
   @nn.compact
   def _forward(self, x, branch):
-    x = torch_nearest_resize(x, self.input_size)
-    x = jnp.clip(x, 0.0, 1.0)
-    if self.mean is not None:
-      x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+    x = model_input(x, self.input_size, self.mean, self.std)
     targets = tuple(self.lora_targets)
 
     def dense(features, slices, name):

@@ -39,15 +39,13 @@ import numpy as np
 
 from autolora_jax.errors import ConfigError
 from autolora_jax.models.archs import ArchSpec
-from autolora_jax.models.batchnorm import TWIN_MODES
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (
-  BRANCHES,
   IMAGENET_MEAN,
   IMAGENET_STD,
-  PRECISIONS,
+  check_call,
+  model_input,
   torch_linear_uniform,
-  torch_nearest_resize,
 )
 
 PATCH_SIZE = 16
@@ -330,24 +328,15 @@ class ViT(nn.Module):
     """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]; `train` changes nothing (no dropout,
     no BatchNorm), `bn` must be 'adaptive'."""
     del train
-    if branch not in BRANCHES:
-      raise ValueError(f"branch must be 'adv' or 'nat', got {branch!r}.")
-    if bn != 'adaptive' or self.twin_bn:
-      raise ValueError(f"A ViT has no BatchNorm: twin_bn must be False and bn 'adaptive' (of {TWIN_MODES}), "
-                       f'got twin_bn={self.twin_bn}, bn={bn!r}.')
+    check_call(branch, self.precision, 'ViT', bn, self.twin_bn)
     check_vit(self.stem, self.input_size, self.patch_size, self.lora_targets, self.lora_init, self.dim,
               self.heads)
-    if self.precision not in PRECISIONS:
-      raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}.')
     with jax.default_matmul_precision(self.precision):
       return self._forward(x, branch)
 
   @nn.compact
   def _forward(self, x, branch):
-    x = torch_nearest_resize(x, self.input_size)
-    x = jnp.clip(x, 0.0, 1.0)
-    if self.mean is not None:
-      x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+    x = model_input(x, self.input_size, self.mean, self.std)
     tokens = PatchEmbed(self.dim, self.patch_size, self.stem, conv_fn=self.conv_fn, dtype=self.dtype,
                         name='patch_embed')(x)
     n, t, _ = tokens.shape

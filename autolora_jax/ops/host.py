@@ -129,6 +129,9 @@ def set_xla_cpu_flags(backend: Optional[str] = None) -> bool:
 
 
 CACHE_MAX_BYTES = 4 << 30  # 4 GiB of compiled programs: some hundred configs' train and eval programs.
+# Programs that compile faster than this are not written: the single operations run outside jit (an init, a
+# reshape) compile in milliseconds, and every write to a bounded cache reads the size and time of each entry.
+CACHE_MIN_COMPILE_SECS = 0.1
 
 
 def default_compilation_cache_dir() -> str:
@@ -140,7 +143,8 @@ def default_compilation_cache_dir() -> str:
 def enable_compilation_cache(path: str) -> bool:
   """JAX's persistent compilation cache in `path`: a program compiled once (keyed by its computation, the
   JAX version and the device) is read from disk by later runs, so a second run of a config and
-  `--mode=eval` compile nothing. Every program is cached, however fast it compiled. A
+  `--mode=eval` compile nothing. Programs that compiled in under CACHE_MIN_COMPILE_SECS (single operations
+  run outside jit) are not written (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS wins). A
   JAX_COMPILATION_CACHE_DIR the user set wins, an empty one included. '' leaves the cache off. Returns whether
   the cache is on.
 
@@ -162,6 +166,7 @@ def enable_compilation_cache(path: str) -> bool:
   jax.config.update('jax_compilation_cache_dir', path)
   if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:
     jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECS)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return True
