@@ -95,7 +95,6 @@ def check_call(branch: str, precision: str, family: Optional[str] = None, bn: st
     raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}.')
 
 
-
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock (expansion 1)."""
   features: int

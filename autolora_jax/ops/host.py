@@ -143,8 +143,8 @@ def default_compilation_cache_dir() -> str:
 def enable_compilation_cache(path: str) -> bool:
   """JAX's persistent compilation cache in `path`: a program compiled once (keyed by its computation, the
   JAX version and the device) is read from disk by later runs, so a second run of a config and
-  `--mode=eval` compile nothing. Programs that compiled in under CACHE_MIN_COMPILE_SECS (single operations
-  run outside jit) are not written (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS wins). A
+  `--mode=eval` compile only what compiled in under CACHE_MIN_COMPILE_SECS (single operations run outside
+  jit), which is not written (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS wins). A
   JAX_COMPILATION_CACHE_DIR the user set wins, an empty one included. '' leaves the cache off. Returns whether
   the cache is on.
 
