@@ -41,7 +41,7 @@ loop.train_epoch = _train_epoch
 def _cli(argv, hook=''):
   code = ('import runpy, sys\n' + hook + f'\nsys.argv = {["compare"] + list(argv)!r}\n'
           'runpy.run_module("autolora_jax.compare", run_name="__main__", alter_sys=True)\n')
-  cache = tiny_runs.cache_env(os.environ['JAX_COMPILATION_CACHE_DIR'])
+  cache = tiny_runs.cache_env()
   return tiny_runs.run_python(code, devices=1, timeout=900, **cache)
 
 

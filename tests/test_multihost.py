@@ -16,8 +16,8 @@ import tiny_runs
 
 
 @pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  return tiny_runs.cache_env(tmp_path_factory.getbasetemp() / 'jax_cache')
+def compile_cache():
+  return tiny_runs.cache_env()
 
 # Two train steps: digits 5 and 6 give 243 training images, two global batches of 96.
 OVERRIDES = {'dataset.classes': (5, 6), 'batch_size': 96, 'eval_batch_size': 64}

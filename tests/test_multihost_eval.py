@@ -49,7 +49,7 @@ def _results(workdir):
 
 @pytest.mark.slow
 def test_eval_mode_in_two_processes_writes_the_one_process_results(tmp_path):
-  cache = tiny_runs.cache_env(tmp_path / 'jax_cache')
+  cache = tiny_runs.cache_env()
   trained = str(tmp_path / 'trained')
   p = tiny_runs.run_python(_driver('train', trained, 0, 1, 0), devices=4, timeout=900, **cache)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -26,8 +26,8 @@ FLAGS = ['--config=tests/tiny_config.py', f'--config.auto_lr.max_epochs={EPOCHS}
 
 
 @pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  return tiny_runs.cache_env(tmp_path_factory.getbasetemp() / 'jax_cache')
+def compile_cache():
+  return tiny_runs.cache_env()
 
 
 def _cli(workdir, cache, hook=''):

@@ -198,8 +198,8 @@ FLAGS = ['--config=tests/tiny_config.py', '--config.auto_lr.max_epochs=3', '--co
 
 
 @pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  return tiny_runs.cache_env(tmp_path_factory.getbasetemp() / 'jax_cache')
+def compile_cache():
+  return tiny_runs.cache_env()
 
 
 def _cli(workdir, cache, hook='', flags=()):

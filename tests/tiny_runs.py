@@ -100,11 +100,13 @@ def read_metrics(workdir: str, drop=('train_seconds', 'images_per_second')):
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f if line.strip()]
 
 
-def cache_env(cache_dir: str) -> dict:
-  """Environment for JAX's persistent compilation cache: runs of one program compile it once (programs that
-  compile in under 0.1 s, single operations, are not written)."""
-  return {'JAX_COMPILATION_CACHE_DIR': str(cache_dir), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.1',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0', 'JAX_COMPILATION_CACHE_MAX_SIZE': str(4 << 30)}
+def cache_env(cache_dir: str = '') -> dict:
+  """Environment for JAX's persistent compilation cache (by default the test session's, conftest.py): runs
+  of one program compile it once, whichever test or process ran it first (programs that compile in under
+  0.1 s, single operations, are not written)."""
+  return {'JAX_COMPILATION_CACHE_DIR': str(cache_dir or os.environ['JAX_COMPILATION_CACHE_DIR']),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.1', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+          'JAX_COMPILATION_CACHE_MAX_SIZE': str(4 << 30)}
 
 
 # -- hooks for runs in subprocesses (test code only: they wrap library functions from the outside) ---------
