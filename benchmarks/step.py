@@ -42,6 +42,7 @@ The process runs with host.retain_freed_memory() and host.set_xla_cpu_flags() (a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -90,9 +91,17 @@ flags.DEFINE_string('conv_impl', 'auto', "Our model's conv_impl: auto | native |
                     '(whatever ops.CONV_IMPLS offers).')
 flags.DEFINE_string('dtype', 'float32', "Our model's compute dtype: float32 | bfloat16.")
 flags.DEFINE_enum('torch', 'auto', ['auto', 'off'], "'off' times ours alone.")
+flags.DEFINE_enum('torch_autocast', 'off', ['off', 'bfloat16', 'float16'],
+                  'Run the reference under torch.autocast in this dtype (ours: --dtype).')
+flags.DEFINE_enum('torch_matmul_precision', 'highest', ['highest', 'high', 'medium'],
+                  "torch.set_float32_matmul_precision for the reference: 'high' lets float32 matrix products "
+                  "use TF32 on GPUs, as JAX's default precision does there.")
 flags.DEFINE_bool('torch_channels_last', False, 'Run the reference in channels_last memory format '
                   "(the authors' code does not).")
 flags.DEFINE_string('aa_version', 'standard', 'AutoAttack version for the autoattack part.')
+flags.DEFINE_float('aa_eps', 8 / 255, 'Linf budget of the autoattack part. A random model labelled by its own '
+                   'predictions loses most points at 8/255 in the first attack; at a budget of a fraction of '
+                   '1/255 most survive, and every attack runs on them (the most work the cascade can do).')
 flags.DEFINE_integer('aa_images', 0, 'Images for the autoattack part; 0 = the batch size.')
 flags.DEFINE_integer('threads', 0, 'Pin the process to this many cores (both implementations use them); '
                      '0 = all. On a shared, loaded machine 1 gives the steadier comparison.')
@@ -100,7 +109,8 @@ flags.DEFINE_bool('retain_freed_memory', True, 'host.retain_freed_memory() for t
                   'implementations), as run.py does.')
 flags.DEFINE_bool('xla_cpu_flags', True, 'host.set_xla_cpu_flags() (XLA\'s own CPU convolution kernels), '
                   'as run.py does; --noxla_cpu_flags to compare.')
-flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of the machine, for the utilisation column; 0 = none.')
+flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of the machine in the compute dtype, for the model FLOP '
+                   'utilisation (MFU: achieved model FLOP/s over the peak); 0 = none.')
 flags.DEFINE_string('json', '', 'Write the results here as JSON.')
 flags.DEFINE_integer('seed', 0, 'Seed of the inputs and the initial weights.')
 
@@ -233,14 +243,16 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
     ya = jnp.argmax(logits_fn(xa), -1)  # labels = the model's predictions: every point starts robust
 
     def call():
-      result = autoattack.run(logits_fn, xa, ya, eps=EPS, version=FLAGS.aa_version, seed=FLAGS.seed,
+      result = autoattack.run(logits_fn, xa, ya, eps=FLAGS.aa_eps, version=FLAGS.aa_version, seed=FLAGS.seed,
                               batch_size=n, progress=False, sanity_checks=False)
       jax.block_until_ready(result.x_adv)
+      info['robust_points'] = int(np.sum(np.asarray(result.robust)))
 
     t0 = time.perf_counter()
     call()  # compiles inside
     info['compile_s'] = time.perf_counter() - t0
     info['images'] = n
+    info['aa_eps'] = FLAGS.aa_eps
     return call, info
 
   tx = steps.make_optimizer(0.01, 0.9, 1e-4)
@@ -290,15 +302,20 @@ def reference(part: str, arch: str, resolution: int, input_size: int, batch: int
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  torch.set_float32_matmul_precision(FLAGS.torch_matmul_precision)
+  autocast = ((lambda: torch.autocast(device_type=device, dtype=getattr(torch, FLAGS.torch_autocast)))
+              if FLAGS.torch_autocast != 'off' else contextlib.nullcontext)
   if part == 'train':
     step = torch_reference.AutoLoRaStep(model, steps=FLAGS.pgd_steps, eps=EPS, step_size=STEP_SIZE)
 
     def call():
-      step(x, y)
+      with autocast():
+        step(x, y)
       sync()
   else:
     def call():
-      torch_reference.eval_step(model, x, y, eps=EPS, step_size=STEP_SIZE, steps=FLAGS.pgd_steps)
+      with autocast():
+        torch_reference.eval_step(model, x, y, eps=EPS, step_size=STEP_SIZE, steps=FLAGS.pgd_steps)
       sync()
 
   return call, {'device': device, 'threads': torch.get_num_threads()}
@@ -333,6 +350,9 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
   if 'xla_bytes' in info:
     case['ours_xla_bytes'] = info['xla_bytes']
   images = info.get('images', batch)
+  for key in ('robust_points', 'aa_eps'):
+    if key in info:
+      case[key] = info[key]
   if torch is not None and FLAGS.torch == 'auto':
     t_call, t_info = reference(part, arch, resolution, input_size, batch, data)
     if t_call is None:
@@ -379,7 +399,7 @@ def _fmt(v, spec):
 def print_table(cases: List[Dict]):
   head = (f'{"part":10} {"arch":9} {"res":>8} {"batch":>5} {"ours img/s":>10} {"torch img/s":>11} '
           f'{"ratio":>6} {"compile s":>9} {"GFLOP/img":>9} {"ours GFLOP/s":>12} {"torch GFLOP/s":>13} '
-          f'{"ours MiB":>8} {"torch MiB":>9}')
+          f'{"ours MiB":>8} {"torch MiB":>9} {"ours MFU":>8} {"torch MFU":>9}')
   print(head)
   print('-' * len(head))
   for c in cases:
@@ -390,7 +410,8 @@ def print_table(cases: List[Dict]):
           f'{_fmt(c.get("torch_img_per_s"), "11.3f")} {_fmt(c.get("ratio"), "6.2f")} '
           f'{_fmt(c.get("ours_compile_s"), "9.1f")} {_fmt(gf(c.get("flops_per_image")), "9.2f")} '
           f'{_fmt(gf(c.get("ours_flop_per_s")), "12.1f")} {_fmt(gf(c.get("torch_flop_per_s")), "13.1f")} '
-          f'{_fmt(mib(c.get("ours_peak_bytes")), "8.0f")} {_fmt(mib(c.get("torch_peak_bytes")), "9.0f")}')
+          f'{_fmt(mib(c.get("ours_peak_bytes")), "8.0f")} {_fmt(mib(c.get("torch_peak_bytes")), "9.0f")} '
+          f'{_fmt(c.get("ours_utilisation"), "8.1%")} {_fmt(c.get("torch_utilisation"), "9.1%")}')
 
 
 def main(argv):
@@ -443,6 +464,8 @@ def main(argv):
         'settings': {'conv_impl': FLAGS.conv_impl, 'dtype': FLAGS.dtype, 'reps': FLAGS.reps,
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
                      'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads,
+                     'torch_autocast': FLAGS.torch_autocast,
+                     'torch_matmul_precision': FLAGS.torch_matmul_precision, 'peak_flops': FLAGS.peak_flops,
                      'retain_freed_memory': malloc_tuned, 'xla_cpu_flags': xla_flags_set},
         'cases': cases,
     }
