@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one command (a few minutes on one H100):
+# The GPU benchmarks in one command, meant for one GPU (not yet timed on one):
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: gpu_benchmarks
 #
