@@ -2,13 +2,24 @@
 convnext_* and swin_*_patch4_window7_224 computations, LoRa on the dense layers as our models place it
 (ConvNeXt: fc1, fc2; Swin: q, k, v, proj, fc1, fc2), `forward(x, branch)`, and inside: nearest resize to
 input_size, clamp to [0, 1], ImageNet normalisation, as torch_reference's ResNet and ViT. Used by
-benchmarks/step.py with torch_reference.AutoLoRaStep and eval_step (the head is 'head', as there)."""
+benchmarks/step.py with torch_reference.AutoLoRaStep and eval_step (the head is 'head', as there);
+`load_flax_convnext` and `load_flax_swin` copy our models' variables in, so that tests/test_benchmarks.py
+can check that the reference computes our step."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.torch_reference import IMAGENET_MEAN, IMAGENET_STD, LoRaLinear
+from benchmarks.torch_reference import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  LoRaLinear,
+  load_flax_block,
+  load_flax_dense,
+  load_flax_head,
+  load_flax_norm,
+)
 
 CONVNEXT_SIZES = {'convnext_t': ((3, 3, 9, 3), 96), 'convnext_s': ((3, 3, 27, 3), 96),
                   'convnext_b': ((3, 3, 27, 3), 128), 'convnext_l': ((3, 3, 27, 3), 192)}
@@ -179,3 +190,60 @@ def _swin(name):
 
 
 ARCHITECTURES = {**{n: _convnext(n) for n in CONVNEXT_SIZES}, **{n: _swin(n) for n in SWIN_SIZES}}
+
+
+def _t(a):
+  return torch.from_numpy(np.array(a))
+
+
+def _conv(dst: nn.Conv2d, src):
+  dst.weight.data.copy_(_t(src['kernel']).permute(3, 2, 0, 1))  # HWIO -> OIHW (depthwise: I = 1)
+  dst.bias.data.copy_(_t(src['bias']))
+
+
+def load_flax_convnext(model: ConvNeXt, variables):
+  """Copies Flax variables {'params'} of autolora_jax.models.ConvNeXt (patchify stem, LoRa on fc1 and fc2
+  only, as this reference places it) into `model`; returns it."""
+  params = variables['params']
+  _conv(model.stem[0], params['stem_0'])
+  load_flax_norm(model.stem[1], params['stem_1'])
+  for i, blocks in enumerate(model.stages):
+    p = params[f'stages_{i}']
+    if i > 0:
+      load_flax_norm(model.downsample[i - 1][0], p['downsample_0'])
+      _conv(model.downsample[i - 1][1], p['downsample_1'])
+    for j, block in enumerate(blocks):
+      b = p[f'blocks_{j}']
+      _conv(block.conv_dw, b['conv_dw'])
+      load_flax_norm(block.norm, b['norm'])
+      load_flax_dense(block.fc1, b['mlp']['fc1'])
+      load_flax_dense(block.fc2, b['mlp']['fc2'])
+      block.gamma.data.copy_(_t(b['gamma']))
+  load_flax_norm(model.head_norm, params['head_norm'])
+  load_flax_head(model.head, params['head'])
+  return model
+
+
+def load_flax_swin(model: Swin, variables):
+  """Copies Flax variables {'params'} of autolora_jax.models.Swin into `model`; returns it. Where a stage's
+  window is clamped to a smaller grid, ours indexes the central entries of the configured window's bias
+  table and this reference holds a table of the clamped window's size: those entries are copied."""
+  params = variables['params']
+  _conv(model.patch_embed, params['patch_embed']['proj'])
+  load_flax_norm(model.patch_norm, params['patch_embed']['norm'])
+  for i, blocks in enumerate(model.stages):
+    p = params[f'layers_{i}']
+    if i > 0:
+      load_flax_norm(model.merge_norm[i - 1], p['downsample']['norm'])
+      model.merge[i - 1].weight.data.copy_(_t(p['downsample']['reduction']['kernel']).T)
+    for j, block in enumerate(blocks):
+      b = p[f'blocks_{j}']
+      load_flax_block(block, b)
+      table = np.asarray(b['attn']['relative_position_bias_table'])
+      side, w = int(round(table.shape[0] ** 0.5)), block.window
+      t = (side + 1) // 2
+      table = table.reshape(side, side, -1)[t - w:t + w - 1, t - w:t + w - 1].reshape((2 * w - 1) ** 2, -1)
+      block.table.data.copy_(_t(table))
+  load_flax_norm(model.norm, params['norm'])
+  load_flax_head(model.head, params['head'])
+  return model

@@ -345,39 +345,54 @@ def load_flax_variables(model: ResNet, variables, stage_sizes: Sequence[int]):
   return model
 
 
+def load_flax_dense(dst: LoRaLinear, src, slices=('0',)):
+  """Copies a Flax LoRaDense's parameters `src` into `dst`; `slices` names its output slices (('q', 'k',
+  'v') for a fused qkv, whose LoRa factors sit under each slice's name)."""
+  t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+  dst.linear.weight.data.copy_(t(src['kernel']).T)
+  dst.linear.bias.data.copy_(t(src['bias']))
+  for i, name in enumerate(slices):
+    factors = src if len(slices) == 1 else src.get(name, {})
+    if 'lora_A' in factors:
+      dst.lora_A[str(i)].data.copy_(t(factors['lora_A']))
+      dst.lora_B[str(i)].data.copy_(t(factors['lora_B']))
+
+
+def load_flax_norm(dst: nn.LayerNorm, src):
+  """Copies a Flax LayerNorm's scale and bias into `dst`."""
+  dst.weight.data.copy_(torch.from_numpy(np.array(src['scale'])))
+  dst.bias.data.copy_(torch.from_numpy(np.array(src['bias'])))
+
+
+def load_flax_block(dst: nn.Module, src):
+  """Copies a Flax pre-norm transformer block (norm1, attn/qkv, attn/proj, norm2, mlp/fc1, mlp/fc2: our
+  ViT's and Swin's) into `dst`, a reference block with the same attribute names."""
+  load_flax_norm(dst.norm1, src['norm1'])
+  load_flax_norm(dst.norm2, src['norm2'])
+  load_flax_dense(dst.qkv, src['attn']['qkv'], ('q', 'k', 'v'))
+  load_flax_dense(dst.proj, src['attn']['proj'])
+  load_flax_dense(dst.fc1, src['mlp']['fc1'])
+  load_flax_dense(dst.fc2, src['mlp']['fc2'])
+
+
+def load_flax_head(dst: nn.Linear, src):
+  """Copies a Flax Dense (kernel (in, out), bias) into `dst`."""
+  dst.weight.data.copy_(torch.from_numpy(np.array(src['kernel'])).T)
+  dst.bias.data.copy_(torch.from_numpy(np.array(src['bias'])))
+
+
 def load_flax_vit(model: ViT, variables):
   """Copies Flax variables {'params'} of autolora_jax.models.ViT (patch embedding stem) into `model`."""
   params = variables['params']
   t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
-
-  def dense(dst: LoRaLinear, src, slices=('0',)):
-    dst.linear.weight.data.copy_(t(src['kernel']).T)
-    dst.linear.bias.data.copy_(t(src['bias']))
-    for i, name in enumerate(slices):
-      factors = src if len(slices) == 1 else src.get(name, {})
-      if 'lora_A' in factors:
-        dst.lora_A[str(i)].data.copy_(t(factors['lora_A']))
-        dst.lora_B[str(i)].data.copy_(t(factors['lora_B']))
-
-  def norm(dst: nn.LayerNorm, src):
-    dst.weight.data.copy_(t(src['scale']))
-    dst.bias.data.copy_(t(src['bias']))
-
   model.patch_embed.weight.data.copy_(t(params['patch_embed']['proj']['kernel']).permute(3, 2, 0, 1))
   model.patch_embed.bias.data.copy_(t(params['patch_embed']['proj']['bias']))
   model.cls_token.data.copy_(t(params['cls_token']))
   model.pos_embed.data.copy_(t(params['pos_embed']))
   for i, block in enumerate(model.blocks):
-    p = params[f'blocks_{i}']
-    norm(block.norm1, p['norm1'])
-    norm(block.norm2, p['norm2'])
-    dense(block.qkv, p['attn']['qkv'], ('q', 'k', 'v'))
-    dense(block.proj, p['attn']['proj'])
-    dense(block.fc1, p['mlp']['fc1'])
-    dense(block.fc2, p['mlp']['fc2'])
-  norm(model.norm, params['norm'])
-  model.head.weight.data.copy_(t(params['head']['kernel']).T)
-  model.head.bias.data.copy_(t(params['head']['bias']))
+    load_flax_block(block, params[f'blocks_{i}'])
+  load_flax_norm(model.norm, params['norm'])
+  load_flax_head(model.head, params['head'])
   return model
 
 

@@ -1,17 +1,14 @@
 """Small builders shared by the tests: tiny models, batches and subprocess runners."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import tiny_runs
 from autolora_jax import models, ops
 from benchmarks import digits_mlp as digits_mlp_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tiny_runs.ROOT
 
 
 def tiny_resnet18(num_classes=5, conv_impl='native', **kwargs):
@@ -74,13 +71,9 @@ def with_nonzero_lora_b(variables, seed=1, scale=0.05):
 
 
 def run_python(code, devices=1, timeout=600, env=None):
-  """Runs `code` in a fresh interpreter with `devices` fake CPU devices; returns the completed process."""
-  full_env = dict(os.environ)
-  full_env.update({'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT,
-                   'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'})
-  full_env.update(env or {})
-  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=full_env, capture_output=True,
-                        text=True, timeout=timeout)
+  """Runs `code` in a fresh interpreter with `devices` fake CPU devices (tiny_runs.run_python, with extra
+  environment variables from `env`); returns the completed process."""
+  return tiny_runs.run_python(code, devices=devices, timeout=timeout, **(env or {}))
 
 
 digits_mlp = digits_mlp_lib.logits  # the AutoAttack tests' model (benchmarks/digits_mlp.py)

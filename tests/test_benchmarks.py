@@ -34,23 +34,20 @@ def _rel(a, b):
 @pytest.mark.skipif(torch is None, reason='torch is not installed')
 def test_reference_step_computes_our_step():
   model = models.resnet18(10, width=8, input_size=32)  # XLA's convolution, as the reference's
-  rng = np.random.default_rng(0)
-  x = rng.random((4, 32, 32, 3), dtype=np.float32)
-  y = rng.integers(0, 10, 4).astype(np.int32)
-  variables = model.init(jax.random.PRNGKey(0), x[:1])
-  params = jax.tree_util.tree_map_with_path(  # non-zero LoRa B, so that the branches differ
-      lambda p, v: v + 0.05 if 'lora_B' in jax.tree_util.keystr(p) else v, variables['params'])
-  variables = {'params': params, 'batch_stats': variables['batch_stats']}
-  ref = torch_reference.load_flax_variables(torch_reference.resnet18(10, width=8, input_size=32), variables,
-                                            (2, 2, 2, 2))
+  x, y, variables = _inputs_and_variables(model, seed=0)
+  check_logits_and_step(model, variables, lambda v: torch_reference.load_flax_variables(
+      torch_reference.resnet18(10, width=8, input_size=32), v, (2, 2, 2, 2)), x, y)
+
+
+def check_logits_and_step(model, variables, make_ref, x, y):
+  """The reference `make_ref(variables)` gives our logits on both branches, then `check_one_step`."""
+  ref = make_ref(variables)
   ref.eval()
   with torch.no_grad():
     for branch in ('adv', 'nat'):
       assert _rel(np.asarray(model.apply(variables, x, branch=branch)),
                   ref(torch_reference.to_nchw(x), branch).numpy()) < 1e-4
-
-  check_one_step(model, variables, ref, x, y, lambda v: torch_reference.load_flax_variables(
-      torch_reference.resnet18(10, width=8, input_size=32), v, (2, 2, 2, 2)))
+  check_one_step(model, variables, ref, x, y, make_ref)
 
 
 def check_one_step(model, variables, ref, x, y, to_torch):
@@ -70,27 +67,50 @@ def check_one_step(model, variables, ref, x, y, to_torch):
       assert _rel(value.numpy(), ours[name].numpy()) < 1e-3, name
 
 
+def _inputs_and_variables(model, seed):
+  """Four 32x32 images, their labels (10 classes) and `model`'s variables, its LoRa B non-zero so that the
+  branches differ ('batch_stats' empty for a model without BatchNorm)."""
+  rng = np.random.default_rng(seed)
+  x = rng.random((4, 32, 32, 3), dtype=np.float32)
+  y = rng.integers(0, 10, 4).astype(np.int32)
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.05 if 'lora_B' in jax.tree_util.keystr(p) else v, variables['params'])
+  return x, y, {'params': params, 'batch_stats': variables.get('batch_stats', {})}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch is None, reason='torch is not installed')
 def test_reference_vit_step_computes_our_step():
   """The ViT reference (a 2-block ViT of width 32 at 32x32: 4 patches and the class token) computes our
   logits on both branches and our train step: the same loss and the same updated tensors."""
   model = models.vit_s16(10, dim=32, depth=2, heads=2, input_size=32)
-  rng = np.random.default_rng(1)
-  x = rng.random((4, 32, 32, 3), dtype=np.float32)
-  y = rng.integers(0, 10, 4).astype(np.int32)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, v: v + 0.05 if 'lora_B' in jax.tree_util.keystr(p) else v,
-      model.init(jax.random.PRNGKey(0), x[:1])['params'])
-  variables = {'params': params, 'batch_stats': {}}
+  x, y, variables = _inputs_and_variables(model, seed=1)
   make_ref = lambda v: torch_reference.load_flax_vit(  # noqa: E731
       torch_reference.ViT(32, 2, 2, 10, input_size=32), v)
-  ref = make_ref(variables)
-  with torch.no_grad():
-    for branch in ('adv', 'nat'):
-      assert _rel(np.asarray(model.apply(variables, x, branch=branch)),
-                  ref(torch_reference.to_nchw(x), branch).numpy()) < 1e-4
-  check_one_step(model, variables, ref, x, y, make_ref)
+  check_logits_and_step(model, variables, make_ref, x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch is None, reason='torch is not installed')
+@pytest.mark.parametrize('arch', ['convnext_t', 'swin_t'])
+def test_reference_convnext_and_swin_steps_compute_our_step(arch):
+  """The ConvNeXt and Swin references of the step benchmark (tiny: widths from 8, one or two blocks per
+  stage, a Swin window of 4 at 32x32, so that its last two stages clamp the window to the grid) compute our
+  logits on both branches and our train step: the same loss and the same updated tensors."""
+  from benchmarks import torch_convnext_swin
+  swin = dict(dim=8, heads=1, depths=(2, 2, 1, 1), window=4)
+  ours, theirs = {'convnext_t': (dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)), dict(dim=8, depths=(1, 1, 1, 1))),
+                  'swin_t': (swin, swin)}[arch]
+  model = models.spec(arch).build(10, input_size=32, **ours)
+  x, y, variables = _inputs_and_variables(model, seed=2)
+  if arch == 'swin_t':  # a bias table that is not near zero, so that its layout matters
+    variables['params'] = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.5 * np.sin(np.arange(v.size).reshape(v.shape)) if 'bias_table' in jax.tree_util.keystr(p)
+        else v, variables['params'])
+  load = {'convnext_t': torch_convnext_swin.load_flax_convnext, 'swin_t': torch_convnext_swin.load_flax_swin}[arch]
+  make_ref = lambda v: load(torch_convnext_swin.ARCHITECTURES[arch](10, input_size=32, **theirs), v)  # noqa: E731
+  check_logits_and_step(model, variables, make_ref, x, y)
 
 
 @pytest.mark.slow
@@ -159,3 +179,43 @@ def test_input_pipeline_benchmark_runs_and_writes_json(tmp_path):
   assert set(result['pools']) == {'1 threads', '1 processes'} and set(result['dataset']) == {'1 threads'}
   assert all(v > 0 for v in result['decode_per_core'].values()) and result['loop_ms_per_step'] > 0
   assert 0 < result['epoch']['save returns (ms)'] and 0 < result['epoch']['save on disk (ms)']
+
+
+def _double(x):
+  return jax.jit(lambda v: v * 2.0 + 1.0)(x)
+
+
+def _called_from_here(x):
+  return _double(x)
+
+
+def test_compile_budget_attributes_each_compilation_to_its_caller():
+  """benchmarks/compile_budget.py's recorder: one compilation per new program or shape, none for a repeat,
+  each named after the two innermost frames of the code under its root, then grouped by the summary."""
+  from benchmarks import compile_budget
+  recorder = compile_budget.CompileRecorder(os.path.dirname(os.path.abspath(__file__)))
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  jax.monitoring.register_event_duration_secs_listener(recorder)
+  try:
+    _called_from_here(np.ones(3, np.float32))
+    _called_from_here(np.ones(3, np.float32))  # a new lambda: traced and compiled again
+    _called_from_here(np.ones(5, np.float32))
+    jax.jit(lambda v: v - 1.0)(np.ones(3, np.float32))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(recorder)
+    jax.config.update('jax_enable_compilation_cache', cached)
+  compiled = [r for r in recorder.records if r['field'] == 'compile_s']
+  where = 'test_benchmarks.py:_double < test_benchmarks.py:_called_from_here'
+  assert [r['where'] for r in compiled] == [where] * 3 + [
+      'test_benchmarks.py:test_compile_budget_attributes_each_compilation_to_its_caller']
+  assert all(r['name'] == '<lambda>' and r['seconds'] > 0 for r in compiled)
+  assert {r['field'] for r in recorder.records} == set(compile_budget.FIELDS)
+  summary = compile_budget.summarize(recorder.records, small=0.0)
+  first, second = sorted(summary['programs'], key=lambda p: -p['count'])
+  assert (first['where'], first['count'], second['count']) == (where, 3, 1)
+  assert summary['totals']['count'] == 4 and summary['small']['count'] == 0
+  np.testing.assert_allclose(summary['totals']['compile_s'], sum(r['seconds'] for r in compiled))
+  everything_small = compile_budget.summarize(recorder.records, small=1e9)
+  assert everything_small['programs'] == [] and everything_small['small']['groups'] == 2
+  assert 'total' in compile_budget.table(summary, wall_s=10.0)
