@@ -17,6 +17,9 @@ Version 2 to 3:
 * config.json: the keys of the automatic initial learning rate and of the ConvNeXt and Swin families
   (`V2_CONFIG_DEFAULTS`; lr0 itself is unchanged).
 
+Version 3 to 4:
+* config.json: config.eval.val_attacks (`V3_CONFIG_DEFAULTS`: none, as every earlier run).
+
 The converted checkpoints (`autolora_jax.convert`), the exported models (`autolora_jax.export`) and
 AutoAttack's resumable state (`autolora_jax.eval_progress`) carry format versions of their own.
 """
@@ -28,7 +31,7 @@ from typing import Any, Dict, Mapping
 
 from autolora_jax.errors import CheckpointError, WorkdirError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 KEY = 'format_version'
 
 # Config keys that version-1 runs may lack, at the value every run computed before the key existed.
@@ -44,6 +47,9 @@ V2_CONFIG_DEFAULTS: Dict[str, Any] = {
     'auto_lr.lr0_candidates': [0.003, 0.01, 0.03, 0.1], 'auto_lr.probe_steps': 0, 'model.convnext.dim': 0,
     'model.convnext.depths': [], 'model.swin.dim': 0, 'model.swin.heads': 0, 'model.swin.depths': [],
     'model.swin.window': 7, 'model.drop_path': 0.0}
+
+# Config keys that version-3 runs lack, at the value every such run computed.
+V3_CONFIG_DEFAULTS: Dict[str, Any] = {'eval.val_attacks': []}
 
 _UPGRADE = ('Upgrade autolora-jax (pip install -U autolora-jax) to read it, or use another folder for this '
             'version\'s runs.')
@@ -89,6 +95,8 @@ def upgrade_config(data: Mapping[str, Any], source: str = 'config.json') -> dict
     _set_defaults(data, V1_CONFIG_DEFAULTS)
   if version < 3:
     _set_defaults(data, V2_CONFIG_DEFAULTS)
+  if version < 4:
+    _set_defaults(data, V3_CONFIG_DEFAULTS)
   return data
 
 
@@ -100,7 +108,7 @@ def upgrade_checkpoint_meta(meta: Mapping[str, Any], source: str = 'the checkpoi
   meta = copy.deepcopy(dict(meta))
   version = version_of(meta)
   _check_known(version, source, CheckpointError)
-  if version < 2 and isinstance(meta.get('policy'), dict):  # 2 -> 3 changed nothing here
+  if version < 2 and isinstance(meta.get('policy'), dict):  # 2 -> 3 and 3 -> 4 changed nothing here
     policy = meta['policy']
     auto = policy.pop('auto', None) or {}
     for old, new in (('best_at_checkpoint', 'best_at_window'), ('halved_at_checkpoint', 'halved_at_window'),

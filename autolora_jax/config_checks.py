@@ -107,6 +107,14 @@ def validate(config) -> None:
     raise ConfigError(f'config.autoattack.num_points must be an integer >= 0 (N test points; 0 = '
                       f'all), got {aa.num_points!r}.')
   _choice('autoattack.points', aa.get('points', 'first'), sampling.POINT_SAMPLES)
+  val_attacks = config.eval.get('val_attacks', ())
+  if isinstance(val_attacks, str) or any(a not in autoattack.ATTACKS for a in val_attacks):
+    raise ConfigError(f'config.eval.val_attacks takes a list of names from {autoattack.ATTACKS} (or none), got '
+                      f"{val_attacks!r}: e.g. --config.eval.val_attacks=\"('apgd-ce',)\".")
+  for name in val_attacks:
+    if aa_norm not in autoattack.ATTACK_NORMS[name]:
+      raise ConfigError(f'config.eval.val_attacks has {name}, which does not run under norm {aa_norm} (it runs '
+                        f'under {", ".join(autoattack.ATTACK_NORMS[name])}): leave it out.')
   corruptions.check_config(config)  # config.eval's common corruptions
   check_host(config.host)
   distributed.check(config.distributed)

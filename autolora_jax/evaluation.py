@@ -73,10 +73,12 @@ def _global_sum(values) -> list:
 
 
 class AutoAttackEvaluation:
-  """AutoAttack of a run's checkpoints on `settings.num_points` test points (`indices`)."""
+  """AutoAttack of a run's checkpoints on `settings.num_points` points (`indices`) of the test split (or of
+  `split`)."""
 
   def __init__(self, settings, model, data, eval_batch_size: int, *, progress: bool = False,
-               branch: str = 'adv'):
+               branch: str = 'adv', split: str = 'test'):
+    self.split = split
     self.enabled = bool(settings.enabled)
     self.version = settings.version
     self.batch_size = int(settings.batch_size)
@@ -84,7 +86,7 @@ class AutoAttackEvaluation:
     self.eps = float(settings.eps)
     self.norm = str(settings.norm)
     self.attacks = tuple(settings.attacks) if self.version == 'custom' else None
-    self.num_test = data.num_examples('test')
+    self.num_test = data.num_examples(split)
     self.num_points = self.num_test if settings.num_points == 0 else min(int(settings.num_points), self.num_test)
     self.how = str(settings.points)
     self.progress = progress
@@ -97,9 +99,9 @@ class AutoAttackEvaluation:
     self._apply = deployed_logits(model, branch)
 
   def indices(self) -> np.ndarray:
-    """The attacked points' positions in the test split (all processes'), sorted: `sampling.sample_points`."""
+    """The attacked points' positions in the split (all processes'), sorted: `sampling.sample_points`."""
     if self._indices is None:
-      self._indices = sampling.sample_points(self._data.labels('test'), self.num_points, self.seed, self.how)
+      self._indices = sampling.sample_points(self._data.labels(self.split), self.num_points, self.seed, self.how)
     return self._indices
 
   def points(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,13 +119,13 @@ class AutoAttackEvaluation:
 
   def _sample(self):
     if self._raw is None:
-      self._raw = sampling.sample_of(self._data, 'test', self.indices())
+      self._raw = sampling.sample_of(self._data, self.split, self.indices())
     return self._raw
 
   def attack(self, variables: dict, desc: str = 'AA', resume=None, on_progress=None) -> autoattack.AutoAttackResult:
     """AutoAttack of the deployed branch with `variables` = {'params', 'batch_stats'} (host arrays);
     resume, on_progress: `autoattack.run`'s (eval_progress.TestProgress.autoattack makes them)."""
-    x, y, index = self.points()  # keys from the points' test-split indices: any process count, same draws
+    x, y, index = self.points()  # keys from the points' indices in the split: any process count, same draws
     logits_fn = jax.tree_util.Partial(self._apply, variables)
     return autoattack.run(logits_fn, x, y, eps=self.eps, norm=self.norm, version=self.version, seed=self.seed,
                           batch_size=self.batch_size, attacks=self.attacks, point_index=index, progress=self.progress,
@@ -154,6 +156,15 @@ class AutoAttackEvaluation:
     entry['autoattack'] = summary
     return summary
 
+  def accuracy_after(self, variables: dict, desc: str = 'AA') -> Dict[str, float]:
+    """The robust accuracy (a fraction of all processes' points) after each attack of the cascade, by attack
+    name, of the deployed branch with `variables` (host arrays)."""
+    result = self.attack(variables, desc=desc)
+    counts = _global_sum([result.num_points, int(result.clean.sum())]
+                         + [int(np.sum(result.fell_to == a)) for a in result.attacks])
+    still = np.cumsum([counts[1]] + [-c for c in counts[2:]])[1:]
+    return {a: int(n) / max(counts[0], 1) for a, n in zip(result.attacks, still)}
+
   def summary(self) -> Dict[str, dict]:
     """The settings, for results.json's top level: {'autoattack': {...}} (empty when disabled)."""
     if not self.enabled:
@@ -178,6 +189,25 @@ class AutoAttackEvaluation:
       where = (f'on the first {self.num_points} of {self.num_test} test points (clean and pgd10 on all, '
                '*_autoattack_points on the same points)')
     return f'autoattack: version {self.version}, {self.norm} eps {self.eps:.4f}, {where}'
+
+
+def validation_attacks(exp) -> Optional[AutoAttackEvaluation]:
+  """`config.eval.val_attacks` (exp.val_attacks) as an AutoAttack of the whole validation split with the
+  run's AutoAttack eps, norm, batch and seed (`accuracy_after`); None when there are none."""
+  if not exp.val_attacks:
+    return None
+  settings = exp.autoattack._replace(enabled=True, version='custom', attacks=tuple(exp.val_attacks), num_points=0)
+  return AutoAttackEvaluation(settings, exp.model, exp.data, exp.eval_batch_size, progress=exp.progress,
+                              branch=exp.method_def.deployed_branch, split='validation')
+
+
+def validation_record(evaluation: Optional[AutoAttackEvaluation], state, epoch: int) -> Dict[str, float]:
+  """metrics.jsonl's val_<attack> entries (e.g. val_apgd_ce) of a replicated state; {} without attacks."""
+  if evaluation is None:
+    return {}
+  variables = checkpoints.host_copy({'params': state.params, 'batch_stats': state.batch_stats}, True)
+  after = evaluation.accuracy_after(variables, desc=f'validation {epoch}: AA')
+  return {f'val_{name.replace("-", "_")}': value for name, value in after.items()}
 
 
 def test(exp, ckpts: checkpoints.Checkpoints, final_state, command: Optional[str] = None, guard=None) -> dict:

@@ -291,7 +291,8 @@ class Experiment:
   Attributes (plain values once built): method (the name), method_def (the registered `methods.Method`),
   settings (the method's, `Method.settings`), twins (TWINS's settings or None), seed, reference_compat,
   dataset_name, batch_size, eval_batch_size, progress, tensorboard, metrics_every, prefetch and plot_every
-  (config.host), is_chief, attack, kl_denominator, autoattack, normalization, data, model, tx (the method's
+  (config.host), is_chief, attack, kl_denominator, autoattack, val_attacks (config.eval.val_attacks),
+  normalization, data, model, tx (the method's
   optimizer), policy, lr0_probe (`lr0_probe`), steps_per_epoch, and the pmapped p_train_step, p_eval_step, p_eval_clean.
 
   Args:
@@ -350,6 +351,7 @@ class Experiment:
     self.lr0_probe = lr0_probe(config)  # lr0='auto': (candidates, probe steps) of lr_probe.run; else None
     self.attack = a = attack_settings(config)  # reference_compat: eps 0.0314
     self.autoattack = autoattack_settings(config)
+    self.val_attacks = tuple(config.eval.get('val_attacks', ()))  # recorded after each validation
     self.kl_denominator = kl_denominator(config, jax.device_count())
     self.settings = m.settings(config)  # the method's own, e.g. TWINS's loss, lam and beta
     self.twins = twins_settings(config)  # None unless method 'twins'

@@ -128,6 +128,17 @@ def decision_marks(records: Sequence[dict]) -> List[dict]:
   return marks
 
 
+VALIDATION_KEYS = ('val_clean_adv', 'val_clean_nat', 'val_pgd10')  # every epoch's; the schedule follows val_pgd10
+
+
+def validation_attack_keys(records: Sequence[dict]) -> List[str]:
+  """The val_<attack> keys of config.eval.val_attacks that `records` (metrics.jsonl) hold, in order."""
+  keys = []
+  for r in records:
+    keys += [k for k in r if k.startswith('val_') and k not in VALIDATION_KEYS and k not in keys]
+  return keys
+
+
 def plot_curves(records: Sequence[dict], path: str) -> None:
   """curves.png: validation accuracies (with the policy's decisions, `decision_marks`, on the PGD-10 curve),
   learning rate and loss scalars against the epoch."""
@@ -142,6 +153,9 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
   for key, label in (('val_clean_adv', 'clean, adversarial branch'), ('val_clean_nat', 'clean, natural branch'),
                      ('val_pgd10', 'PGD-10, adversarial branch')):
     axes[0].plot(epochs, [r[key] for r in records], marker='o', label=label)
+  for key in validation_attack_keys(records):  # config.eval.val_attacks: recorded, not followed
+    axes[0].plot(epochs, [r.get(key, float('nan')) for r in records], marker='.', ls='--',
+                 label=f'{key[4:].replace("_", "-").upper()} (recorded)')
   for kind, (marker, colour, text) in MARK_STYLES.items():
     at = [m for m in marks if m['kind'] == kind]
     if at:

@@ -111,6 +111,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
              f'{position["epoch"]}' if position else '', ckpts.managers['latest'].directory)
   state = steps.set_loss_scalars(steps.set_learning_rate(state, pstate.lr), pstate.l1, pstate.l2)
   spe = exp.steps_per_epoch
+  val_attacks = evaluation.validation_attacks(exp)  # config.eval.val_attacks: recorded, not followed
 
   def latest_meta(epoch, done, position=None):
     meta = {'epoch': epoch, 'done': done, 'policy': policy.to_dict(pstate), 'l1': pstate.l1, 'l2': pstate.l2,
@@ -136,6 +137,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
       raise preempted(exp, ckpts, guard, epoch, stopped)
     val = exp.measure(state, epoch, desc=f'validation {epoch}')
     pstate, decision = exp.policy.update(pstate, epoch, val)
+    val_extra = evaluation.validation_record(val_attacks, state, epoch)  # the epoch's weights, before a reload
     if decision.new_best:
       exp.save_best(ckpts, state, epoch, val)
     reload_failed = False
@@ -147,7 +149,7 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
               **{f'train_{k}': v for k, v in train_metrics.items()},
               'train_seconds': report.seconds, 'images_per_second': report.images_per_second,
               'val_clean_adv': val['clean_adv'], 'val_clean_nat': val['clean_nat'], 'val_pgd10': val['pgd'],
-              **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
+              **val_extra, **{k: val[k] for k in ('train_split_clean_nat',) if k in val},
               'new_best': decision.new_best, 'best_epoch': decision.best_epoch,
               'reload_best': decision.reload_best, 'condition': decision.condition,
               'next_lr': decision.lr, 'stop': decision.stop, **({'reload_failed': True} if reload_failed else {})}
@@ -159,8 +161,9 @@ def train(exp: experiment.Experiment, ckpts: checkpoints.Checkpoints, writers: W
     ckpts.save('latest', epoch * spe, checkpoints.host_copy(state, True), latest_meta(epoch, done))
     log.info(
         'epoch %d: lr %.2e l1 %.3f l2 %.3f | train loss %.4f, %.0f img/s | val clean %.4f (nat %.4f), '
-        'PGD-10 %.4f%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
+        'PGD-10 %.4f%s%s%s', epoch, lr, record['l1'], record['l2'], train_metrics.get('loss', float('nan')),
         report.images_per_second, val['clean_adv'], val['clean_nat'], val['pgd'],
+        ''.join(f', {k[4:]} {v:.4f}' for k, v in val_extra.items()),
         ' (best)' if decision.new_best else '',
         f' -> lr {decision.lr:.2e}, best of epoch {decision.best_epoch} reloaded (condition '
         f'{decision.condition})' if decision.reload_best else '')

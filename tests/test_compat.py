@@ -62,6 +62,16 @@ def test_version_2_config_gets_the_lr0_probe_keys_at_their_old_values():
   assert workdir.config_differences(upgraded, changed) == ['auto_lr.probe_steps: 0 -> 5']
 
 
+def test_version_3_config_gets_no_validation_attacks():
+  new = workdir.config_dict(tiny_runs.tiny_config())
+  old = json.loads(json.dumps(new))
+  del old['eval']['val_attacks']
+  upgraded = compat.upgrade_config({**old, 'format_version': 3})
+  assert upgraded['eval']['val_attacks'] == [] and workdir.config_differences(upgraded, new) == []
+  with_attacks = workdir.config_dict(tiny_runs.tiny_config(**{'eval.val_attacks': ('apgd-ce',)}))
+  assert workdir.config_differences(upgraded, with_attacks) == ["eval.val_attacks: [] -> ['apgd-ce']"]
+
+
 def test_version_1_policy_state_resumes_the_same_run():
   """A checkpoint whose automatic learning rate's state is nested under policy['auto'] (version 1)."""
   old = {'epoch': 5, 'done': False,

@@ -10,8 +10,22 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from autolora_jax import checkpoints, config_checks, convert, evaluation, models, pretrain, sampling, train
+from autolora_jax import (
+  api,
+  autoattack,
+  checkpoints,
+  config_checks,
+  convert,
+  evaluation,
+  models,
+  pretrain,
+  reporting,
+  sampling,
+  train,
+)
+from autolora_jax import data as datasets
 from autolora_jax import workdir as workdir_lib
+from autolora_jax.data.core import to_unit
 from autolora_jax.data.memory import ArrayDataset
 from autolora_jax.errors import ConfigError, WorkdirError
 
@@ -52,6 +66,11 @@ def test_autoattack_config_is_validated():
   config.autoattack.batch_size = 0
   with pytest.raises(ConfigError, match='autoattack.batch_size'):
     config_checks.validate(config)
+  for bad in (('apgd',), ('apgd-ce', 'pgd')):  # names that are not AutoAttack's
+    config = tiny_config()
+    config.eval.val_attacks = bad
+    with pytest.raises(ConfigError, match=r'config.eval.val_attacks takes a list of names'):
+      config_checks.validate(config)
 
 
 def test_point_batches_hold_the_sampled_points_once_with_a_mask():
@@ -84,6 +103,7 @@ def test_eval_mode_needs_a_trained_workdir(tmp_path):
 @pytest.mark.slow
 def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
   config = tiny_config()
+  config.eval.val_attacks = ('apgd-ce',)  # recorded after each validation (checked at the end)
   workdir = str(tmp_path / 'run')
   trained = train.train_and_evaluate(config, workdir)
   printed = capsys.readouterr().out
@@ -124,6 +144,19 @@ def test_training_report_and_eval_mode_write_autoattack(tmp_path, capsys):
     assert on_disk[name]['epoch'] == trained[name]['epoch']
     assert on_disk[name]['test'] == pytest.approx(trained[name]['test'])
     assert on_disk[name]['autoattack'] == trained[name]['autoattack']
+
+  # config.eval.val_attacks: APGD-CE's robust accuracy on the whole validation split after the epoch, as
+  # autoattack.run gives it on those points with the epoch's weights and the run's AutoAttack settings.
+  record = tiny_runs.read_metrics(workdir)[1]
+  run = api.load(workdir, 'best')  # one epoch: the best checkpoint holds the epoch's weights
+  data = datasets.create_dataset(config.dataset, seed=config.seed)
+  index = np.arange(data.num_examples('validation'))
+  x, y = data.examples('validation', index)
+  result = autoattack.run(run.logits_fn, to_unit(x), y, eps=run.eps, norm=run.norm, version='custom',
+                          attacks=['apgd-ce'], seed=config.autoattack.seed, batch_size=config.autoattack.batch_size,
+                          point_index=index)
+  assert record['val_apgd_ce'] == float(np.mean(result.robust)) <= record['val_clean_adv']
+  assert reporting.validation_attack_keys(tiny_runs.read_metrics(workdir)) == ['val_apgd_ce']
 
 
 

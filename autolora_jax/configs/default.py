@@ -167,6 +167,12 @@ def get_config():
   # 'auto': TFDS's published CIFAR-10-C (cifar10_corrupted) for cifar10 when it is prepared, else computed here;
   # 'generate': always computed here; 'tfds': the published images only.
   config.eval.corruption_source = 'auto'
+  # AutoAttack attacks (names from autoattack.ATTACKS, e.g. ('apgd-ce',)) run on the whole validation split
+  # after each epoch's validation, with config.autoattack's eps, norm, batch and seed: the robust accuracy
+  # after each goes to metrics.jsonl as val_<attack> (val_apgd_ce), beside the val_pgd10 the schedule and
+  # the best checkpoint follow. () = none. Recorded, not followed: it shows whether a stronger validation
+  # attack would pick another best epoch.
+  config.eval.val_attacks = ()
 
   # How the host drives the devices (none of these changes what a run computes; docs/running.md, "Feeding the devices").
   config.host = ml_collections.ConfigDict()
