@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from typing import Dict, List, Sequence
 
 METRICS_FILE = 'metrics.jsonl'
@@ -166,7 +167,10 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
     if m['kind'] == 'reload':
       axes[0].axvline(m['epoch'], color=MARK_STYLES['reload'][1], ls=':', lw=1)
   pick = [m['label'] for m in marks if m['kind'] == 'lr0_pick']
-  axes[0].set(title='validation accuracy' + (f'\n{pick[0]}' if pick else ''), xlabel='epoch', ylabel='accuracy')
+  axes[0].set(xlabel='epoch', ylabel='accuracy')
+  # The probe's pick (a long line) wrapped to the panel's width, smaller than the title.
+  axes[0].set_title('validation accuracy' + ('\n' + textwrap.fill(pick[0], 70) if pick else ''),
+                    fontsize=9 if pick else None)
   axes[0].legend(fontsize=8)
   axes[1].plot(epochs, [r['lr'] for r in records], marker='o')
   axes[1].set(title='learning rate (used in the epoch)', xlabel='epoch', yscale='log')
