@@ -8,20 +8,19 @@ several halvings (with their reloads) are expected. Each run's curves.png marks 
 stop on the validation curve (read from its metrics.jsonl).
 
 Vanilla RFT runs at the best learning rate of the Fashion-MNIST sensitivity grid (docs/evidence/sensitivity.md:
-lr 0.03; KL weight l2 = 1, 0.08 PGD-10 points from the grid's best, l2 = 0; 8 epochs) over the same 30 epochs, lr / 10 after epochs 15 and 23 (50% and 75%, as the
-default's 30 and 45 of 60). If a new grid finds another best point, pass it: --config.fixed.lr=...
---config.fixed.l2=...
+lr 0.03; KL weight l2 = 1, 0.08 PGD-10 points from the grid's best, l2 = 0; 8 epochs) over the same 30 epochs,
+lr / 10 after epochs 15 and 23 (50% and 75%, as the default's 30 and 45 of 60). If a new grid finds another best
+point, pass it: --config.fixed.lr=... --config.fixed.l2=...
 
     python -m autolora_jax.compare --config=configs/fashion_mnist_long.py --methods=autolora,vanilla_rft \
         --seeds=0,1,2 --workdir=/tmp/fashion_long --config.progress=False
 
-Measured on 2 AMD EPYC cores (jax 0.10.2): 4.2 to 5.1 minutes per run alone (30 epochs of 4-8 s of
-training plus validation, then the test with AutoAttack on 200 points), about 30 minutes for the 6 runs.
-AutoLoRa 90.49 / 76.48 / 73.67 and vanilla RFT 92.16 / 82.41 / 84.17 (best checkpoint, test SA / PGD-10 /
-AA, mean of 3 seeds; the README). The
-same with the initial learning rate picked by the probe (config.auto_lr.lr0='auto', 4 candidates of one epoch
-each: 27-37 s per run; it picked 0.1 for every seed, and AutoLoRa reached 91.23 / 81.79 / 81.50) beside the
-default:
+Measured on 2 AMD EPYC cores (jax 0.10.2): 4.2 to 5.1 minutes per run alone (30 epochs of 4-8 s of training plus
+validation, then the test with AutoAttack on 200 points), about 30 minutes for the 6 runs. AutoLoRa 90.49 /
+76.48 / 73.67 and vanilla RFT 92.16 / 82.41 / 84.17 (best checkpoint, test SA / PGD-10 / AA, mean of 3 seeds;
+the README). The same with the initial learning rate picked by the probe (config.auto_lr.lr0='auto', 4
+candidates of one epoch each: 27-37 s per run; it picked 0.1 for every seed, and AutoLoRa reached 91.23 / 81.79
+/ 81.50) beside the default:
 
     python -m autolora_jax.compare --config=configs/fashion_mnist_long.py --methods=autolora --seeds=0,1,2 \
         --workdir=/tmp/fashion_long_auto --config.auto_lr.lr0=auto --config.progress=False
