@@ -3,7 +3,8 @@
 your own; see autolora_jax/methods/).
 
 `train(exp, ...)`, per epoch: train (pmapped step over all local devices), validate (clean accuracy of both
-branches, PGD-10 robust accuracy of the deployed one), let the method's epoch policy (policy.py: the
+branches, PGD-10 robust accuracy of the deployed one; with config.eval.val_attacks also those AutoAttack
+attacks, recorded only), let the method's epoch policy (policy.py: the
 automatic learning rate and loss scalars, or fixed ones) set the next epoch's lr and scalars, keep the best
 checkpoint, reload it when the policy says so, save the latest state, log. With config.auto_lr.lr0='auto' a
 probe picks the initial learning rate first (lr_probe.py) and epoch 1 goes on from the pick's state. At the end
