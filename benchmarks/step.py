@@ -253,7 +253,6 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
     call()  # compiles inside
     info['compile_s'] = time.perf_counter() - t0
     info['images'] = n
-    info['aa_eps'] = FLAGS.aa_eps
     return call, info
 
   tx = steps.make_optimizer(0.01, 0.9, 1e-4)
@@ -351,9 +350,8 @@ def run_case(part: str, arch: str, resolution: int, batch: int) -> Dict:
   if 'xla_bytes' in info:
     case['ours_xla_bytes'] = info['xla_bytes']
   images = info.get('images', batch)
-  for key in ('robust_points', 'aa_eps'):
-    if key in info:
-      case[key] = info[key]
+  if part == 'autoattack':
+    case.update(robust_points=info['robust_points'], aa_eps=FLAGS.aa_eps)
   if torch is not None and FLAGS.torch == 'auto':
     t_call, t_info = reference(part, arch, resolution, input_size, batch, data)
     if t_call is None:
