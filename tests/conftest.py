@@ -7,15 +7,11 @@ for the CPU maps memory of its own, and one process running the whole suite othe
 limit on memory maps (vm.max_map_count, 65,530 by default), where XLA's compiler aborts.
 
 The cache (in the system's temp folder, keyed by program and JAX version) lets the many tests that compile
-the same small train and eval steps, subprocesses included, compile each program once; XLA compiles them
-at LLVM's optimisation level 0 (TEST_XLA_FLAG), which halves the compile time of the tests' tiny programs.
+the same small train and eval steps, subprocesses included, compile each program once.
 """
 
-import gc
 import os
 import tempfile
-
-import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'autolora-jax-test-xla'))
@@ -24,13 +20,11 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettemp
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 # A bounded cache is a locked one: the processes of the multi-process tests read and write it at once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
-# The tests compile far more than they compute (tiny shapes, a few steps): with LLVM's optimisation level 0
-# XLA compiles for the CPU in about half the time. Every process the tests start inherits the flag
-# (tiny_runs.env_for adds its device count to it); a level the caller set in XLA_FLAGS is kept.
-TEST_XLA_FLAG = '--xla_backend_optimization_level=0'
-if TEST_XLA_FLAG.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
+
+import gc
+
+import pytest
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -73,16 +73,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def xla_flags(devices: int) -> str:
-  """This process's XLA_FLAGS (conftest's among them) with `devices` fake CPU devices instead of its own."""
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
-          if not f.startswith('--xla_force_host_platform_device_count')]
-  return ' '.join(kept + [f'--xla_force_host_platform_device_count={devices}'])
-
-
 def env_for(devices: int, **extra) -> dict:
   env = dict(os.environ)
-  env.update({'XLA_FLAGS': xla_flags(devices),
+  env.update({'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
               'PYTHONPATH': os.pathsep.join([ROOT, TESTS]), 'TF_CPP_MIN_LOG_LEVEL': '2',
               'JAX_PLATFORMS': 'cpu'})
   env.update(extra)
