@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags
 
 from autolora_jax import autoattack, models, ops, steps  # noqa: E402
+from autolora_jax.models import convnext  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
 
 try:
@@ -233,6 +234,8 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   common = dict(lora_rank=FLAGS.lora_rank, input_size=input_size, conv_fn=conv_fn, dtype=jnp.dtype(FLAGS.dtype))
   spec = models.spec(arch)
   stem = FLAGS.stem if FLAGS.stem in spec.stems else spec.stems[0]
+  if arch.startswith('convnext'):  # its depthwise convolutions as models.create_model picks them
+    common['depthwise'] = convnext.depthwise_for(FLAGS.conv_impl, jax.default_backend())
   model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common, **_sizes(arch))
   x, y = data
   variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}

@@ -233,6 +233,28 @@ def test_placement_follows_lora_targets(family, targets):
   assert len(head) == 2  # the classifier alone: a ConvNeXt's head LayerNorm ('head_norm') is a part of the FE
 
 
+def test_shifted_depthwise_convolution_gives_the_grouped_ones_numbers_and_is_the_cpu_choice():
+  from autolora_jax.models import convnext  # pylint: disable=g-import-not-at-top
+  assert convnext.depthwise_for('auto', 'cpu') == convnext.depthwise_for('im2col', 'cpu') == 'shifts'
+  assert convnext.depthwise_for('native', 'cpu') == convnext.depthwise_for('auto', 'gpu') == 'grouped'
+  config = default.get_config()
+  config.model.arch = 'convnext_t'
+  assert models.create_model(config.model, 5).depthwise == convnext.depthwise_for('auto', jax.default_backend())
+  grouped, shifts = helpers.tiny_convnext(), helpers.tiny_convnext(depthwise='shifts')
+  variables = helpers.with_nonzero_lora_b(helpers.init(grouped, size=32))
+  x = jnp.asarray(helpers.random_batch(n=2, size=32)['image'])
+
+  def outputs(model):
+    def loss(params, z):
+      return jnp.sum(model.apply({**variables, 'params': params}, z, branch='nat', train=True) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1))(variables['params'], x)
+    return [model.apply(variables, x, branch=b) for b in ('adv', 'nat')] + jax.tree_util.tree_leaves(grads)
+
+  for a, b in zip(jax.jit(lambda: outputs(grouped))(), jax.jit(lambda: outputs(shifts))()):
+    scale = float(jnp.max(jnp.abs(a))) or 1.0
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale
+
+
 def test_the_default_lora_targets_mean_the_convnext_mlp():
   config = default.get_config()
   config.model.arch = 'convnext_t'
