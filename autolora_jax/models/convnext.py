@@ -128,8 +128,8 @@ def shifted_depthwise(x, kernel):
   """A stride-1 'same' depthwise convolution of NHWC x with kernel (k, k, 1, C), as k * k shifted
   multiply-adds of the padded input (one kernel row per loop iteration, which XLA fuses); the input gradient
   is the same sum with the flipped kernel, the kernel gradient one reduction per kernel row. On CPUs XLA's
-  grouped convolution and its gradients are far slower: with this one the ConvNeXt-T train step runs twice
-  as fast and compiles faster (docs/convnext_swin.md)."""
+  grouped convolution and its gradients are far slower: with this one the ConvNeXt-T train step runs 2.25
+  times as fast (docs/convnext_swin.md)."""
   return _shift_sum(x, kernel[:, :, 0])
 
 
