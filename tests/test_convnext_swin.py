@@ -240,6 +240,10 @@ def test_shifted_depthwise_convolution_gives_the_grouped_ones_numbers_and_is_the
   config = default.get_config()
   config.model.arch = 'convnext_t'
   assert models.create_model(config.model, 5).depthwise == convnext.depthwise_for('auto', jax.default_backend())
+  meta = {'model_arch': 'convnext_t', 'stem': 'imagenet', 'mean': None, 'std': None, 'num_classes': 5,
+          'input_size': 32, 'dims': [8, 16, 32, 64], 'depths': [1, 1, 1, 1]}
+  for impl in ('native', 'auto'):  # a converted checkpoint's model follows the conv_impl asked for
+    assert convert.build_model(meta, conv_impl=impl).depthwise == convnext.depthwise_for(impl, jax.default_backend())
   grouped, shifts = helpers.tiny_convnext(), helpers.tiny_convnext(depthwise='shifts')
   variables = helpers.with_nonzero_lora_b(helpers.init(grouped, size=32))
   x = jnp.asarray(helpers.random_batch(n=2, size=32)['image'])

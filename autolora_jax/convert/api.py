@@ -167,8 +167,9 @@ def build_model(meta: dict, lora_rank: int = 8, conv_impl: str = 'auto', **overr
   the CIFAR layout and the position grid's for a ViT).
   """
   conv_fn, pool_fn = ops.convolutions(conv_impl, jax.default_backend())
-  return models.create_model(model_config(meta, lora_rank), meta['num_classes'], conv_fn=conv_fn, pool_fn=pool_fn,
-                             **overrides)
+  config = model_config(meta, lora_rank)
+  config.conv_impl = conv_impl  # a ConvNeXt's depthwise convolutions follow it too (convnext.depthwise_for)
+  return models.create_model(config, meta['num_classes'], conv_fn=conv_fn, pool_fn=pool_fn, **overrides)
 
 
 def model_config(meta: dict, lora_rank: int = 8) -> ml_collections.ConfigDict:
