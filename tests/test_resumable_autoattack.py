@@ -6,18 +6,20 @@
 * unit: eval_progress's multi-process protocol, simulated in one process (two "processes" with different
   points, a fake allgather and guard): both check the same number of positions, stop at the same one, and
   resume to the uninterrupted results.
-* end to end (run.py in subprocesses, the tiny digits run; the best checkpoint is epoch 2, the final one
-  epoch 3): SIGTERM inside the final checkpoint's AutoAttack exits 75 with the resume message; the same
-  command then skips the best checkpoint (finished before the stop), resumes the final one's AutoAttack and
-  writes the uninterrupted run's results.json and per-point verdicts. The same in --mode=eval (stopped
-  mid-APGD-CE of the best checkpoint), and with another autoattack.seed at the restart, which starts afresh
-  and gives what an uninterrupted evaluation with that seed gives. And --mode=eval in two processes, SIGTERM
-  to one of them: both stop at the same position, and resume to the single-process results.
+* end to end (run.py in subprocesses, the tiny digits run; the best checkpoint is epoch 2, held there by
+  `tiny_runs.best_until`, the final one epoch 3): SIGTERM inside the final checkpoint's AutoAttack exits 75
+  with the resume message; the same command then skips the best checkpoint (finished before the stop),
+  resumes the final one's AutoAttack and writes the uninterrupted run's results.json and per-point verdicts.
+  The same in --mode=eval (stopped mid-APGD-CE of the best checkpoint), and with another autoattack.seed at
+  the restart, which starts afresh and gives what an uninterrupted evaluation with that seed gives. And
+  --mode=eval in two processes, SIGTERM to one of them: both stop at the same position, and resume to the
+  single-process results.
 * unit: a saved state resumes only with the same fingerprint; a damaged file starts afresh.
 """
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -208,7 +210,7 @@ def _cli(workdir, cache, hook='', flags=()):
 
 
 def _hook(verdicts, sigterm=None):
-  hook = f'tiny_runs.save_autoattack_verdicts({str(verdicts)!r})'
+  hook = f'tiny_runs.best_until(2); tiny_runs.save_autoattack_verdicts({str(verdicts)!r})'
   return hook + (f'; tiny_runs.sigterm_in_autoattack{sigterm!r}' if sigterm else '')
 
 
@@ -253,10 +255,10 @@ def _evaluated_copy(reference_dir, target):
 def test_sigterm_in_autoattack_then_resume_matches_uninterrupted_run(tmp_path, reference, compile_cache):
   reference_dir, reference_verdicts = reference
   workdir, verdicts = str(tmp_path / 'run'), tmp_path / 'verdicts'
-  p = _cli(workdir, compile_cache, _hook(verdicts, ('final', 2)))
+  p = _cli(workdir, compile_cache, _hook(verdicts, ('final', 1, 2)))  # APGD-T's first batch
   assert p.returncode == preemption.EXIT_CODE, p.stderr[-3000:]
-  assert ('Stopped by SIGTERM in the AutoAttack of the final checkpoint (epoch 3), after batch 1 of 1 of apgd-t'
-          in p.stderr)
+  assert re.search(r'Stopped by SIGTERM in the AutoAttack of the final checkpoint \(epoch 3\), after batch 1 '
+                   r'of \d+ of apgd-t', p.stderr), p.stderr[-3000:]
   assert f'To resume: python run.py {FLAGS[0]}' in p.stderr and f'--workdir={workdir}' in p.stderr
   assert 'Traceback' not in p.stderr
   state = os.path.join(workdir, eval_progress.STATE_DIR)
@@ -277,15 +279,16 @@ def test_sigterm_in_autoattack_then_resume_matches_uninterrupted_run(tmp_path, r
 def test_eval_mode_sigterm_then_resume_matches_uninterrupted(tmp_path, reference, compile_cache):
   reference_dir, reference_verdicts = reference
   workdir, verdicts = _evaluated_copy(reference_dir, tmp_path / 'run'), tmp_path / 'verdicts'
-  p = _cli(workdir, compile_cache, _hook(verdicts, ('best', 1)), ['--mode=eval'])
+  p = _cli(workdir, compile_cache, _hook(verdicts, ('best', 1, 1)), ['--mode=eval'])
   assert p.returncode == preemption.EXIT_CODE, p.stderr[-3000:]
-  assert 'in the AutoAttack of the best checkpoint (epoch 2), after batch 1 of 2 of apgd-ce' in p.stderr
+  assert re.search(r'in the AutoAttack of the best checkpoint \(epoch 2\), after batch 1 of [2-9] of apgd-ce',
+                   p.stderr), p.stderr[-3000:]
   assert 'To resume: python run.py' in p.stderr and '--mode=eval' in p.stderr and 'Traceback' not in p.stderr
   assert os.listdir(os.path.join(workdir, eval_progress.STATE_DIR)) == ['autoattack-best.npz']
 
   p = _cli(workdir, compile_cache, _hook(verdicts), ['--mode=eval'])
   assert p.returncode == 0, p.stderr[-3000:]
-  assert 'resuming from' in p.stderr and 'after batch 1 of 2 of apgd-ce' in p.stderr
+  assert 'resuming from' in p.stderr and re.search(r'after batch 1 of [2-9] of apgd-ce', p.stderr)
   got, want = _results(workdir), _results(reference_dir)
   assert {'best', 'final', 'autoattack'} <= set(got) <= set(want)
   assert got == {k: want[k] for k in got}
@@ -298,7 +301,7 @@ def test_eval_mode_changed_seed_at_restart_starts_afresh(tmp_path, reference, co
   reference_dir, _ = reference
   seed = ['--mode=eval', '--config.autoattack.seed=1']
   workdir, verdicts = _evaluated_copy(reference_dir, tmp_path / 'run'), tmp_path / 'verdicts'
-  p = _cli(workdir, compile_cache, _hook(verdicts, ('best', 1)), ['--mode=eval'])  # seed 0
+  p = _cli(workdir, compile_cache, _hook(verdicts, ('best', 1, 1)), ['--mode=eval'])  # seed 0
   assert p.returncode == preemption.EXIT_CODE, p.stderr[-3000:]
   p = _cli(workdir, compile_cache, _hook(verdicts), seed)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -128,10 +128,26 @@ def sigterm_at(epoch: int, step: int) -> None:
   loop.train_epoch = train_epoch
 
 
-def sigterm_in_autoattack(checkpoint: str, batch: int) -> None:
+def best_until(epoch: int) -> None:
+  """Makes no epoch after `epoch` a new best (the validation still runs and is recorded): a run whose best
+  and final checkpoints must differ keeps them apart on every CPU kind, whatever the round-off does to a
+  tiny run's close validation numbers."""
+  from autolora_jax import policy  # pylint: disable=g-import-not-at-top
+  original = policy._track_best  # pylint: disable=protected-access
+
+  def track_best(state, at, measured):
+    if at > epoch:
+      return state._replace(history=state.history + (float(measured['pgd']),)), False
+    return original(state, at, measured)
+
+  policy._track_best = track_best  # pylint: disable=protected-access
+
+
+def sigterm_in_autoattack(checkpoint: str, batch: int, stage: int = 0) -> None:
   """Makes this process send itself SIGTERM while AutoAttack batch `batch` (1-based, counted over the attack
-  batches of all passes, the clean pass not counted) of the test of `checkpoint` ('best' or 'final') ends:
-  the evaluation then stops after that batch."""
+  batches of all passes, the clean pass not counted; with `stage`, over that attack's passes alone: 1 is the
+  cascade's first attack) of the test of `checkpoint` ('best' or 'final') ends: the evaluation then stops
+  after that batch. A stage pins the stop to an attack whatever the number of points each attack gets."""
   import signal  # pylint: disable=g-import-not-at-top
 
   from autolora_jax import autoattack  # pylint: disable=g-import-not-at-top
@@ -142,7 +158,8 @@ def sigterm_in_autoattack(checkpoint: str, batch: int) -> None:
 
     def hook(state):
       key = (state.stage, state.pass_index)
-      if key == seen['key'] and state.stage > 0:  # after a batch (a new key: a pass begins)
+      counted = state.stage > 0 if not stage else state.stage == stage
+      if key == seen['key'] and counted:  # after a batch (a new key: a pass begins)
         seen['batches'] += 1
         if desc == f'AA ({checkpoint})' and seen['batches'] == batch:
           os.kill(os.getpid(), signal.SIGTERM)
