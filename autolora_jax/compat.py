@@ -20,6 +20,11 @@ Version 2 to 3:
 Version 3 to 4:
 * config.json: config.eval.val_attacks (`V3_CONFIG_DEFAULTS`: none, as every earlier run).
 
+Version 4 to 5:
+* config.json: config.model.attention_impl (`V4_CONFIG_DEFAULTS`: 'auto', the default, so that earlier runs
+  resume: on CPUs it computes the einsums every earlier run computed; on GPUs and TPUs the same numbers
+  within float round-off).
+
 The converted checkpoints (`autolora_jax.convert`), the exported models (`autolora_jax.export`) and
 AutoAttack's resumable state (`autolora_jax.eval_progress`) carry format versions of their own.
 """
@@ -31,7 +36,7 @@ from typing import Any, Dict, Mapping
 
 from autolora_jax.errors import CheckpointError, WorkdirError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 KEY = 'format_version'
 
 # Config keys that version-1 runs may lack, at the value every run computed before the key existed.
@@ -50,6 +55,9 @@ V2_CONFIG_DEFAULTS: Dict[str, Any] = {
 
 # Config keys that version-3 runs lack, at the value every such run computed.
 V3_CONFIG_DEFAULTS: Dict[str, Any] = {'eval.val_attacks': []}
+
+# Config keys that version-4 runs lack, at the default (see the module docstring).
+V4_CONFIG_DEFAULTS: Dict[str, Any] = {'model.attention_impl': 'auto'}
 
 _UPGRADE = ('Upgrade autolora-jax (pip install -U autolora-jax) to read it, or use another folder for this '
             'version\'s runs.')
@@ -97,6 +105,8 @@ def upgrade_config(data: Mapping[str, Any], source: str = 'config.json') -> dict
     _set_defaults(data, V2_CONFIG_DEFAULTS)
   if version < 4:
     _set_defaults(data, V3_CONFIG_DEFAULTS)
+  if version < 5:
+    _set_defaults(data, V4_CONFIG_DEFAULTS)
   return data
 
 
@@ -108,7 +118,7 @@ def upgrade_checkpoint_meta(meta: Mapping[str, Any], source: str = 'the checkpoi
   meta = copy.deepcopy(dict(meta))
   version = version_of(meta)
   _check_known(version, source, CheckpointError)
-  if version < 2 and isinstance(meta.get('policy'), dict):  # 2 -> 3 and 3 -> 4 changed nothing here
+  if version < 2 and isinstance(meta.get('policy'), dict):  # 2 -> 3, 3 -> 4 and 4 -> 5 changed nothing here
     policy = meta['policy']
     auto = policy.pop('auto', None) or {}
     for old, new in (('best_at_checkpoint', 'best_at_window'), ('halved_at_checkpoint', 'halved_at_window'),

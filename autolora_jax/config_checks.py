@@ -33,6 +33,7 @@ def validate(config) -> None:
   _choice('model.arch', m.arch, models.arch_names())
   check_arch(config)
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
+  _choice('model.attention_impl', m.get('attention_impl', 'auto'), models.ATTENTION_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
   if m.precision not in models.PRECISIONS:
     raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '

@@ -92,6 +92,9 @@ flags.DEFINE_integer('reps', 5, 'Timed repetitions per implementation (after one
 flags.DEFINE_string('conv_impl', 'auto', "Our model's conv_impl: auto | native | im2col | "
                     '(whatever ops.CONV_IMPLS offers).')
 flags.DEFINE_string('dtype', 'float32', "Our model's compute dtype: float32 | bfloat16.")
+flags.DEFINE_enum('attention_impl', 'auto', list(models.ATTENTION_IMPLS),
+                  "ViTs' and Swins' attention (config.model.attention_impl): auto (the einsums on CPUs, "
+                  'jax.nn.dot_product_attention elsewhere) | einsum | xla | cudnn.')
 flags.DEFINE_enum('torch', 'auto', ['auto', 'off'], "'off' times ours alone.")
 flags.DEFINE_enum('torch_autocast', 'off', ['off', 'bfloat16', 'float16'],
                   'Run the reference under torch.autocast in this dtype (ours: --dtype).')
@@ -236,6 +239,8 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   stem = FLAGS.stem if FLAGS.stem in spec.stems else spec.stems[0]
   if arch.startswith('convnext'):  # its depthwise convolutions as models.create_model picks them
     common['depthwise'] = convnext.depthwise_for(FLAGS.conv_impl, jax.default_backend())
+  if spec.label in ('ViT', 'Swin'):  # the attention as models.create_model picks it
+    common['attention'] = models.attention_for(FLAGS.attention_impl, jax.default_backend())
   model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common, **_sizes(arch))
   x, y = data
   variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
@@ -463,7 +468,8 @@ def main(argv):
                     'xla_flags': os.environ.get('XLA_FLAGS', ''),
                     'load_before': load_before, 'load_after': load_after,
                     'process_maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        'settings': {'conv_impl': FLAGS.conv_impl, 'dtype': FLAGS.dtype, 'reps': FLAGS.reps,
+        'settings': {'conv_impl': FLAGS.conv_impl, 'attention_impl': FLAGS.attention_impl, 'dtype': FLAGS.dtype,
+                     'reps': FLAGS.reps,
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
                      'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads,
                      'torch_autocast': FLAGS.torch_autocast,

@@ -72,6 +72,8 @@ CONFIG_CASES = [
     ('attack.step_size', -0.01, 'config.attack.step_size must lie in (0.0, 1.0], got -0.01'),
     ('attack.step_size', 2.0, 'config.attack.step_size must lie in (0.0, 1.0], got 2.0'),
     ('model.precision', 'fp32', "config.model.precision='fp32' is not supported: choose one of ('default', "),
+    ('model.attention_impl', 'flash', "config.model.attention_impl='flash' is not supported: choose one of "
+     "('auto', 'einsum', 'xla', 'cudnn')"),
     ('host.metrics_every', 0, 'config.host.metrics_every must be a positive integer, got 0'),
     ('host.prefetch', 0, 'config.host.prefetch must be an integer from 1 to 8'),
     ('host.plot_every', 0, 'config.host.plot_every must be a positive integer, got 0'),

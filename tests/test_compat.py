@@ -72,6 +72,16 @@ def test_version_3_config_gets_no_validation_attacks():
   assert workdir.config_differences(upgraded, with_attacks) == ["eval.val_attacks: [] -> ['apgd-ce']"]
 
 
+def test_version_4_config_gets_the_default_attention_and_resumes():
+  new = workdir.config_dict(tiny_runs.tiny_config())
+  old = json.loads(json.dumps(new))
+  del old['model']['attention_impl']
+  upgraded = compat.upgrade_config({**old, 'format_version': 4})
+  assert upgraded['model']['attention_impl'] == 'auto' and workdir.config_differences(upgraded, new) == []
+  einsum = workdir.config_dict(tiny_runs.tiny_config(**{'model.attention_impl': 'einsum'}))
+  assert workdir.config_differences(upgraded, einsum) == ["model.attention_impl: 'auto' -> 'einsum'"]
+
+
 def test_version_1_policy_state_resumes_the_same_run():
   """A checkpoint whose automatic learning rate's state is nested under policy['auto'] (version 1)."""
   old = {'epoch': 5, 'done': False,

@@ -80,6 +80,9 @@ def get_config():
   config.model.std = IMAGENET_STD
   config.model.conv_impl = 'auto'  # 'auto' (chosen per layer on CPU, native elsewhere) | 'native' | 'im2col'
   #   | 'explicit' | 'winograd' (see autolora_jax/ops/cpu.py)
+  # ViTs and Swins: 'auto' (the written-out einsums on CPUs, jax.nn.dot_product_attention elsewhere: cuDNN's
+  # fused kernel where it applies) | 'einsum' | 'xla' | 'cudnn' (see autolora_jax/models/attention.py)
+  config.model.attention_impl = 'auto'
   config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (the convolutions; head and loss stay float32)
   # The convolutions' matmul precision on GPUs and TPUs: 'default' (TPU: bfloat16 passes, A100/H100: TF32)
   # | 'high' | 'highest' (float32); no effect on CPUs (see autolora_jax/models/resnet.py, PRECISIONS).

@@ -11,6 +11,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from autolora_jax.models.archs import ArchSpec, ArchView, arch_names, collect, register, spec, specs, unregister
+from autolora_jax.models.attention import ATTENTION_IMPLS, attend, attention_for
 from autolora_jax.models.batchnorm import TWIN_MODES, BatchNorm, TwinBatchNorm, frozen_twin_source
 from autolora_jax.models.factory import ARCHITECTURES, create_model, is_vit
 from autolora_jax.models.groups import lora_params_count, param_group, param_groups
@@ -52,7 +53,7 @@ from autolora_jax.models.vit import (
 collect(_importlib.import_module(f'{__name__}.{m.name}') for m in _pkgutil.iter_modules(__path__))
 
 __all__ = [
-    'ARCHITECTURES', 'BRANCHES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LORA_PLACEMENTS', 'PRECISIONS', 'STEMS',
+    'ATTENTION_IMPLS', 'attend', 'attention_for', 'ARCHITECTURES', 'BRANCHES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LORA_PLACEMENTS', 'PRECISIONS', 'STEMS',
     'TWIN_MODES', 'BasicBlock', 'BatchNorm', 'Bottleneck', 'ConvFn', 'LoRaConv', 'PoolFn', 'ResNet',
     'create_model',
     'kaiming_normal_fan_out', 'lora_delta', 'lora_params_count', 'native_conv2d', 'native_max_pool',

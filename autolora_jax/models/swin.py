@@ -35,6 +35,7 @@ import numpy as np
 
 from autolora_jax.errors import ConfigError
 from autolora_jax.models.archs import ArchSpec
+from autolora_jax.models.attention import attend, attention_for
 from autolora_jax.models.convnext import PatchConv
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (
@@ -127,6 +128,7 @@ class WindowAttention(nn.Module):
   window: int  # the window attended over (clamped)
   table_window: int  # the bias table's window (the architecture's)
   dense: Any  # (features, slices, name) -> LoRaDense
+  impl: str = 'einsum'  # attention.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, branch, mask=None):
@@ -138,13 +140,10 @@ class WindowAttention(nn.Module):
     bias = table[index.reshape(-1)].reshape(t, t, self.heads).transpose(2, 0, 1)
     qkv = self.dense(3 * self.dim, ('q', 'k', 'v'), 'qkv')(x, branch)
     q, k, v = qkv.reshape(b, t, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k) + bias
-    if mask is not None:
+    if mask is not None:  # window i of every image (b = images x windows, windows inner) gets mask[i]
       windows = mask.shape[0]
-      logits = (logits.reshape(b // windows, windows, self.heads, t, t) + mask[None, :, None]).reshape(b, self.heads,
-                                                                                                       t, t)
-    weights = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3).reshape(b, t, self.dim)
+      bias = jnp.tile(bias[None] + mask[:, None], (b // windows, 1, 1, 1))
+    y = attend(q, k, v, bias, impl=self.impl).transpose(0, 2, 1, 3).reshape(b, t, self.dim)
     return self.dense(self.dim, ('proj',), 'proj')(y, branch)
 
 
@@ -156,6 +155,7 @@ class SwinBlock(nn.Module):
   shift: int
   table_window: int
   dense: Any
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, branch):
@@ -165,8 +165,8 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
     windows = partition(y, self.window).reshape(-1, self.window * self.window, c)
     mask = jnp.asarray(shift_mask(h, self.window, self.shift)) if self.shift else None
-    windows = WindowAttention(self.dim, self.heads, self.window, self.table_window, self.dense, name='attn')(
-        windows, branch, mask)
+    windows = WindowAttention(self.dim, self.heads, self.window, self.table_window, self.dense, self.attention,
+                              name='attn')(windows, branch, mask)
     y = unpartition(windows.reshape(-1, self.window, self.window, c), self.window, h, w)
     if self.shift:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
@@ -200,6 +200,7 @@ class SwinStage(nn.Module):
   downsample: bool
   dense: Any
   dtype: Any = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, branch):
@@ -207,7 +208,7 @@ class SwinStage(nn.Module):
       x = PatchMerging(self.dim, dtype=self.dtype, name='downsample')(x)
     for j in range(self.depth):
       x = SwinBlock(self.dim, self.heads, self.window, self.shift if j % 2 else 0, self.table_window, self.dense,
-                    name=f'blocks_{j}')(x, branch)
+                    self.attention, name=f'blocks_{j}')(x, branch)
     return x
 
 
@@ -232,7 +233,7 @@ class Swin(nn.Module):
     stem: 'imagenet' only (the 4x4 patch embedding).
     mean, std: per-channel input normalisation; None for none.
     conv_fn: unused (the patch embedding is a matmul); for a common interface.
-    dtype, precision: as models.ViT's.
+    dtype, precision, attention: as models.ViT's.
     drop_path: stochastic depth; fine-tuning runs without it (0.0 only).
     bn_axis_name, twin_bn: the ResNets' BatchNorm attributes, for a common interface (no BatchNorm here).
   """
@@ -252,6 +253,7 @@ class Swin(nn.Module):
   conv_fn: ConvFn = native_conv2d
   dtype: Any = jnp.float32
   precision: str = 'default'
+  attention: str = 'einsum'
   drop_path: float = 0.0
   bn_axis_name: Optional[str] = None
   twin_bn: bool = False
@@ -277,7 +279,7 @@ class Swin(nn.Module):
     stages = stage_windows(self.input_size, self.window, len(self.depths))
     for i, (depth, (_, window, shift)) in enumerate(zip(self.depths, stages)):
       x = SwinStage(self.dim * 2 ** i, depth, self.heads * 2 ** i, window, shift, self.window, i > 0, dense,
-                    dtype=self.dtype, name=f'layers_{i}')(x, branch)
+                    dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x, branch)
     x = jnp.mean(_layer_norm('norm')(x), axis=(1, 2))
     width = self.dim * 2 ** (len(self.depths) - 1)
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
@@ -332,6 +334,7 @@ def swin_size(model_config) -> dict:
 def _attributes(model_config) -> dict:
   return {'lora_targets': tuple(model_config.get('lora_targets', LORA_TARGETS)),
           'lora_init': model_config.get('lora_init', 'normal'), 'drop_path': float(model_config.get('drop_path', 0.0)),
+          'attention': attention_for(model_config.get('attention_impl', 'auto'), jax.default_backend()),
           **swin_size(model_config)}
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from autolora_jax.errors import ConfigError
 from autolora_jax.models.archs import ArchSpec
+from autolora_jax.models.attention import attend, attention_for
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (
   IMAGENET_MEAN,
@@ -172,6 +173,7 @@ class Attention(nn.Module):
   dim: int
   heads: int
   dense: Any  # (features, slices, name) -> LoRaDense
+  impl: str = 'einsum'  # attention.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, branch):
@@ -181,8 +183,7 @@ class Attention(nn.Module):
     # (3, N, heads, T, head_dim), as timm permutes it: batched matmuls over leading (N, heads) run 1.34x
     # faster forward and backward on XLA's CPU than contracting the (T, heads, head_dim) layout in place.
     q, k, v = qkv.reshape(n, t, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
-    weights = jax.nn.softmax(jnp.einsum('nhqd,nhkd->nhqk', q * (hd ** -0.5), k), axis=-1)
-    y = jnp.einsum('nhqk,nhkd->nhqd', weights, v).transpose(0, 2, 1, 3).reshape(n, t, self.dim)
+    y = attend(q, k, v, impl=self.impl).transpose(0, 2, 1, 3).reshape(n, t, self.dim)
     return self.dense(self.dim, ('proj',), 'proj')(y, branch)
 
 
@@ -204,10 +205,12 @@ class Block(nn.Module):
   heads: int
   mlp_dim: int
   dense: Any
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, branch):
-    x = x + Attention(self.dim, self.heads, self.dense, name='attn')(_layer_norm('norm1')(x), branch)
+    x = x + Attention(self.dim, self.heads, self.dense, self.attention, name='attn')(_layer_norm('norm1')(x),
+                                                                                   branch)
     return x + Mlp(self.dim, self.mlp_dim, self.dense, name='mlp')(_layer_norm('norm2')(x), branch)
 
 
@@ -301,6 +304,8 @@ class ViT(nn.Module):
     dtype: compute dtype of the matmuls and convolutions (parameters stay float32); LayerNorms, softmax,
       the LoRa path, the head and the logits are float32.
     precision: matmul precision on GPUs and TPUs, one of PRECISIONS.
+    attention: how the attention is computed, one of attention.IMPLEMENTATIONS (`attention_for` picks it
+      from config.model.attention_impl and the backend); the same numbers within float round-off.
     bn_axis_name, twin_bn: the ResNets' BatchNorm attributes, for a common interface; a ViT has no
       BatchNorm (twin_bn must stay False).
   """
@@ -321,6 +326,7 @@ class ViT(nn.Module):
   conv_fn: ConvFn = native_conv2d
   dtype: Any = jnp.float32
   precision: str = 'default'
+  attention: str = 'einsum'
   bn_axis_name: Optional[str] = None
   twin_bn: bool = False
 
@@ -351,7 +357,8 @@ class ViT(nn.Module):
                        alpha=self.lora_alpha, lora_init=self.lora_init, dtype=self.dtype, name=name)
 
     for i in range(self.depth):
-      x = Block(self.dim, self.heads, self.mlp_ratio * self.dim, dense, name=f'blocks_{i}')(x, branch)
+      x = Block(self.dim, self.heads, self.mlp_ratio * self.dim, dense, self.attention, name=f'blocks_{i}')(x,
+                                                                                                        branch)
     x = _layer_norm('norm')(x)[:, 0]
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=torch_linear_uniform(self.dim),
@@ -396,7 +403,9 @@ def vit_size(model_config) -> dict:
 
 def _attributes(model_config) -> dict:
   return {'lora_targets': tuple(model_config.get('lora_targets', LORA_TARGETS)),
-          'lora_init': model_config.get('lora_init', 'normal'), **vit_size(model_config)}
+          'lora_init': model_config.get('lora_init', 'normal'),
+          'attention': attention_for(model_config.get('attention_impl', 'auto'), jax.default_backend()),
+          **vit_size(model_config)}
 
 
 def check_config(model_config) -> None:
