@@ -35,6 +35,10 @@ def validate(config) -> None:
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.attention_impl', m.get('attention_impl', 'auto'), models.ATTENTION_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
+  if m.get('attention_impl', 'auto') == 'cudnn' and m.dtype != 'bfloat16':
+    raise ConfigError(f"config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused "
+                      f'attention takes float16 and bfloat16 inputs; this model computes in {m.dtype}): set '
+                      "--config.model.dtype=bfloat16, or leave attention_impl at 'auto' (JAX's choice).")
   if m.precision not in models.PRECISIONS:
     raise ConfigError(f'config.model.precision={m.precision!r} is not supported: choose one of '
                       f'{models.PRECISIONS}, the matmul precision of the convolutions on GPUs and TPUs '

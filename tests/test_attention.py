@@ -57,6 +57,18 @@ def test_dot_product_attention_gives_the_einsums_numbers_and_gradients(with_bias
     models.attend(q, k, v, impl='flash')
 
 
+def test_dot_product_attention_takes_its_inputs_in_the_given_dtype():
+  """bfloat16 inputs (what cuDNN's kernel takes) for a float32 caller: float32 out, bfloat16's precision."""
+  q, k, v = (jax.random.normal(key, (2, 2, 9, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  bias = jnp.linspace(-1.0, 1.0, 81).reshape(1, 1, 9, 9)
+  want = models.attend(q, k, v, bias)
+  got = models.attend(q, k, v, bias, impl='xla', dtype=jnp.bfloat16)
+  assert got.dtype == jnp.float32
+  exact = models.attend(q, k, v, bias, impl='xla')
+  error = float(jnp.max(jnp.abs(got - want)))
+  assert float(jnp.max(jnp.abs(exact - want))) < 1e-5 < error < 0.05  # rounded to bfloat16, no more
+
+
 @pytest.mark.parametrize('family', ['vit', pytest.param('swin', marks=pytest.mark.slow)])
 def test_vit_and_swin_give_the_same_logits_and_gradients_with_either_attention(family):
   """The tiny Swin has a shifted, masked window stage: the mask reaches the attention in both."""

@@ -74,6 +74,7 @@ CONFIG_CASES = [
     ('model.precision', 'fp32', "config.model.precision='fp32' is not supported: choose one of ('default', "),
     ('model.attention_impl', 'flash', "config.model.attention_impl='flash' is not supported: choose one of "
      "('auto', 'einsum', 'xla', 'cudnn')"),
+    ('model.attention_impl', 'cudnn', "config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16'"),
     ('host.metrics_every', 0, 'config.host.metrics_every must be a positive integer, got 0'),
     ('host.prefetch', 0, 'config.host.prefetch must be an integer from 1 to 8'),
     ('host.plot_every', 0, 'config.host.plot_every must be a positive integer, got 0'),

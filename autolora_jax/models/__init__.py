@@ -53,7 +53,8 @@ from autolora_jax.models.vit import (
 collect(_importlib.import_module(f'{__name__}.{m.name}') for m in _pkgutil.iter_modules(__path__))
 
 __all__ = [
-    'ATTENTION_IMPLS', 'attend', 'attention_for', 'ARCHITECTURES', 'BRANCHES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LORA_PLACEMENTS', 'PRECISIONS', 'STEMS',
+    'ATTENTION_IMPLS', 'attend', 'attention_for',
+    'ARCHITECTURES', 'BRANCHES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LORA_PLACEMENTS', 'PRECISIONS', 'STEMS',
     'TWIN_MODES', 'BasicBlock', 'BatchNorm', 'Bottleneck', 'ConvFn', 'LoRaConv', 'PoolFn', 'ResNet',
     'create_model',
     'kaiming_normal_fan_out', 'lora_delta', 'lora_params_count', 'native_conv2d', 'native_max_pool',

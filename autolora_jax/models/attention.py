@@ -3,8 +3,9 @@
 * 'einsum': two batched matrix products over (N, heads) and a softmax, written out. The fastest on XLA's
   CPU: its batched matmuls over leading (N, heads) run faster than the token-major layout.
 * 'xla' and 'cudnn': `jax.nn.dot_product_attention` with that implementation ('cudnn': the fused kernel of
-  NVIDIA GPUs, float16 and bfloat16 only); 'dot_product' lets JAX choose (cuDNN's kernel on a GPU where it
-  applies, XLA's otherwise). On a 2-core Intel Xeon (AVX-512), 'xla' took 1.7 times as long as 'einsum'
+  NVIDIA GPUs, which takes float16 and bfloat16 only); 'dot_product' lets JAX choose (cuDNN's kernel on a
+  GPU where it applies, XLA's otherwise). q, k and v go in at the model's compute dtype (`dtype`): a
+  bfloat16 model's attention can run in cuDNN's kernel, a float32 model's runs in float32 (XLA's). On a 2-core Intel Xeon (AVX-512), 'xla' took 1.7 times as long as 'einsum'
   for ViT-S/16's attention forward and backward (batch 32, 197 tokens).
 
 `config.model.attention_impl` ('auto' by default) picks one per backend: `attention_for`. The implementations
@@ -32,7 +33,7 @@ def attention_for(attention_impl: str, backend: str) -> str:
   return attention_impl
 
 
-def attend(q, k, v, bias=None, impl: str = 'einsum'):
+def attend(q, k, v, bias=None, impl: str = 'einsum', dtype=None):
   """softmax(q k^T / sqrt(head_dim) + bias) v for each head.
 
   Args:
@@ -40,6 +41,8 @@ def attend(q, k, v, bias=None, impl: str = 'einsum'):
     bias: None, or an additive bias on the logits broadcastable to (N, heads, T, T) (a relative position
       bias, a -100 mask of shifted windows).
     impl: one of IMPLEMENTATIONS.
+    dtype: the dtype q, k, v and bias are cast to for `jax.nn.dot_product_attention` (None: as they are);
+      the einsums compute in the inputs' dtype.
   Returns:
     (N, heads, T, head_dim), the dtype of v.
   """
@@ -50,9 +53,10 @@ def attend(q, k, v, bias=None, impl: str = 'einsum'):
     return jnp.einsum('nhqk,nhkd->nhqd', jax.nn.softmax(logits, axis=-1), v)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention implementation {impl!r}: choose one of {IMPLEMENTATIONS}.')
-  to_tokens = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (N, T, heads, head_dim), the API's layout
+  dtype = jnp.dtype(dtype or q.dtype)
+  to_tokens = lambda a: a.transpose(0, 2, 1, 3).astype(dtype)  # noqa: E731  (N, T, heads, head_dim)
   if bias is not None:
-    bias = jnp.broadcast_to(bias, q.shape[:2] + (q.shape[2], k.shape[2])).astype(q.dtype)
+    bias = jnp.broadcast_to(bias, q.shape[:2] + (q.shape[2], k.shape[2])).astype(dtype)
   y = jax.nn.dot_product_attention(to_tokens(q), to_tokens(k), to_tokens(v), bias=bias,
                                    implementation=None if impl == 'dot_product' else impl)
-  return to_tokens(y)
+  return y.transpose(0, 2, 1, 3).astype(v.dtype)

@@ -129,6 +129,7 @@ class WindowAttention(nn.Module):
   table_window: int  # the bias table's window (the architecture's)
   dense: Any  # (features, slices, name) -> LoRaDense
   impl: str = 'einsum'  # attention.IMPLEMENTATIONS
+  dtype: Any = jnp.float32  # the compute dtype jax.nn.dot_product_attention takes its inputs in
 
   @nn.compact
   def __call__(self, x, branch, mask=None):
@@ -143,7 +144,7 @@ class WindowAttention(nn.Module):
     if mask is not None:  # window i of every image (b = images x windows, windows inner) gets mask[i]
       windows = mask.shape[0]
       bias = jnp.tile(bias[None] + mask[:, None], (b // windows, 1, 1, 1))
-    y = attend(q, k, v, bias, impl=self.impl).transpose(0, 2, 1, 3).reshape(b, t, self.dim)
+    y = attend(q, k, v, bias, impl=self.impl, dtype=self.dtype).transpose(0, 2, 1, 3).reshape(b, t, self.dim)
     return self.dense(self.dim, ('proj',), 'proj')(y, branch)
 
 
@@ -156,6 +157,7 @@ class SwinBlock(nn.Module):
   table_window: int
   dense: Any
   attention: str = 'einsum'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, branch):
@@ -166,7 +168,7 @@ class SwinBlock(nn.Module):
     windows = partition(y, self.window).reshape(-1, self.window * self.window, c)
     mask = jnp.asarray(shift_mask(h, self.window, self.shift)) if self.shift else None
     windows = WindowAttention(self.dim, self.heads, self.window, self.table_window, self.dense, self.attention,
-                              name='attn')(windows, branch, mask)
+                              self.dtype, name='attn')(windows, branch, mask)
     y = unpartition(windows.reshape(-1, self.window, self.window, c), self.window, h, w)
     if self.shift:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
@@ -208,7 +210,7 @@ class SwinStage(nn.Module):
       x = PatchMerging(self.dim, dtype=self.dtype, name='downsample')(x)
     for j in range(self.depth):
       x = SwinBlock(self.dim, self.heads, self.window, self.shift if j % 2 else 0, self.table_window, self.dense,
-                    self.attention, name=f'blocks_{j}')(x, branch)
+                    self.attention, self.dtype, name=f'blocks_{j}')(x, branch)
     return x
 
 

@@ -174,6 +174,7 @@ class Attention(nn.Module):
   heads: int
   dense: Any  # (features, slices, name) -> LoRaDense
   impl: str = 'einsum'  # attention.IMPLEMENTATIONS
+  dtype: Any = jnp.float32  # the compute dtype jax.nn.dot_product_attention takes its inputs in
 
   @nn.compact
   def __call__(self, x, branch):
@@ -183,7 +184,7 @@ class Attention(nn.Module):
     # (3, N, heads, T, head_dim), as timm permutes it: batched matmuls over leading (N, heads) run 1.34x
     # faster forward and backward on XLA's CPU than contracting the (T, heads, head_dim) layout in place.
     q, k, v = qkv.reshape(n, t, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
-    y = attend(q, k, v, impl=self.impl).transpose(0, 2, 1, 3).reshape(n, t, self.dim)
+    y = attend(q, k, v, impl=self.impl, dtype=self.dtype).transpose(0, 2, 1, 3).reshape(n, t, self.dim)
     return self.dense(self.dim, ('proj',), 'proj')(y, branch)
 
 
@@ -206,11 +207,12 @@ class Block(nn.Module):
   mlp_dim: int
   dense: Any
   attention: str = 'einsum'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, branch):
-    x = x + Attention(self.dim, self.heads, self.dense, self.attention, name='attn')(_layer_norm('norm1')(x),
-                                                                                   branch)
+    attn = Attention(self.dim, self.heads, self.dense, self.attention, self.dtype, name='attn')
+    x = x + attn(_layer_norm('norm1')(x), branch)
     return x + Mlp(self.dim, self.mlp_dim, self.dense, name='mlp')(_layer_norm('norm2')(x), branch)
 
 
@@ -306,6 +308,7 @@ class ViT(nn.Module):
     precision: matmul precision on GPUs and TPUs, one of PRECISIONS.
     attention: how the attention is computed, one of attention.IMPLEMENTATIONS (`attention_for` picks it
       from config.model.attention_impl and the backend); the same numbers within float round-off.
+      `jax.nn.dot_product_attention` takes q, k, v in `dtype` (the einsums: float32).
     bn_axis_name, twin_bn: the ResNets' BatchNorm attributes, for a common interface; a ViT has no
       BatchNorm (twin_bn must stay False).
   """
@@ -357,8 +360,8 @@ class ViT(nn.Module):
                        alpha=self.lora_alpha, lora_init=self.lora_init, dtype=self.dtype, name=name)
 
     for i in range(self.depth):
-      x = Block(self.dim, self.heads, self.mlp_ratio * self.dim, dense, self.attention, name=f'blocks_{i}')(x,
-                                                                                                        branch)
+      x = Block(self.dim, self.heads, self.mlp_ratio * self.dim, dense, self.attention, self.dtype,
+                name=f'blocks_{i}')(x, branch)
     x = _layer_norm('norm')(x)[:, 0]
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=torch_linear_uniform(self.dim),
