@@ -40,11 +40,16 @@ def test_attention_for_picks_the_einsums_on_cpus_and_jax_elsewhere():
   assert models.spec('swin_t').attributes(config.model)['attention'] == 'xla'
 
 
-@pytest.mark.parametrize('with_bias', [False, True])
-def test_dot_product_attention_gives_the_einsums_numbers_and_gradients(with_bias):
+@pytest.mark.parametrize('bias_items', [0, 6, 3])
+def test_dot_product_attention_gives_the_einsums_numbers_and_gradients(bias_items):
+  """No bias, one per item, and one per window (3 items per image, 2 images: item n takes bias[n % 3])."""
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q, k, v = (jax.random.normal(key, (3, 2, 10, 8)) for key in keys[:3])
-  bias = 3.0 * jax.random.normal(keys[3], (3, 1, 10, 10)) if with_bias else None
+  q, k, v = (jax.random.normal(key, (6, 2, 10, 8)) for key in keys[:3])
+  bias = 3.0 * jax.random.normal(keys[3], (bias_items, 1, 10, 10)) if bias_items else None
+  if bias_items == 3:  # the per-window bias means the per-item one repeated over the images
+    np.testing.assert_array_equal(models.attend(q, k, v, bias), models.attend(q, k, v, jnp.tile(bias, (2, 1, 1, 1))))
+    with pytest.raises(ValueError, match='must divide'):
+      models.attend(q[:4], k[:4], v[:4], bias)
 
   def loss(impl):
     return lambda q, k, v: jnp.sum(jnp.sin(models.attend(q, k, v, bias, impl=impl)))

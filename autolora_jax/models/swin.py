@@ -142,8 +142,7 @@ class WindowAttention(nn.Module):
     qkv = self.dense(3 * self.dim, ('q', 'k', 'v'), 'qkv')(x, branch)
     q, k, v = qkv.reshape(b, t, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
     if mask is not None:  # window i of every image (b = images x windows, windows inner) gets mask[i]
-      windows = mask.shape[0]
-      bias = jnp.tile(bias[None] + mask[:, None], (b // windows, 1, 1, 1))
+      bias = bias[None] + mask[:, None]
     y = attend(q, k, v, bias, impl=self.impl, dtype=self.dtype).transpose(0, 2, 1, 3).reshape(b, t, self.dim)
     return self.dense(self.dim, ('proj',), 'proj')(y, branch)
 
