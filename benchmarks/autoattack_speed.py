@@ -8,8 +8,7 @@
     # this environment): a PyTorch CIFAR ResNet-18 checkpoint (e.g. the original's examples' model_test.pt)
     # on points from an .npz (x (N, 32, 32, 3) in [0, 1], y), or a workdir's best model on its test points.
     python -m benchmarks.autoattack_speed --real=model_test.pt --points=cifar10_first64.npz --num_points=64
-    python -m benchmarks.autoattack_speed --config=configs/demo.py --workdir=/tmp/demo --real=workdir \
-        --num_points=64
+    python -m benchmarks.autoattack_speed --workdir=/tmp/demo --real=workdir --num_points=64 --batch_size=64
 
 Comparison mode (no --workdir): an MLP 64-64-10 trained here (Adam, 300 full-batch steps) on scikit-learn's
 8x8 digits except the first --num_points, attacked on those points, which it classifies 93% correctly and
@@ -185,7 +184,7 @@ def real_mode():
   crosscheck.import_original()  # before anything expensive
   if _REAL.value == 'workdir':
     if not _WORKDIR.value:
-      raise SystemExit('--real=workdir needs --workdir (and the --config it was trained with).')
+      raise SystemExit('--real=workdir needs --workdir: a finished run whose best model to attack.')
     run = api.load(_WORKDIR.value)
     model, variables, arch, fn = run.model, run.variables, run.config.model.arch, run.logits_fn
     x, y = run.test_points(n)
@@ -210,7 +209,10 @@ def real_mode():
     print('|---|---|---|---|---|---|---|')
     for attack in _ATTACKS.value:
       kw = dict(eps=eps, norm=norm, batch_size=_BATCH.value, progress=False, sanity_checks=False, seed=0)
-      kw.update(version='standard') if attack == 'standard' else kw.update(version='custom', attacks=[attack])
+      if attack == 'standard':
+        kw['version'] = 'standard'
+      else:
+        kw.update(version='custom', attacks=[attack])
       times = []
       for _ in range(2):
         start = time.time()
