@@ -55,11 +55,11 @@ from typing import Callable, Dict, List, Optional
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags
 
 from autolora_jax import autoattack, models, ops, steps  # noqa: E402
-from autolora_jax.models import convnext  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
 
 try:
@@ -237,11 +237,12 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   common = dict(lora_rank=FLAGS.lora_rank, input_size=input_size, conv_fn=conv_fn, dtype=jnp.dtype(FLAGS.dtype))
   spec = models.spec(arch)
   stem = FLAGS.stem if FLAGS.stem in spec.stems else spec.stems[0]
-  if arch.startswith('convnext'):  # its depthwise convolutions as models.create_model picks them
-    common['depthwise'] = convnext.depthwise_for(FLAGS.conv_impl, jax.default_backend())
-  if spec.label in ('ViT', 'Swin'):  # the attention as models.create_model picks it
-    common['attention'] = models.attention_for(FLAGS.attention_impl, jax.default_backend())
-  model = spec.build(FLAGS.num_classes, width=FLAGS.width, stem=stem, pool_fn=pool_fn, **common, **_sizes(arch))
+  # What models.create_model reads from config.model for this family (a ConvNeXt's depthwise convolutions,
+  # a ViT's or Swin's attention, a ResNet's width), from this benchmark's settings.
+  settings = ml_collections.ConfigDict({'conv_impl': FLAGS.conv_impl, 'attention_impl': FLAGS.attention_impl,
+                                        'width': FLAGS.width, 'lora_placement': 'all'})
+  model = spec.build(FLAGS.num_classes, stem=stem, pool_fn=pool_fn,
+                     **{**spec.attributes(settings), **common, **_sizes(arch)})
   x, y = data
   variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}

@@ -5,8 +5,9 @@
 * 'xla' and 'cudnn': `jax.nn.dot_product_attention` with that implementation ('cudnn': the fused kernel of
   NVIDIA GPUs, which takes float16 and bfloat16 only); 'dot_product' lets JAX choose (cuDNN's kernel on a
   GPU where it applies, XLA's otherwise). q, k and v go in at the model's compute dtype (`dtype`): a
-  bfloat16 model's attention can run in cuDNN's kernel, a float32 model's runs in float32 (XLA's). On a 2-core Intel Xeon (AVX-512), 'xla' took 1.7 times as long as 'einsum'
-  for ViT-S/16's attention forward and backward (batch 32, 197 tokens).
+  bfloat16 model's attention can run in cuDNN's kernel, a float32 model's runs in float32 (XLA's). On a
+  2-core Intel Xeon (AVX-512), 'xla' took 1.7 times as long as 'einsum' for ViT-S/16's attention forward and
+  backward (batch 32, 197 tokens).
 
 `config.model.attention_impl` ('auto' by default) picks one per backend: `attention_for`. The implementations
 give the same numbers within float round-off.
