@@ -30,8 +30,8 @@ to `--input_size` (default: the resolution, i.e. no resize) inside itself, as th
 
 Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s,
 ratio (ours / torch), compile time, the peak memory of one call (the rise of the bytes malloc has handed
-out while it runs, sampled every 5 ms; on GPUs the devices' own peak counters), the model FLOPs per image
-and the achieved FLOP/s (with --peak_flops, the model FLOP utilisation, MFU). FLOPs count the convolutions and matmuls (the head, a ViT's dense layers and
+out while it runs, sampled every 5 ms, over their settled count before it; on GPUs the devices' own peak
+counters), the model FLOPs per image and the achieved FLOP/s (with --peak_flops, the model FLOP utilisation, MFU). FLOPs count the convolutions and matmuls (the head, a ViT's dense layers and
 attention; 2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step;
 natural and adversarial pass: forward + input and weight gradients) and a validation image
 (2 * pgd_steps + 3) * F. --torch_autocast and --torch_matmul_precision set the reference's precision
@@ -44,14 +44,12 @@ The process runs with host.retain_freed_memory() and host.set_xla_cpu_flags() (a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import platform
 import statistics
-import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -61,6 +59,7 @@ from absl import app, flags
 
 from autolora_jax import autoattack, models, ops, steps  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
+from benchmarks import memory
 
 try:
   import torch  # noqa: E402
@@ -125,58 +124,6 @@ EPS, STEP_SIZE = 8 / 255, 2 / 255
 # ----------------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------------------
-
-class _MallInfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in
-              ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks',
-               'keepcost')]
-
-
-def _heap_in_use_fn() -> Optional[Callable[[], int]]:
-  """Bytes malloc has handed out and not taken back (glibc's mallinfo2, all arenas); None elsewhere."""
-  try:
-    fn = ctypes.CDLL(None).mallinfo2
-  except (OSError, AttributeError):
-    return None
-  fn.restype = _MallInfo2
-
-  def in_use():
-    info = fn()
-    return int(info.uordblks + info.hblkhd)
-
-  return in_use
-
-
-def _rss_bytes() -> int:
-  with open('/proc/self/statm') as f:
-    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-class PeakMemory:
-  """The rise of the process's allocated memory over its value at entry, sampled every 5 ms.
-
-  Counts the bytes malloc has handed out (glibc), so that memory freed earlier and kept for reuse
-  (host.retain_freed_memory) does not hide an allocation; the resident set elsewhere.
-  """
-
-  def __enter__(self):
-    self._read = _heap_in_use_fn() or _rss_bytes
-    self.base = self.peak = self._read()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._sample, daemon=True)
-    self._thread.start()
-    return self
-
-  def _sample(self):
-    while not self._stop.wait(0.005):
-      self.peak = max(self.peak, self._read())
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, self._read())
-    self.rise = self.peak - self.base
-
 
 def _loadavg() -> List[float]:
   try:
@@ -340,7 +287,7 @@ def _measure_memory(call: Callable, which: str) -> Dict[str, int]:
     torch.cuda.reset_peak_memory_stats()
     call()
     return {'peak_bytes': int(torch.cuda.max_memory_allocated())}
-  with PeakMemory() as mem:
+  with memory.PeakMemory() as mem:
     call()
   return {'peak_bytes': int(mem.rise)}
 

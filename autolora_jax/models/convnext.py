@@ -107,15 +107,22 @@ class PatchConv(nn.Module):
     return y + (patches.astype(out_dtype) @ lora_a.T) @ lora_b.T * (self.alpha / self.rank)
 
 
+def _padded_rows(x, k):
+  """NHWC x zero-padded by k // 2 on both sides of H and W, and rows(i): the padded rows i to i + H - 1
+  (N, H, W + k - 1, C), which hold every input a kernel row i reaches."""
+  p, h = k // 2, x.shape[1]
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return lambda i: lax.dynamic_slice_in_dim(xp, i, h, axis=1)
+
+
 def _shift_sum(x, taps):
   """sum over (i, j) of the padded x shifted by (i, j) times taps[i, j]: a stride-1 'same' depthwise
   correlation of NHWC x with taps (k, k, C), one loop XLA fuses."""
-  k, p = taps.shape[0], taps.shape[0] // 2
-  h, w = x.shape[1], x.shape[2]
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  k, w = taps.shape[0], x.shape[2]
+  rows_at = _padded_rows(x, k)
 
   def add_row(i, y):  # one kernel row per iteration: a small loop body to compile
-    rows, row_taps = lax.dynamic_slice_in_dim(xp, i, h, axis=1), taps[i]
+    rows, row_taps = rows_at(i), taps[i]
     for j in range(k):
       y = y + rows[:, :, j:j + w] * row_taps[j]
     return y
@@ -139,14 +146,13 @@ def _shifted_fwd(x, kernel):
 
 def _shifted_bwd(res, g):
   x, kernel = res
-  k, p = kernel.shape[0], kernel.shape[0] // 2
-  h, w = x.shape[1], x.shape[2]
+  k, w = kernel.shape[0], x.shape[2]
   g = g.astype(x.dtype)
   dx = _shift_sum(g, kernel[::-1, ::-1, 0])
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  rows_at = _padded_rows(x, k)
 
-  def row(i):  # dk[i, j] = sum over n, h, w of xp[n, h + i, w + j] * g[n, h, w]
-    rows = lax.dynamic_slice_in_dim(xp, i, h, axis=1)
+  def row(i):  # dk[i, j] = sum over n, h, w of padded x[n, h + i, w + j] * g[n, h, w]
+    rows = rows_at(i)
     return jnp.stack([jnp.sum(rows[:, :, j:j + w] * g, axis=(0, 1, 2)) for j in range(k)])
 
   dk = lax.map(row, jnp.arange(k))
