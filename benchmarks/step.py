@@ -31,10 +31,11 @@ to `--input_size` (default: the resolution, i.e. no resize) inside itself, as th
 Reported per case (table on stdout, list under "cases" in the JSON): ours_img_per_s, torch_img_per_s,
 ratio (ours / torch), compile time, the peak memory of one call (the rise of the bytes malloc has handed
 out while it runs, sampled every 5 ms, over their settled count before it; on GPUs the devices' own peak
-counters), the model FLOPs per image and the achieved FLOP/s (with --peak_flops, the model FLOP utilisation, MFU). FLOPs count the convolutions and matmuls (the head, a ViT's dense layers and
-attention; 2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD: forward + input gradient per step;
-natural and adversarial pass: forward + input and weight gradients) and a validation image
-(2 * pgd_steps + 3) * F. --torch_autocast and --torch_matmul_precision set the reference's precision
+counters), the model FLOPs per image and the achieved FLOP/s (with --peak_flops, the model FLOP
+utilisation, MFU). FLOPs count the convolutions and matmuls (the head, a ViT's dense layers and attention;
+2 per multiply-add) of one forward pass, F, and charge a training image (2 * pgd_steps + 6) * F (PGD:
+forward + input gradient per step; natural and adversarial pass: forward + input and weight gradients) and
+a validation image (2 * pgd_steps + 3) * F. --torch_autocast and --torch_matmul_precision set the reference's precision
 (benchmarks/gpu.sh compares TF32 with TF32 and bfloat16 with autocast on GPUs).
 
 The process runs with host.retain_freed_memory() and host.set_xla_cpu_flags() (as run.py does;
