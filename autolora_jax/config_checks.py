@@ -160,6 +160,7 @@ def check_arch(config) -> None:
     arch.check_config(m)
   _choice('model.stem', m.stem, arch.stems)
   _choice('model.lora_placement', m.lora_placement, arch.lora_placements)
+  check_drop_path(m, arch)
   if config.reference_compat and not arch.reference_code:
     raise ConfigError('config.reference_compat reproduces the authors\' public ResNet code (LoRa in the last '
                       f'block of each stage, ...), which has no {arch.label}: with config.model.arch={m.arch} set '
@@ -170,6 +171,20 @@ def check_arch(config) -> None:
     raise ConfigError(f'{method.title} (config.method={config.method}) needs a network with BatchNorms, and '
                       f'config.model.arch={m.arch} has none: use an architecture with BatchNorms for '
                       f'{method.title} ({", ".join(with_bn)}), or another method with the {arch.label}.')
+
+
+def check_drop_path(m, arch) -> None:
+  """config.model.drop_path: a rate in [0, 1), above 0 only for an architecture with stochastic depth."""
+  rate = m.get('drop_path', 0.0)
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ConfigError(f'config.model.drop_path={rate!r} must be a rate in [0, 1): the probability that the last '
+                      'block\'s residual branch is dropped in training (the earlier blocks\' rates rise linearly '
+                      'from 0); 0.0, the default, fine-tunes without stochastic depth.')
+  if rate and not arch.drop_path:
+    families = ', '.join(dict.fromkeys(s.label for s in models.specs() if s.drop_path)) or 'none registered'
+    raise ConfigError(f'config.model.drop_path={rate}: the {arch.label} (config.model.arch={m.arch}) has no '
+                      f'stochastic depth; set --config.model.drop_path=0.0, or use an architecture with it '
+                      f'({families}).')
 
 
 def check_host(h) -> None:

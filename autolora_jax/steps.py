@@ -13,6 +13,7 @@ computes what one device computes on the whole global batch.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -59,6 +60,9 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
   The step: x_adv is PGD (random start, a key per example) on the method's deployed branch in evaluation
   mode; then the gradient of the method's loss (`Method.make_loss`, its forwards in training mode),
   averaged over the mapped devices, updates the state; the BatchNorm statistics are the loss's forwards'.
+  A model with stochastic depth (a `drop_path` attribute above 0) draws it from the examples' PGD keys,
+  folded with the forward's position in the loss (`keyed_forward`): the natural and adversarial forwards
+  drop independently, and any number of devices trains what one device trains.
   Metrics: 'loss', the loss's parts and accuracies, 'grad_norm' (averaged over the devices).
 
   Args:
@@ -86,16 +90,19 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
                                     mutable=['batch_stats'], **kwargs)
     return logits, upd['batch_stats']
 
-  loss_fn = m.make_loss(methods.LossContext(model=model, forward=forward, settings=settings,
-                                            kl_denominator=kl_denominator))
+  context = methods.LossContext(model=model, forward=forward, settings=settings, kl_denominator=kl_denominator)
+  loss_fn = m.make_loss(context)
+  stochastic = bool(getattr(model, 'drop_path', 0.0))
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array], rng) -> tuple:
     x, y = unit_images(batch['image']), batch['label']
     eval_vars = {'params': state.params, 'batch_stats': state.batch_stats}
+    keys = example_keys(rng, batch['index'])
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch=branch, train=False), x, y, eps=eps,
-                        step_size=step_size, steps=steps, key=example_keys(rng, batch['index']), norm=norm)
+                        step_size=step_size, steps=steps, key=keys, norm=norm)
     x_adv = lax.stop_gradient(x_adv)
-    (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    step_loss = m.make_loss(context._replace(forward=keyed_forward(forward, keys))) if stochastic else loss_fn
+    (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(step_loss, has_aux=True)(
         state.params, state, x, x_adv, y)
     grads = pmean(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -103,6 +110,20 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
     return new_state, pmean(metrics)
 
   return train_step
+
+
+def keyed_forward(forward: Callable, keys) -> Callable:
+  """`forward` whose n-th call (0, 1, ... in the order the loss makes them) passes the model
+  drop_keys = fold_in(keys[i], n) for example i: each training-mode forward of a step draws its stochastic
+  depth apart, and an example's draws depend only on its key. The keys follow the batch's rows as given."""
+  calls = itertools.count()
+
+  def forward_with_keys(params, stats, x, **kwargs):
+    n = next(calls)
+    drop_keys = jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
+    return forward(params, stats, x, drop_keys=drop_keys, **kwargs)
+
+  return forward_with_keys
 
 
 def make_eval_step(model, *, eps: float, step_size: float, steps: int, attack: bool = True,

@@ -2,6 +2,7 @@
 (tests/torch_convnext.py, tests/torch_swin.py), the layouts and wrappers read, the LoRa placement, the
 configs, the export and the clear errors. Routing: tests/test_steps.py; four devices: tests/test_pmap.py."""
 
+import functools
 import importlib
 import json
 import os
@@ -185,7 +186,9 @@ def test_a_checkpoint_of_another_size_or_stem_is_refused_with_the_arch_it_fits(t
                                         r'224, 448 \(config.model.swin.window=4 also'),
     ('swin_b', 'model.stem', 'convstem', r"a Swin has one stem, 'imagenet'"),
     ('swin_b', 'model.lora_targets', ('q', 'fc3'), r'unknown LoRa target'),
-    ('swin_t', 'model.drop_path', 0.1, r'drop_path=0.1: stochastic depth is not implemented.*drop_path=0.0'),
+    ('swin_t', 'model.drop_path', 1.0, r'drop_path=1.0 must be a rate in \[0, 1\)'),
+    ('resnet18', 'model.drop_path', 0.1, r'the ResNet \(config.model.arch=resnet18\) has no stochastic depth.*'
+                                         r'drop_path=0.0.*\(ConvNeXt, Swin\)'),
     ('convnext_b', 'model.input_size', 200, r'not a multiple of 32.*--config.model.input_size=224'),
     ('convnext_b', 'model.stem', 'cifar', r"not a ConvNeXt stem; .*'convstem'"),
     ('convnext_t', 'model.lora_targets', ('q', 'v'), r"has a name a ConvNeXt lacks: .*\('fc1', 'fc2', 'downsample'\)"),
@@ -205,11 +208,90 @@ def test_config_errors(arch, key, value, message):
     config_checks.validate(config)
 
 
+def test_a_drop_path_rate_validates_for_both_families():
+  for arch in ('convnext_t', 'swin_t'):
+    config = default.get_config()
+    config.model.arch, config.model.drop_path = arch, 0.1
+    config_checks.validate(config)
+    assert experiment.create_model(config, 10).drop_path == 0.1
+
+
 def test_the_models_refuse_what_they_cannot_build():
   with pytest.raises(ValueError, match=r'Sizes that work up to 512: 224, 448'):
     helpers.init(models.spec('swin_b').build(3, input_size=96), size=96)
   with pytest.raises(ValueError, match=r'multiple of 32'):
     helpers.init(helpers.tiny_convnext(input_size=48), size=48)
+
+
+# -- stochastic depth ----------------------------------------------------------------------------------------
+
+def test_block_rates_rise_as_timms_linspace():
+  torch = _torch()
+  depths = (3, 3, 9, 3)
+  expected = torch.linspace(0, 0.2, sum(depths)).split(depths)
+  got = models.stochastic_depth.block_rates(0.2, depths)
+  assert [len(r) for r in got] == list(depths)
+  np.testing.assert_allclose(np.concatenate(got), np.concatenate([r.numpy() for r in expected]), rtol=0, atol=1e-7)
+  assert models.stochastic_depth.block_rates(0.0, (1, 1)) == ((0.0,), (0.0,))
+
+
+def test_drop_branch_keeps_scaled_or_drops_each_example_by_its_own_key():
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(64))
+  y = jnp.ones((64, 2, 2, 3))
+  out = np.asarray(models.stochastic_depth.drop_branch(y, keys, 0.25, site=5))
+  per_example = out.reshape(64, -1)
+  assert np.all(per_example == per_example[:, :1])  # the whole branch of an example, kept or dropped
+  kept = per_example[:, 0] != 0
+  np.testing.assert_array_equal(per_example[kept, 0], np.float32(1 / 0.75))
+  assert 0 < kept.sum() < 64
+  # An example's draw depends on its key and the site alone, not on the batch around it.
+  alone = np.asarray(models.stochastic_depth.drop_branch(y[7:8], keys[7:8], 0.25, site=5))
+  np.testing.assert_array_equal(alone, out[7:8])
+  other_site = np.asarray(models.stochastic_depth.drop_branch(y, keys, 0.25, site=6))
+  assert not np.array_equal(other_site, out)
+  assert models.stochastic_depth.drop_branch(y, None, 0.25, site=5) is y
+
+
+@pytest.mark.parametrize('family', ['convnext', 'swin'])
+def test_drop_path_acts_in_training_mode_only_and_per_example(family):
+  """Evaluation mode (PGD, the evaluation, the export) is the model without stochastic depth, exactly; in
+  training mode each example's logits depend on its own key alone (so devices may split the batch); a rate
+  near 1 drops nearly every branch; a training-mode call without keys is refused."""
+  make = helpers.tiny_convnext if family == 'convnext' else helpers.tiny_swin
+  model, plain = make(drop_path=0.9), make()
+  # ConvNeXt layer scales of 0.5 instead of 1e-6: the residual branches, and their drops, count
+  variables = jax.tree_util.tree_map_with_path(lambda p, v: v * 5e5 if p[-1].key == 'gamma' else v,
+                                               helpers.init(plain))
+  x = jnp.asarray(helpers.random_batch(n=4)['image'])
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(4))
+
+  def apply(m, x, k, train):
+    return np.asarray(jax.jit(functools.partial(m.apply, train=train))(variables, x, drop_keys=k))
+
+  np.testing.assert_array_equal(apply(model, x, None, False), apply(plain, x, None, False))
+  np.testing.assert_array_equal(apply(model, x, keys, False), apply(plain, x, None, True))
+  dropped = apply(model, x, keys, True)
+  assert np.max(np.abs(dropped - apply(plain, x, None, True))) > 1e-4
+  one = apply(model, x[2:3], keys[2:3], True)
+  np.testing.assert_allclose(one, dropped[2:3], rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match=r'drop_path=0.9 in training mode .* pass drop_keys'):
+    model.apply(variables, x, train=True)
+  with pytest.raises(ValueError, match=r'drop_keys holds 2 keys for a batch of 4'):
+    model.apply(variables, x, train=True, drop_keys=keys[:2])
+
+
+def test_the_train_steps_forwards_draw_apart():
+  """steps.keyed_forward: the loss's first and second forwards get different keys per example, each the
+  example's key folded with the forward's position."""
+  from autolora_jax import steps  # pylint: disable=g-import-not-at-top
+  seen = []
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(1), i))(jnp.arange(3))
+  forward = steps.keyed_forward(lambda params, stats, x, drop_keys, branch: seen.append(drop_keys), keys)
+  forward(None, None, None, branch='nat')
+  forward(None, None, None, branch='adv')
+  for n, got in enumerate(seen):
+    np.testing.assert_array_equal(got, jax.vmap(lambda k, n=n: jax.random.fold_in(k, n))(keys))
+  assert not np.array_equal(seen[0], seen[1])
 
 
 # -- LoRa placement -----------------------------------------------------------------------------------------

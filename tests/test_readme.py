@@ -99,6 +99,16 @@ def test_the_conversion_example_runs(tmp_path, monkeypatch):
   np.testing.assert_allclose(np.asarray(namespace['logits']), want, rtol=0, atol=2e-3)
 
 
+def test_the_convnext_and_swin_examples_run():
+  """docs/convnext_swin.md's LoRa example (a tiny Swin, both branches equal at B = 0) and its stochastic
+  depth example (a tiny ConvNeXt in training mode with one key per image)."""
+  for section in ('Where LoRa goes', 'Stochastic depth'):
+    (block,) = python_blocks(section)
+    namespace = {}
+    exec(compile(block, 'docs/convnext_swin.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert namespace['logits'].shape == (2, 10) and namespace['model'].drop_path == 0.1
+
+
 def test_the_autoattack_library_example_runs():
   """docs/evaluation.md's AutoAttack example on a model that gets every point wrong: every name it shows
   exists and says so (no attack needs to run)."""

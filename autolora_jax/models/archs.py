@@ -35,6 +35,8 @@ class ArchSpec:
       named, not imported: autolora_jax.convert imports it.
     pretrained: the name of its robust ImageNet checkpoint, e.g. 'resnet18_linf_eps4.0' (configs/default.py
       looks for pretrained/<name>); '' for none.
+    drop_path: the model takes `config.model.drop_path` (stochastic depth in training mode, with one key per
+      example: `models.stochastic_depth`).
     check_config: config.model -> None, raising `errors.ConfigError` for a setting this family cannot build,
       with the fix (stems and the common keys are checked by config_checks); None for nothing more.
   """
@@ -50,6 +52,7 @@ class ArchSpec:
   reference_code: bool = False
   converter: str = ''
   pretrained: str = ''
+  drop_path: bool = False
   check_config: Optional[Callable[[Any], None]] = None
 
   def takes(self, attribute: str) -> bool:

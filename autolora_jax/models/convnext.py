@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from autolora_jax.errors import ConfigError
+from autolora_jax.models import stochastic_depth
 from autolora_jax.models.archs import ArchSpec
 from autolora_jax.models.lora import ConvFn, native_conv2d
 from autolora_jax.models.resnet import (
@@ -207,18 +208,21 @@ class Mlp(nn.Module):
 
 
 class ConvNeXtBlock(nn.Module):
-  """x + gamma * mlp(norm(conv_dw(x))), NHWC; gamma the layer scale (timm's init 1e-6)."""
+  """x + gamma * mlp(norm(conv_dw(x))), NHWC; gamma the layer scale (timm's init 1e-6); with drop_keys the
+  residual branch is dropped per example at `rate` (`stochastic_depth.drop_branch`, branch number `site`)."""
   dim: int
   dense: Any
   dtype: Any = jnp.float32
   depthwise: str = 'grouped'
+  rate: float = 0.0
+  site: int = 0
 
   @nn.compact
-  def __call__(self, x, branch):
+  def __call__(self, x, branch, drop_keys=None):
     y = _layer_norm('norm')(DepthwiseConv(7, dtype=self.dtype, impl=self.depthwise, name='conv_dw')(x))
     y = Mlp(self.dim, 4 * self.dim, self.dense, name='mlp')(y, branch)
     gamma = self.param('gamma', nn.initializers.constant(1e-6), (self.dim,))
-    return x + gamma * y
+    return x + stochastic_depth.drop_branch(gamma * y, drop_keys, self.rate, self.site)
 
 
 class ConvNeXtStage(nn.Module):
@@ -230,15 +234,18 @@ class ConvNeXtStage(nn.Module):
   dense: Any
   lora: dict  # PatchConv's LoRa attributes for the downsampling convolution (lora=False: none)
   depthwise: str = 'grouped'  # the blocks' depthwise convolution (DEPTHWISE)
+  rates: Sequence[float] = ()  # the blocks' drop-path rates (stochastic_depth.block_rates; () for none)
+  first_site: int = 0  # the first block's branch number in the model (stochastic_depth.drop_branch)
 
   @nn.compact
-  def __call__(self, x, branch):
+  def __call__(self, x, branch, drop_keys=None):
     if self.downsample:
       x = _layer_norm('downsample_0')(x)
       x = PatchConv(self.dim, 2, name='downsample_1', **self.lora)(x, branch)
+    rates = tuple(self.rates) or (0.0,) * self.depth
     for j in range(self.depth):
-      x = ConvNeXtBlock(self.dim, self.dense, dtype=self.lora['dtype'], depthwise=self.depthwise,
-                        name=f'blocks_{j}')(x, branch)
+      x = ConvNeXtBlock(self.dim, self.dense, dtype=self.lora['dtype'], depthwise=self.depthwise, rate=rates[j],
+                        site=self.first_site + j, name=f'blocks_{j}')(x, branch, drop_keys)
     return x
 
 
@@ -273,7 +280,9 @@ class ConvNeXt(nn.Module):
     conv_fn: the ConvStem's convolutions (`lora.ConvFn`).
     dtype: compute dtype of the matmuls and convolutions (parameters, LayerNorms, LoRa path, head: float32).
     precision: matmul precision on GPUs and TPUs, one of PRECISIONS.
-    drop_path: stochastic depth; fine-tuning runs without it (0.0 only).
+    drop_path: the stochastic depth rate of the last block, in [0, 1) (`models.stochastic_depth`; the blocks'
+      rates rise linearly from 0); used in training mode only, with `drop_keys`. Fine-tuning runs without it
+      by default (0.0).
     bn_axis_name, twin_bn: the ResNets' BatchNorm attributes, for a common interface (no BatchNorm here).
     depthwise: how the blocks compute their 7x7 depthwise convolution, a DEPTHWISE key (`depthwise_for`
       picks it from config.model.conv_impl and the backend); the same numbers within float round-off.
@@ -298,16 +307,18 @@ class ConvNeXt(nn.Module):
   twin_bn: bool = False
   depthwise: str = 'grouped'
 
-  def __call__(self, x, branch='adv', train=False, bn='adaptive'):
-    """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]; `train` changes nothing."""
-    del train
+  def __call__(self, x, branch='adv', train=False, bn='adaptive', drop_keys=None):
+    """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]. `train` with drop_path > 0 drops the
+    blocks' residual branches per example, drawn from drop_keys (N, 2) (`models.stochastic_depth`);
+    otherwise it changes nothing."""
     check_call(branch, self.precision, 'ConvNeXt', bn, self.twin_bn)
     check_convnext(self.stem, self.input_size, self.lora_targets, self.drop_path)
+    stochastic_depth.check_call(self.drop_path, train, drop_keys, x.shape[0], 'ConvNeXt')
     with jax.default_matmul_precision(self.precision):
-      return self._forward(x, branch)
+      return self._forward(x, branch, drop_keys if train and self.drop_path else None)
 
   @nn.compact
-  def _forward(self, x, branch):
+  def _forward(self, x, branch, drop_keys):
     x = model_input(x, self.input_size, self.mean, self.std)
     targets = tuple(self.lora_targets)
     lora = dict(rank=self.lora_rank, alpha=self.lora_alpha, lora_init=self.lora_init, dtype=self.dtype)
@@ -323,15 +334,17 @@ class ConvNeXt(nn.Module):
       x = PatchConv(dims[0], 4, dtype=self.dtype, name='stem_0')(x)
       x = _layer_norm('stem_1')(x)
     down = dict(lora='downsample' in targets, **lora)
+    rates = stochastic_depth.block_rates(self.drop_path, self.depths)
     for i, (depth, dim) in enumerate(zip(self.depths, dims)):
-      x = ConvNeXtStage(dim, depth, i > 0, dense, down, self.depthwise, name=f'stages_{i}')(x, branch)
+      x = ConvNeXtStage(dim, depth, i > 0, dense, down, self.depthwise, rates[i], sum(self.depths[:i]),
+                        name=f'stages_{i}')(x, branch, drop_keys)
     x = _layer_norm('head_norm')(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     return nn.Dense(self.num_classes, dtype=head_dtype, kernel_init=torch_linear_uniform(dims[-1]),
                     bias_init=torch_linear_uniform(dims[-1]), name='head')(x.astype(head_dtype))
 
 
-def check_convnext(stem, input_size, lora_targets, drop_path) -> None:
+def check_convnext(stem, input_size, lora_targets, drop_path_rate) -> None:
   """ValueError with the fix for a ConvNeXt setting it cannot build."""
   if stem not in CONVNEXT_STEMS:
     raise ValueError(f'A ConvNeXt takes stem {CONVNEXT_STEMS[0]!r} (the 4x4 patchify stem) or '
@@ -343,9 +356,7 @@ def check_convnext(stem, input_size, lora_targets, drop_path) -> None:
   if unknown or isinstance(lora_targets, str):
     raise ValueError(f'Unknown ConvNeXt LoRa target(s) {unknown or lora_targets!r}: lora_targets takes names from '
                      f'{CONVNEXT_LORA_TARGETS}.')
-  if drop_path:
-    raise ValueError(f'drop_path={drop_path}: stochastic depth is not implemented; fine-tuning runs without it '
-                     '(0.0).')
+  stochastic_depth.check_rate(drop_path_rate)
 
 
 def convnext(arch: str, num_classes: int, **kwargs) -> ConvNeXt:
@@ -403,9 +414,6 @@ def check_config(model_config) -> None:
   init = m.get('lora_init', 'normal')
   if init not in ('normal', 'kaiming_uniform'):
     raise ConfigError(f"config.model.lora_init={init!r} is not supported: choose 'normal' or 'kaiming_uniform'.")
-  if m.get('drop_path', 0.0):
-    raise ConfigError(f'config.model.drop_path={m.drop_path}: stochastic depth is not implemented, and fine-tuning '
-                      'runs without it: set --config.model.drop_path=0.0.')
   sizes = m.get('convnext') or {}
   dim, depths = sizes.get('dim', 0), tuple(sizes.get('depths', ()) or ())
   if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0 or dim % 4:
@@ -423,5 +431,6 @@ SPECS = tuple(
     ArchSpec(name=name, label='ConvNeXt', builder=builder, attributes=_attributes, has_batchnorm=False,
              stems=CONVNEXT_STEMS, lora_placements=('all',), lora_targets=CONVNEXT_LORA_TARGETS,
              ignores=('width', 'pool_fn', 'lora_placement'), reference_code=False,
-             converter='autolora_jax.convert.convnext', pretrained=f'{name}_linf_eps4.0', check_config=check_config)
+             converter='autolora_jax.convert.convnext', pretrained=f'{name}_linf_eps4.0', drop_path=True,
+             check_config=check_config)
     for name, builder in CONVNEXTS.items())

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autolora_jax.errors import ConfigError
+from autolora_jax.models import stochastic_depth
 from autolora_jax.models.archs import ArchSpec
 from autolora_jax.models.attention import attend, attention_for
 from autolora_jax.models.convnext import PatchConv
@@ -157,9 +158,11 @@ class SwinBlock(nn.Module):
   dense: Any
   attention: str = 'einsum'
   dtype: Any = jnp.float32
+  rate: float = 0.0  # the drop-path rate of both residual branches (`stochastic_depth.drop_branch`)
+  site: int = 0  # the attention branch's number in the model; the MLP's is site + 1
 
   @nn.compact
-  def __call__(self, x, branch):
+  def __call__(self, x, branch, drop_keys=None):
     n, h, w, c = x.shape
     y = _layer_norm('norm1')(x)
     if self.shift:
@@ -171,8 +174,9 @@ class SwinBlock(nn.Module):
     y = unpartition(windows.reshape(-1, self.window, self.window, c), self.window, h, w)
     if self.shift:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-    x = x + y
-    return x + Mlp(self.dim, 4 * self.dim, self.dense, name='mlp')(_layer_norm('norm2')(x), branch)
+    x = x + stochastic_depth.drop_branch(y, drop_keys, self.rate, self.site)
+    y = Mlp(self.dim, 4 * self.dim, self.dense, name='mlp')(_layer_norm('norm2')(x), branch)
+    return x + stochastic_depth.drop_branch(y, drop_keys, self.rate, self.site + 1)
 
 
 class PatchMerging(nn.Module):
@@ -202,14 +206,18 @@ class SwinStage(nn.Module):
   dense: Any
   dtype: Any = jnp.float32
   attention: str = 'einsum'
+  rates: Sequence[float] = ()  # the blocks' drop-path rates (stochastic_depth.block_rates; () for none)
+  first_site: int = 0  # the first block's attention branch number in the model (two per block)
 
   @nn.compact
-  def __call__(self, x, branch):
+  def __call__(self, x, branch, drop_keys=None):
     if self.downsample:
       x = PatchMerging(self.dim, dtype=self.dtype, name='downsample')(x)
+    rates = tuple(self.rates) or (0.0,) * self.depth
     for j in range(self.depth):
       x = SwinBlock(self.dim, self.heads, self.window, self.shift if j % 2 else 0, self.table_window, self.dense,
-                    self.attention, self.dtype, name=f'blocks_{j}')(x, branch)
+                    self.attention, self.dtype, rates[j], self.first_site + 2 * j, name=f'blocks_{j}')(
+                        x, branch, drop_keys)
     return x
 
 
@@ -235,7 +243,9 @@ class Swin(nn.Module):
     mean, std: per-channel input normalisation; None for none.
     conv_fn: unused (the patch embedding is a matmul); for a common interface.
     dtype, precision, attention: as models.ViT's.
-    drop_path: stochastic depth; fine-tuning runs without it (0.0 only).
+    drop_path: the stochastic depth rate of the last block, in [0, 1) (`models.stochastic_depth`; the blocks'
+      rates rise linearly from 0); used in training mode only, with `drop_keys`. Fine-tuning runs without it
+      by default (0.0).
     bn_axis_name, twin_bn: the ResNets' BatchNorm attributes, for a common interface (no BatchNorm here).
   """
   num_classes: int
@@ -259,16 +269,18 @@ class Swin(nn.Module):
   bn_axis_name: Optional[str] = None
   twin_bn: bool = False
 
-  def __call__(self, x, branch='adv', train=False, bn='adaptive'):
-    """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]; `train` changes nothing."""
-    del train
+  def __call__(self, x, branch='adv', train=False, bn='adaptive', drop_keys=None):
+    """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]. `train` with drop_path > 0 drops the
+    blocks' residual branches per example, drawn from drop_keys (N, 2) (`models.stochastic_depth`);
+    otherwise it changes nothing."""
     check_call(branch, self.precision, 'Swin', bn, self.twin_bn)
     check_swin(self.stem, self.input_size, self.window, self.lora_targets, self.drop_path)
+    stochastic_depth.check_call(self.drop_path, train, drop_keys, x.shape[0], 'Swin')
     with jax.default_matmul_precision(self.precision):
-      return self._forward(x, branch)
+      return self._forward(x, branch, drop_keys if train and self.drop_path else None)
 
   @nn.compact
-  def _forward(self, x, branch):
+  def _forward(self, x, branch, drop_keys):
     x = model_input(x, self.input_size, self.mean, self.std)
     targets = tuple(self.lora_targets)
 
@@ -278,9 +290,11 @@ class Swin(nn.Module):
 
     x = _PatchEmbed(self.dim, dtype=self.dtype, name='patch_embed')(x)
     stages = stage_windows(self.input_size, self.window, len(self.depths))
+    rates = stochastic_depth.block_rates(self.drop_path, self.depths)
     for i, (depth, (_, window, shift)) in enumerate(zip(self.depths, stages)):
       x = SwinStage(self.dim * 2 ** i, depth, self.heads * 2 ** i, window, shift, self.window, i > 0, dense,
-                    dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x, branch)
+                    dtype=self.dtype, attention=self.attention, rates=rates[i], first_site=2 * sum(self.depths[:i]),
+                    name=f'layers_{i}')(x, branch, drop_keys)
     x = jnp.mean(_layer_norm('norm')(x), axis=(1, 2))
     width = self.dim * 2 ** (len(self.depths) - 1)
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
@@ -306,9 +320,7 @@ def check_swin(stem, input_size, window, lora_targets, drop_path) -> None:
   if unknown or isinstance(lora_targets, str):
     raise ValueError(f'Unknown LoRa target(s) {unknown or lora_targets!r}: lora_targets takes names from '
                      f'{LORA_TARGETS}.')
-  if drop_path:
-    raise ValueError(f'drop_path={drop_path}: stochastic depth is not implemented; fine-tuning runs without it '
-                     '(0.0).')
+  stochastic_depth.check_rate(drop_path)
 
 
 def swin(arch: str, num_classes: int, **kwargs) -> Swin:
@@ -371,9 +383,6 @@ def check_config(model_config) -> None:
   if dim % heads:
     raise ConfigError(f'The Swin\'s width {dim} (config.model.swin.dim) is not a multiple of its {heads} heads '
                       '(config.model.swin.heads).')
-  if m.get('drop_path', 0.0):
-    raise ConfigError(f'config.model.drop_path={m.drop_path}: stochastic depth is not implemented, and fine-tuning '
-                      'runs without it: set --config.model.drop_path=0.0.')
   if m.lora_placement != 'all':
     raise ConfigError(f"config.model.lora_placement={m.lora_placement!r} places LoRa in ResNet blocks; a Swin "
                       "places it by config.model.lora_targets: leave lora_placement at 'all'.")
@@ -383,5 +392,6 @@ SPECS = tuple(
     ArchSpec(name=name, label='Swin', builder=builder, attributes=_attributes, has_batchnorm=False,
              stems=('imagenet',), lora_placements=('all',), lora_targets=LORA_TARGETS,
              ignores=('width', 'pool_fn', 'lora_placement'), reference_code=False,
-             converter='autolora_jax.convert.swin', pretrained=f'{name}_linf_eps4.0', check_config=check_config)
+             converter='autolora_jax.convert.swin', pretrained=f'{name}_linf_eps4.0', drop_path=True,
+             check_config=check_config)
     for name, builder in SWINS.items())
