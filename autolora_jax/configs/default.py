@@ -71,8 +71,8 @@ def get_config():
   # Swins: width, heads (of the first stage, doubled per stage), blocks per stage, the attention window
   # (models.swin.SWIN_SIZES; 0 and () = the architecture's own); lora_targets as a ViT's.
   config.model.swin = ml_collections.ConfigDict(dict(dim=0, heads=0, depths=(), window=7))
-  # ConvNeXts and Swins: the last block's stochastic depth rate in training (models.stochastic_depth); 0.0, off,
-  # when fine-tuning.
+  # ConvNeXts and Swins: the last block's stochastic depth rate in training (models.stochastic_depth); the
+  # default 0.0 fine-tunes without it.
   config.model.drop_path = 0.0
   config.model.input_size = 224  # inputs are resized (nearest) to this inside the model
   # ResNets: 'imagenet' (7x7/2 + max-pool) | 'cifar' (3x3/1); ViTs and ConvNeXts: 'imagenet' (patches) | 'convstem'

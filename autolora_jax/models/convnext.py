@@ -309,7 +309,7 @@ class ConvNeXt(nn.Module):
 
   def __call__(self, x, branch='adv', train=False, bn='adaptive', drop_keys=None):
     """Logits (N, num_classes) for images x (N, H, W, C) in [0, 1]. `train` with drop_path > 0 drops the
-    blocks' residual branches per example, drawn from drop_keys (N, 2) (`models.stochastic_depth`);
+    blocks' residual branches per example, drawn from drop_keys, one key per image (`models.stochastic_depth`);
     otherwise it changes nothing."""
     check_call(branch, self.precision, 'ConvNeXt', bn, self.twin_bn)
     check_convnext(self.stem, self.input_size, self.lora_targets, self.drop_path)

@@ -3,9 +3,9 @@
 In training mode each residual branch of each example is dropped (multiplied by 0) with the block's rate and
 otherwise scaled by 1 / (1 - rate), as timm's DropPath. The rates rise linearly over the blocks from 0 to
 `config.model.drop_path` (timm's `drop_path_rate`). The draws come from one PRNG key per example
-(`drop_keys`, shape (N, 2) uint32, e.g. `step_parts.example_keys`), folded with the branch's site number, so
-that an example's mask does not depend on the batch it shares a device with: any number of devices trains
-what one device trains.
+(`drop_keys`: N raw keys (N, 2) uint32 or N typed ones, e.g. `step_parts.example_keys`), folded with the
+branch's site number, so that an example's mask does not depend on the batch it shares a device with: any
+number of devices trains what one device trains.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def drop_branch(y, drop_keys: Optional[jax.Array], rate: float, site: int):
 
   Args:
     y: the branch's output, examples first.
-    drop_keys: (N, 2) uint32, one key per example, or None (no stochastic depth: evaluation mode).
+    drop_keys: one key per example ((N, 2) uint32 or (N,) typed keys), or None (no stochastic depth:
+      evaluation mode).
     rate: the probability of dropping the branch, in [0, 1).
     site: the branch's number in the model, distinct for every branch, so that branches draw apart.
   """
@@ -58,7 +59,7 @@ def check_call(drop_path: float, train: bool, drop_keys, batch: int, label: str)
     return
   if drop_keys is None:
     raise ValueError(f'A {label} with drop_path={drop_path} in training mode draws its stochastic depth from one '
-                     'PRNG key per example: pass drop_keys (N, 2) (e.g. step_parts.example_keys), or set '
+                     'PRNG key per example: pass drop_keys, N keys (e.g. step_parts.example_keys), or set '
                      'train=False or drop_path=0.0.')
   if drop_keys.shape[0] != batch:
     raise ValueError(f'drop_keys holds {drop_keys.shape[0]} keys for a batch of {batch} images: give one per '
