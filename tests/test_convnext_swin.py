@@ -255,8 +255,8 @@ def test_drop_branch_keeps_scaled_or_drops_each_example_by_its_own_key():
 @pytest.mark.parametrize('family', ['convnext', 'swin'])
 def test_drop_path_acts_in_training_mode_only_and_per_example(family):
   """Evaluation mode (PGD, the evaluation, the export) is the model without stochastic depth, exactly; in
-  training mode each example's logits depend on its own key alone (so devices may split the batch); a rate
-  near 1 drops nearly every branch; a training-mode call without keys is refused."""
+  training mode the drops change the logits, and each example's depend on its own key alone (so devices may
+  split the batch); a training-mode call without a key per image is refused."""
   make = helpers.tiny_convnext if family == 'convnext' else helpers.tiny_swin
   model, plain = make(drop_path=0.9), make()
   # ConvNeXt layer scales of 0.5 instead of 1e-6: the residual branches, and their drops, count
