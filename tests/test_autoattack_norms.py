@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import helpers
+import tiny_runs
 from autolora_jax import attacks, autoattack
 from autolora_jax.autoattack import cascade, common
 
@@ -292,8 +293,7 @@ print('RESULT ' + json.dumps(out))
 
 @pytest.mark.slow
 def test_four_devices_give_the_per_point_result_of_one():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+  env = tiny_runs.env_for(4)
   proc = subprocess.run([sys.executable, '-c', DEVICE_SCRIPT, ROOT], env=env, capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

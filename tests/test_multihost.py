@@ -19,8 +19,9 @@ import tiny_runs
 def compile_cache():
   return tiny_runs.cache_env()
 
-# Two train steps: digits 5 and 6 give 243 training images, two global batches of 96.
-OVERRIDES = {'dataset.classes': (5, 6), 'batch_size': 96, 'eval_batch_size': 64}
+# Two train steps: digits 5 and 6 give 243 training images, two global batches of 96. AutoAttack across
+# processes: tests/test_multihost_eval.py.
+OVERRIDES = {'dataset.classes': (5, 6), 'batch_size': 96, 'eval_batch_size': 64, 'autoattack.enabled': False}
 
 DRIVER = '''
 import json, sys
