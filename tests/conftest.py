@@ -22,12 +22,6 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 
 
-# XLA's CPU backend without LLVM's optimisation passes: the suite compiles hundreds of small programs and runs
-# each a few times, so compiling them (about 40% faster) costs more than running them (a little slower).
-# Numbers are those of the optimised programs within float round-off (no fast-math either way); the
-# multi-device subprocesses keep the flag (tiny_runs.env_for), and a user's XLA_FLAGS replaces it.
-os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
-
 import gc
 
 import pytest

@@ -74,8 +74,8 @@ def free_port() -> int:
 
 
 def env_for(devices: int, **extra) -> dict:
-  """This process's environment for a subprocess with `devices` fake CPU devices: the XLA_FLAGS set here
-  (conftest.py's) are kept, their device count replaced."""
+  """This process's environment for a subprocess with `devices` fake CPU devices: the XLA_FLAGS set here are
+  kept, their device count replaced."""
   env = dict(os.environ)
   kept = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device_count')]
   env.update({'XLA_FLAGS': ' '.join(kept + [f'--xla_force_host_platform_device_count={devices}']),
