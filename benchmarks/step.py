@@ -192,7 +192,7 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   model = spec.build(FLAGS.num_classes, stem=stem, pool_fn=pool_fn,
                      **{**spec.attributes(settings), **common, **_sizes(arch)})
   x, y = data
-  variables = {'batch_stats': {}, **model.init(jax.random.PRNGKey(FLAGS.seed), x[:1])}
+  variables = {'batch_stats': {}, **jax.jit(model.init)(jax.random.PRNGKey(FLAGS.seed), x[:1])}  # one program
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}
   if part == 'autoattack':
     n = FLAGS.aa_images or batch

@@ -116,7 +116,7 @@ def test_reference_convnext_and_swin_steps_compute_our_step(arch):
 @pytest.mark.slow
 def test_step_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
-  cmd = [sys.executable, '-m', 'benchmarks.step', '--arch=resnet18', '--width=8',
+  cmd = [sys.executable, '-m', 'benchmarks.step', '--arch=resnet18', '--width=8', '--conv_impl=native',
          '--resolution=32', '--batch=2', '--reps=1', '--parts=train', f'--json={out}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

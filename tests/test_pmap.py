@@ -30,7 +30,7 @@ elif METHOD in ('convnext', 'swin'):  # the same on a ConvNeXt, a Swin (at 16x16
   METHOD = 'autolora'
 else:
   model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
-variables = helpers.init(model)
+variables = helpers.init(model, jit=True)
 if getattr(model, 'drop_path', 0.0):  # layer scales 0.5, not 1e-6: the dropped branches count
   variables = jax.tree_util.tree_map_with_path(lambda p, v: v * 5e5 if p[-1].key == 'gamma' else v, variables)
 tx = steps.make_optimizer(0.05, 0.9, 1e-4)

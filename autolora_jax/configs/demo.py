@@ -12,7 +12,7 @@ vanilla RFT). At 0.2 robust accuracy stays well below clean and AutoAttack withi
 
 Expected on 2 AMD EPYC cores (jax 0.10.2): the best checkpoint at epoch 6 (the final one), test clean 92.6%,
 PGD-10 79.8%, AutoAttack (fast, 200 stratified points) 78.5% against PGD-10 83.5% on the same points;
-216-269 s cold, 139 s with the compiled programs cached. Other CPU kinds can train a slightly different model
+206 s cold, 139 s with the compiled programs cached. Other CPU kinds can train a slightly different model
 from the same seed (round-off): on 2 Intel Xeon cores (AVX-512) 93.4% / 81.2% / 82.5% (85.0% PGD-10 on
 AutoAttack's points), 185 s cold.
 """
