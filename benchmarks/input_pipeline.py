@@ -194,9 +194,9 @@ def loop_part(out: dict) -> None:
 def epoch_part(out: dict) -> None:
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from autolora_jax import checkpoints, models, reporting  # pylint: disable=g-import-not-at-top
+  from autolora_jax import checkpoints, models, pretrain, reporting  # pylint: disable=g-import-not-at-top
   model = models.resnet18(200, lora_rank=8)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))  # one program
+  variables = pretrain.init_variables(model, 224, 0)
   state = loop.replicate(steps.create_train_state(model, variables, steps.make_optimizer(0.01, 0.9, 1e-4)))
   rows = {}
   with tempfile.TemporaryDirectory() as workdir:

@@ -58,7 +58,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags
 
-from autolora_jax import autoattack, models, ops, steps  # noqa: E402
+from autolora_jax import autoattack, models, ops, pretrain, steps  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
 from benchmarks import memory
 
@@ -192,7 +192,7 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
   model = spec.build(FLAGS.num_classes, stem=stem, pool_fn=pool_fn,
                      **{**spec.attributes(settings), **common, **_sizes(arch)})
   x, y = data
-  variables = {'batch_stats': {}, **jax.jit(model.init)(jax.random.PRNGKey(FLAGS.seed), x[:1])}  # one program
+  variables = pretrain.init_variables(model, input_size, FLAGS.seed)
   info = {'flops_per_forward': forward_flops(model, variables, input_size)}
   if part == 'autoattack':
     n = FLAGS.aa_images or batch

@@ -16,7 +16,7 @@ from tests import helpers
 CODE = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
-from autolora_jax import steps
+from autolora_jax import pretrain, steps
 from flax import jax_utils
 from tests import helpers
 
@@ -30,7 +30,7 @@ elif METHOD in ('convnext', 'swin'):  # the same on a ConvNeXt, a Swin (at 16x16
   METHOD = 'autolora'
 else:
   model = helpers.tiny_resnet18(**(dict(lora_rank=0, twin_bn=True) if METHOD == 'twins' else {}))
-variables = helpers.init(model, jit=True)
+variables = pretrain.init_variables(model, 16, 0)  # one jitted program, not one per operation
 if getattr(model, 'drop_path', 0.0):  # layer scales 0.5, not 1e-6: the dropped branches count
   variables = jax.tree_util.tree_map_with_path(lambda p, v: v * 5e5 if p[-1].key == 'gamma' else v, variables)
 tx = steps.make_optimizer(0.05, 0.9, 1e-4)
