@@ -25,6 +25,9 @@ Version 4 to 5:
   resume: on CPUs it computes the einsums every earlier run computed; on GPUs and TPUs the same numbers
   within float round-off).
 
+Version 5 to 6:
+* config.json: config.model.remat (`V5_CONFIG_DEFAULTS`: 'none', as every earlier run).
+
 The converted checkpoints (`autolora_jax.convert`), the exported models (`autolora_jax.export`) and
 AutoAttack's resumable state (`autolora_jax.eval_progress`) carry format versions of their own.
 """
@@ -36,7 +39,7 @@ from typing import Any, Dict, Mapping
 
 from autolora_jax.errors import CheckpointError, WorkdirError
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 KEY = 'format_version'
 
 # Config keys that version-1 runs may lack, at the value every run computed before the key existed.
@@ -58,6 +61,9 @@ V3_CONFIG_DEFAULTS: Dict[str, Any] = {'eval.val_attacks': []}
 
 # Config keys that version-4 runs lack, at the default (see the module docstring).
 V4_CONFIG_DEFAULTS: Dict[str, Any] = {'model.attention_impl': 'auto'}
+
+# Config keys that version-5 runs lack, at the value every such run computed.
+V5_CONFIG_DEFAULTS: Dict[str, Any] = {'model.remat': 'none'}
 
 _UPGRADE = ('Upgrade autolora-jax (pip install -U autolora-jax) to read it, or use another folder for this '
             'version\'s runs.')
@@ -107,6 +113,8 @@ def upgrade_config(data: Mapping[str, Any], source: str = 'config.json') -> dict
     _set_defaults(data, V3_CONFIG_DEFAULTS)
   if version < 5:
     _set_defaults(data, V4_CONFIG_DEFAULTS)
+  if version < 6:
+    _set_defaults(data, V5_CONFIG_DEFAULTS)
   return data
 
 

@@ -8,7 +8,18 @@ fails where it is set (run.py reports it the same way).
 
 from __future__ import annotations
 
-from autolora_jax import attacks, autoattack, corruptions, distributed, hub, methods, models, ops, sampling
+from autolora_jax import (
+  attacks,
+  autoattack,
+  corruptions,
+  distributed,
+  hub,
+  methods,
+  models,
+  ops,
+  remat,
+  sampling,
+)
 from autolora_jax.data import check_class_selection
 from autolora_jax.errors import CheckpointError, ConfigError
 from autolora_jax.value_checks import choice, in_range, positive_int
@@ -35,6 +46,7 @@ def validate(config) -> None:
   _choice('model.conv_impl', m.conv_impl, ops.CONV_IMPLS)
   _choice('model.attention_impl', m.get('attention_impl', 'auto'), models.ATTENTION_IMPLS)
   _choice('model.dtype', m.dtype, DTYPES)
+  _choice('model.remat', m.get('remat', 'none'), remat.MODES)
   if m.get('attention_impl', 'auto') == 'cudnn' and m.dtype != 'bfloat16':
     raise ConfigError(f"config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused "
                       f'attention takes float16 and bfloat16 inputs; this model computes in {m.dtype}): set '

@@ -357,7 +357,7 @@ class Experiment:
     self.twins = twins_settings(config)  # None unless method 'twins'
     self.p_train_step = loop.pmap_train_step(steps.make_train_step(
         self.model, method=m, eps=a.eps, step_size=a.step_size, steps=a.train_steps, norm=a.norm,
-        kl_denominator=self.kl_denominator, settings=self.settings))
+        kl_denominator=self.kl_denominator, settings=self.settings, remat=config.model.get('remat', 'none')))
     self.p_eval_step = loop.pmap_eval_step(steps.make_eval_step(
         self.model, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, norm=a.norm, branch=m.deployed_branch))
     self.p_eval_clean = loop.pmap_eval_step(steps.make_eval_step(

@@ -22,6 +22,7 @@ import optax
 from jax import lax
 
 from autolora_jax import attacks, methods
+from autolora_jax import remat as remat_lib
 from autolora_jax.step_parts import (  # noqa: F401
   TrainState,
   accuracy,
@@ -54,7 +55,7 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
                     kl_denominator: Optional[float] = None, settings: Any = None,
                     twins_loss: Optional[str] = None, twins_lam: Optional[float] = None,
                     twins_beta: Optional[float] = None, axis_name: Optional[str] = AXIS,
-                    norm: str = 'linf') -> Callable:
+                    norm: str = 'linf', remat: str = 'none') -> Callable:
   """Builds the per-device train step `(state, batch, rng) -> (state, metrics)` of a method.
 
   The step: x_adv is PGD (random start, a key per example) on the method's deployed branch in evaluation
@@ -74,7 +75,12 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
     settings: the method's settings (`Method.settings(config)`); None: TWINS's from twins_loss, twins_lam
       and twins_beta (defaults 'at', 1.0, 6.0) for 'twins', none for the other methods.
     axis_name: the pmap axis to reduce over; None for an unmapped (single-device, jit) step.
+    remat: 'none', or 'forwards': the loss's forward passes keep no activations, the backward pass recomputes
+      them one at a time (`autolora_jax.remat`): the peak memory of one forward pass instead of the loss's
+      two, for one more forward pass of compute each.
   """
+  if remat not in remat_lib.MODES:
+    raise ValueError(f'remat={remat!r}: choose one of {remat_lib.MODES}.')
   m = methods.get(method)
   if settings is None and m.name == 'twins':
     settings = methods.twins.Twins('at' if twins_loss is None else twins_loss,
@@ -101,7 +107,12 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch=branch, train=False), x, y, eps=eps,
                         step_size=step_size, steps=steps, key=keys, norm=norm)
     x_adv = lax.stop_gradient(x_adv)
-    step_loss = m.make_loss(context._replace(forward=keyed_forward(forward, keys))) if stochastic else loss_fn
+    if remat == 'forwards':  # the loss's calls are numbered: a new wrapper for every trace
+      step_forward = remat_lib.in_turn(forward)
+      step_loss = m.make_loss(context._replace(
+          forward=keyed_forward(step_forward, keys) if stochastic else step_forward))
+    else:
+      step_loss = m.make_loss(context._replace(forward=keyed_forward(forward, keys))) if stochastic else loss_fn
     (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(step_loss, has_aux=True)(
         state.params, state, x, x_adv, y)
     grads = pmean(grads)

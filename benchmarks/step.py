@@ -12,7 +12,8 @@ references are in torch_convnext_swin.py); --dim, --depths, --heads and --window
     python -m benchmarks.step --arch=convnext_t,swin_t --resolution=224 --batch=32 --json=OUT.json
 
 * train: the AutoLoRa train step (PGD-`pgd_steps` with a random start, natural and adversarial forward,
-  one update), `steps.make_train_step` jitted on one device with the state donated; against
+  one update), `steps.make_train_step` jitted on one device with the state donated (`--remat=forwards`:
+  the two forwards recomputed in turn in the backward pass, config.model.remat); against
   `torch_reference.AutoLoRaStep` (the authors' public code's step);
 * eval: the validation pass on one batch (clean accuracy of both branches, PGD-`pgd_steps` without random
   start, the adversarial forward on its output), `steps.make_eval_step`; against `torch_reference.eval_step`;
@@ -58,7 +59,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags
 
-from autolora_jax import autoattack, models, ops, pretrain, steps  # noqa: E402
+from autolora_jax import autoattack, models, ops, pretrain, remat, steps  # noqa: E402
 from autolora_jax.ops import host  # noqa: E402
 from benchmarks import memory
 
@@ -88,6 +89,8 @@ flags.DEFINE_integer('window', 0, 'Swins: the attention window; 0 = 7, the archi
 flags.DEFINE_integer('lora_rank', 8, 'LoRa rank.')
 flags.DEFINE_integer('num_classes', 10, 'Outputs of the head.')
 flags.DEFINE_integer('pgd_steps', 10, 'PGD steps of the train step and of the validation pass.')
+flags.DEFINE_enum('remat', 'none', list(remat.MODES), "Our train step's config.model.remat: 'forwards' "
+                  'recomputes the loss\'s forward passes one at a time in the backward pass (autolora_jax/remat.py).')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions per implementation (after one warm-up call).')
 flags.DEFINE_string('conv_impl', 'auto', "Our model's conv_impl: auto | native | im2col | "
                     '(whatever ops.CONV_IMPLS offers).')
@@ -218,7 +221,7 @@ def ours(part: str, arch: str, resolution: int, input_size: int, batch: int, dat
              'mask': jnp.ones((batch,), jnp.float32)}
   if part == 'train':
     fn = steps.make_train_step(model, method='autolora', eps=EPS, step_size=STEP_SIZE,
-                               steps=FLAGS.pgd_steps, axis_name=None)
+                               steps=FLAGS.pgd_steps, axis_name=None, remat=FLAGS.remat)
     jitted = jax.jit(fn, donate_argnums=(0,))
     args = (state, {k: batch_d[k] for k in ('image', 'label', 'index')}, jax.random.PRNGKey(1))
   else:
@@ -422,7 +425,8 @@ def main(argv):
                      'lora_rank': FLAGS.lora_rank, 'num_classes': FLAGS.num_classes,
                      'torch_channels_last': FLAGS.torch_channels_last, 'threads': FLAGS.threads,
                      'torch_autocast': FLAGS.torch_autocast,
-                     'torch_matmul_precision': FLAGS.torch_matmul_precision, 'peak_flops': FLAGS.peak_flops,
+                     'torch_matmul_precision': FLAGS.torch_matmul_precision, 'remat': FLAGS.remat,
+                     'peak_flops': FLAGS.peak_flops,
                      'retain_freed_memory': malloc_tuned, 'xla_cpu_flags': xla_flags_set},
         'cases': cases,
     }

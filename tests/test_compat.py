@@ -72,14 +72,16 @@ def test_version_3_config_gets_no_validation_attacks():
   assert workdir.config_differences(upgraded, with_attacks) == ["eval.val_attacks: [] -> ['apgd-ce']"]
 
 
-def test_version_4_config_gets_the_default_attention_and_resumes():
+@pytest.mark.parametrize('version,key,default,other', [(4, 'attention_impl', 'auto', 'einsum'),
+                                                        (5, 'remat', 'none', 'forwards')])
+def test_config_of_version_4_or_5_gets_the_model_default_and_resumes(version, key, default, other):
   new = workdir.config_dict(tiny_runs.tiny_config())
   old = json.loads(json.dumps(new))
-  del old['model']['attention_impl']
-  upgraded = compat.upgrade_config({**old, 'format_version': 4})
-  assert upgraded['model']['attention_impl'] == 'auto' and workdir.config_differences(upgraded, new) == []
-  einsum = workdir.config_dict(tiny_runs.tiny_config(**{'model.attention_impl': 'einsum'}))
-  assert workdir.config_differences(upgraded, einsum) == ["model.attention_impl: 'auto' -> 'einsum'"]
+  del old['model'][key]
+  upgraded = compat.upgrade_config({**old, 'format_version': version})
+  assert upgraded['model'][key] == default and workdir.config_differences(upgraded, new) == []
+  changed = workdir.config_dict(tiny_runs.tiny_config(**{f'model.{key}': other}))
+  assert workdir.config_differences(upgraded, changed) == [f'model.{key}: {default!r} -> {other!r}']
 
 
 def test_version_1_policy_state_resumes_the_same_run():

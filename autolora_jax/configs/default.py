@@ -85,6 +85,10 @@ def get_config():
   # fused kernel where it applies) | 'einsum' | 'xla' | 'cudnn' (see autolora_jax/models/attention.py)
   config.model.attention_impl = 'auto'
   config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (the convolutions; head and loss stay float32)
+  # The train step's memory: 'none' keeps the activations of the loss's forward passes (AutoLoRa: natural and
+  # adversarial) for the backward pass; 'forwards' recomputes each in the backward pass, one at a time
+  # (autolora_jax/remat.py): the peak holds one forward pass's activations, for one more forward of compute.
+  config.model.remat = 'none'
   # The convolutions' matmul precision on GPUs and TPUs: 'default' (TPU: bfloat16 passes, A100/H100: TF32)
   # | 'high' | 'highest' (float32); no effect on CPUs (see autolora_jax/models/resnet.py, PRECISIONS).
   config.model.precision = 'default'
