@@ -107,12 +107,11 @@ def make_train_step(model, *, method='autolora', eps: float, step_size: float, s
     x_adv = attacks.pgd(lambda z: model.apply(eval_vars, z, branch=branch, train=False), x, y, eps=eps,
                         step_size=step_size, steps=steps, key=keys, norm=norm)
     x_adv = lax.stop_gradient(x_adv)
-    if remat == 'forwards':  # the loss's calls are numbered: a new wrapper for every trace
-      step_forward = remat_lib.in_turn(forward)
-      step_loss = m.make_loss(context._replace(
-          forward=keyed_forward(step_forward, keys) if stochastic else step_forward))
-    else:
-      step_loss = m.make_loss(context._replace(forward=keyed_forward(forward, keys))) if stochastic else loss_fn
+    # Both wrappers number the loss's calls: new ones for every trace.
+    step_forward = remat_lib.in_turn(forward) if remat == 'forwards' else forward
+    if stochastic:
+      step_forward = keyed_forward(step_forward, keys)
+    step_loss = loss_fn if step_forward is forward else m.make_loss(context._replace(forward=step_forward))
     (loss, (parts, batch_stats, accs)), grads = jax.value_and_grad(step_loss, has_aux=True)(
         state.params, state, x, x_adv, y)
     grads = pmean(grads)

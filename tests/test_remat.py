@@ -38,28 +38,24 @@ def test_in_turn_gives_the_plain_gradient_and_halves_the_planned_memory():
   params = _mlp_params()
   x1, x2 = jax.random.normal(jax.random.PRNGKey(1), (2, 4096, 256))
 
-  def plan_and_grad(forward):
-    fn = jax.jit(jax.grad(lambda p, a, b: _two_pass_loss(forward)(p, a, b)))
+  def plan_and_grad(make_forward):  # in_turn numbers its calls: made inside the traced function, as the step does
+    fn = jax.jit(jax.grad(lambda p, a, b: _two_pass_loss(make_forward())(p, a, b)))
     compiled = fn.lower(params, x1, x2).compile()
     return compiled.memory_analysis().temp_size_in_bytes, compiled(params, x1, x2)
 
-  plain_bytes, plain = plan_and_grad(_mlp)
-  # in_turn numbers its calls: make it inside the traced function, as the train step does
-  turned = jax.jit(jax.grad(lambda p, a, b: _two_pass_loss(remat.in_turn(_mlp))(p, a, b)))
-  compiled = turned.lower(params, x1, x2).compile()
-  turned_bytes, grads = compiled.memory_analysis().temp_size_in_bytes, compiled(params, x1, x2)
+  plain_bytes, plain = plan_and_grad(lambda: _mlp)
+  turned_bytes, grads = plan_and_grad(lambda: remat.in_turn(_mlp))
   for a, b in zip(plain, grads):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6 * float(jnp.max(jnp.abs(a))))
   assert turned_bytes <= 0.7 * plain_bytes, (turned_bytes, plain_bytes)
 
 
-def _one_step(model, remat_mode, variables, method='autolora'):
+def _one_step(model, remat_mode, variables):
   tx = steps.make_optimizer(0.05, 0.9, 1e-4)
   state = steps.create_train_state(model, variables, tx, l1=0.4, l2=2.0)
-  step = jax.jit(steps.make_train_step(model, method=method, eps=8 / 255, step_size=2 / 255, steps=2,
+  step = jax.jit(steps.make_train_step(model, eps=8 / 255, step_size=2 / 255, steps=2,
                                        axis_name=None, remat=remat_mode))
-  size = model.input_size
-  return step(state, helpers.random_batch(size=size), jax.random.PRNGKey(0))
+  return step(state, helpers.random_batch(size=model.input_size), jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize('make_model,kwargs', [
